@@ -1,0 +1,113 @@
+"""The in-memory keyring: key ids 0-9, their secrets, and which key signs.
+
+Pure: no file, no clock. The file format and its safe writing live in `keystore.py`.
+
+prvs names its key by the digit in the tag, so prvs verifies with exactly that key. SRS has no key id, so
+it tries every key that is not retired, the active one first.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .errors import KeyringError
+
+KEY_IDS = range(10)
+MIN_SECRET_BYTES = 32
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class KeyState(enum.Enum):
+    ACTIVE = "active"  # signs, and verifies
+    VERIFY = "verify"  # verifies only
+    RETIRED = "retired"  # neither; kept so that its id is not handed out again too soon
+
+
+@dataclass(frozen=True)
+class Key:
+    id: int
+    # repr=False: a Key may end up in a traceback or a debug log; its secret must not.
+    secret: bytes = field(repr=False)
+    state: KeyState = KeyState.ACTIVE
+    created: datetime = _EPOCH
+    changed: datetime = _EPOCH
+
+    @property
+    def fingerprint(self) -> str:
+        """The first 8 hex digits of SHA-256 of the secret: lets hosts be compared without showing it."""
+        return hashlib.sha256(self.secret).hexdigest()[:8]
+
+    @property
+    def verifies(self) -> bool:
+        return self.state is not KeyState.RETIRED
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """An immutable set of keys. Exactly one is active, unless the keyring is verify-only (see below)."""
+
+    keys: tuple[Key, ...]
+    # Cached keyed HMAC objects: .copy() of a keyed HMAC is cheaper than hmac.new()/hmac.digest() per use.
+    _hmacs: Mapping[int, hmac.HMAC] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        seen: set[int] = set()
+        for key in self.keys:
+            if key.id not in KEY_IDS:
+                raise KeyringError(f"key id {key.id} is out of range: key ids are 0 to 9")
+            if key.id in seen:
+                raise KeyringError(f"key id {key.id} appears twice: each id may be used once")
+            seen.add(key.id)
+        active = [k for k in self.keys if k.state is KeyState.ACTIVE]
+        if len(active) > 1:
+            ids = ", ".join(str(k.id) for k in active)
+            raise KeyringError(f"keys {ids} are all active: exactly one key may be active")
+        hmacs = {k.id: hmac.new(k.secret, digestmod="sha1") for k in self.keys if k.verifies}
+        object.__setattr__(self, "_hmacs", hmacs)
+
+    @classmethod
+    def from_secrets(cls, secrets: Iterable[tuple[int, bytes]]) -> Keyring:
+        """A keyring from bare secrets (the CLI's --secret-file): the first signs, the others verify."""
+        keys = []
+        for n, (key_id, secret) in enumerate(secrets):
+            keys.append(Key(key_id, secret, KeyState.ACTIVE if n == 0 else KeyState.VERIFY))
+        return cls(tuple(keys))
+
+    @property
+    def active(self) -> Key:
+        for key in self.keys:
+            if key.state is KeyState.ACTIVE:
+                return key
+        raise KeyringError("the keyring has no active key: run 'batv-gateway keys activate ID'")
+
+    @property
+    def has_active(self) -> bool:
+        return any(k.state is KeyState.ACTIVE for k in self.keys)
+
+    def get(self, key_id: int) -> Key | None:
+        for key in self.keys:
+            if key.id == key_id:
+                return key
+        return None
+
+    def verifier(self, key_id: int) -> hmac.HMAC | None:
+        """A fresh keyed HMAC-SHA1 for a key that may verify (not retired), or None."""
+        base = self._hmacs.get(key_id)
+        return base.copy() if base is not None else None
+
+    def signer(self) -> tuple[int, hmac.HMAC]:
+        """The active key's id and a fresh keyed HMAC-SHA1."""
+        key = self.active
+        return key.id, self._hmacs[key.id].copy()
+
+    def srs_secrets(self) -> tuple[bytes, ...]:
+        """Secrets for SRS: the active key's first (it signs), then every other key that verifies."""
+        ordered = sorted(
+            (k for k in self.keys if k.verifies), key=lambda k: (k.state is not KeyState.ACTIVE, k.id)
+        )
+        return tuple(k.secret for k in ordered)
