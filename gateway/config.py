@@ -1,0 +1,458 @@
+"""The strict TOML config, loaded into frozen objects.
+
+Strict means: an unknown key, a wrong type or an impossible combination stops start-up with one line that
+names the file, the key and what would be accepted (hypercorn and mta-sts-resolver accept a misspelt key
+silently; a mail gateway must not). Every key is documented in deploy/gateway.example.toml.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .policy import InvalidTagAction, PolicySettings
+from .srs import SrsOptions
+
+DEFAULT_KEYRING = Path("keys/keyring.toml")
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+E = TypeVar("E", bound=enum.Enum)
+
+
+class Role(enum.Enum):
+    INBOUND = "inbound"  # the MX side: refuses backscatter, strips tags
+    OUTBOUND = "outbound"  # the relay hop: signs return paths
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, where: str = "address") -> HostPort:
+        """HOST:PORT, [IPv6]:PORT."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"{where}: {text!r} is not HOST:PORT (for example 127.0.0.1:2525)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener limits. Defaults follow Postfix's, and RFC 5321 4.5.3.2 for the timeouts."""
+
+    message_size_limit: int = 10_240_000  # Postfix message_size_limit; 552 5.3.4 past it
+    recipient_limit: int = 1000  # Postfix smtpd_recipient_limit; 452 4.5.3 past it
+    command_line_limit: int = 2048  # Postfix line_length_limit; RFC 3461 parameters make 512 too few
+    command_timeout: float = 300.0  # Postfix smtpd_timeout; RFC 5321 4.5.3.2.7 gives 5 minutes
+    data_timeout: float = 300.0  # between DATA chunks from the client
+    next_hop_connect_timeout: float = 30.0  # Postfix smtp_connect_timeout
+    next_hop_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.2/3: MAIL and RCPT, 5 minutes
+    next_hop_data_block_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes per data block
+    # RFC 5321 4.5.3.2.6 gives the client 10 minutes to wait for the reply to the final dot. We give the
+    # next hop half of that, so the client always hears our answer before it gives up.
+    next_hop_data_done_timeout: float = 300.0
+    max_sessions: int = 100  # Postfix default_process_limit
+    max_sessions_per_client: int = 50  # Postfix smtpd_client_connection_count_limit
+    soft_error_limit: int = 10  # Postfix smtpd_soft_error_limit: past it, each error is delayed
+    hard_error_limit: int = 20  # Postfix smtpd_hard_error_limit: past it, the session is closed
+    error_sleep_time: float = 1.0  # Postfix smtpd_error_sleep_time
+    guess_rate: float = 1.0  # failed tag checks answered per second per client IP (0 = no limit)
+    guess_burst: int = 5
+    shutdown_deadline: float = 30.0  # SIGTERM: how long in-flight transactions may take to finish
+    next_hop_pool_size: int = 16  # idle next-hop connections kept for reuse (0 = a new one each time)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    role: Role
+    listen: HostPort
+    next_hop: HostPort
+    observe: bool = False
+    trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "logfmt"  # or "json"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None = None  # None: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class SocketmapConfig:
+    listen: HostPort = HostPort("127.0.0.1", 10030)
+    tcp_forward: HostPort | None = None  # tcp_table(5), as postsrsd 1.x's forward port
+    tcp_reverse: HostPort | None = None
+    max_request: int = 4096
+
+
+@dataclass(frozen=True)
+class PolicydConfig:
+    listen: HostPort = HostPort("127.0.0.1", 10031)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    hostname: str
+    keyring_path: Path
+    lifetime_days: int
+    policy: PolicySettings
+    listeners: tuple[ListenerConfig, ...]
+    limits: Limits = field(default_factory=Limits)
+    workers: int = 1
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
+    policyd: PolicydConfig = field(default_factory=PolicydConfig)
+
+    @property
+    def srs_max_age_days(self) -> int:
+        return self.policy.srs_options.max_age
+
+
+class _Table:
+    """One TOML table, read key by key; whatever is left unread at the end is an unknown key."""
+
+    def __init__(self, origin: str, name: str, data: Any) -> None:
+        self.origin, self.name = origin, name
+        if not isinstance(data, dict):
+            raise self.error(None, f"must be a table, not {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def error(self, key: str | None, what: str) -> ConfigError:
+        where = f"[{self.name}]" + (f" {key}" if key else "")
+        return ConfigError(f"{self.origin}: {where}: {what}")
+
+    def _get(self, key: str, types: type | tuple[type, ...], expected: str) -> Any:
+        self.used.add(key)
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise self.error(key, f"expected {expected}, got {value!r}")
+        if not isinstance(value, types):
+            raise self.error(key, f"expected {expected}, got {value!r}")
+        return value
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def string(self, key: str, default: str) -> str:
+        return str(self._get(key, str, "a string")) if key in self.data else default
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, bool, "true or false")) if key in self.data else default
+
+    def integer(self, key: str, default: int, low: int = 0, high: int | None = None) -> int:
+        if key not in self.data:
+            return default
+        value = int(self._get(key, int, "a whole number"))
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise self.error(key, f"expected a whole number {bound}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, low: float = 0.0) -> float:
+        if key not in self.data:
+            return default
+        value = float(self._get(key, (int, float), "a number"))
+        if value < low:
+            raise self.error(key, f"expected a number of at least {low}, got {value}")
+        return value
+
+    def strings(self, key: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+        if key not in self.data:
+            return tuple(default)
+        value = self._get(key, list, "a list of strings")
+        if not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def choice(self, key: str, enum_type: type[E], default: E) -> E:
+        if key not in self.data:
+            return default
+        value = self._get(key, str, "a string")
+        try:
+            return enum_type(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in enum_type)
+            raise self.error(key, f"expected one of {allowed}, got {value!r}") from None
+
+    def hostport(self, key: str, default: HostPort | None) -> HostPort | None:
+        if key not in self.data:
+            return default
+        text = self.string(key, "")
+        if text == "":
+            return None
+        try:
+            return HostPort.parse(text)
+        except ConfigError as exc:
+            raise self.error(key, str(exc).split(": ", 1)[-1]) from None
+
+    def path(self, key: str, default: Path | None) -> Path | None:
+        text = self.string(key, "" if default is None else str(default))
+        return Path(text) if text else None
+
+    def networks(self, key: str, default: Iterable[str]) -> tuple[IPNetwork, ...]:
+        out = []
+        for text in self.strings(key, tuple(default)):
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise self.error(key, f"{text!r} is not a network in CIDR form (for example 10.0.0.0/8)") from None
+        return tuple(out)
+
+    def table(self, key: str) -> _Table:
+        self.used.add(key)
+        return _Table(self.origin, f"{self.name}.{key}" if self.name else key, self.data.get(key, {}))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used)) or "none read here"
+            raise self.error(unknown[0], f"unknown key (known keys in this table: {known}; see deploy/gateway.example.toml)")
+
+
+_TOP = ("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd")
+
+
+def _limits(table: _Table, base: Limits) -> Limits:
+    values: dict[str, Any] = {}
+    for f in fields(Limits):
+        current = getattr(base, f.name)
+        if isinstance(current, int):
+            values[f.name] = table.integer(f.name, current)
+        else:
+            values[f.name] = table.number(f.name, current)
+    table.done()
+    if values["hard_error_limit"] < values["soft_error_limit"]:
+        raise table.error("hard_error_limit", "must not be below soft_error_limit")
+    return Limits(**values)
+
+
+def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = None) -> Config:
+    root = _Table(origin, "", data)
+    for key in data:
+        if key not in _TOP:
+            raise root.error(key, f"unknown table (known tables: {', '.join(_TOP)}; see deploy/gateway.example.toml)")
+
+    gw = root.table("gateway")
+    hostname = gw.string("hostname", "") or socket.getfqdn()
+    keyring_path = gw.path("keyring", DEFAULT_KEYRING) or DEFAULT_KEYRING
+    local = gw.strings("local_domains")
+    signed = gw.strings("signed_domains", local) if gw.has("signed_domains") else local
+    workers = gw.integer("workers", 1, 1, 64)
+    gw.done()
+
+    batv = root.table("batv")
+    lifetime = batv.integer("lifetime_days", 7, 1, 999)
+    batv.done()
+
+    st = root.table("srs")
+    alias = st.string("alias", "") or None
+    separator = st.string("separator", "=")
+    if separator not in ("=", "+", "-"):
+        raise st.error("separator", f"expected one of '=', '+', '-', got {separator!r}")
+    hash_length = st.integer("hash_length", 4, 1, 27)
+    hash_min = st.integer("hash_min", hash_length, 1, 27)
+    if hash_min > hash_length:
+        raise st.error("hash_min", f"must not exceed hash_length ({hash_length})")
+    srs_options = SrsOptions(
+        separator=separator,
+        hash_length=hash_length,
+        hash_min=hash_min,
+        max_age=st.integer("max_age_days", 21, 1, 1023),
+        always_rewrite=st.boolean("always_rewrite", False),
+        base64url=st.boolean("base64url", False),
+    )
+    st.done()
+
+    po = root.table("policy")
+    settings = PolicySettings(
+        local_domains=frozenset(local),
+        signed_domains=frozenset(signed),
+        srs_alias=alias,
+        srs_options=srs_options,
+        lifetime_days=lifetime,
+        exempt_local_parts=frozenset(po.strings("exempt_local_parts", ("postmaster", "abuse"))),
+        exempt_recipients=frozenset(po.strings("exempt_recipients")),
+        exempt_senders=frozenset(po.strings("exempt_senders")),
+        observe_domains=frozenset(po.strings("observe_domains")),
+        invalid_tag_with_sender=po.choice("invalid_tag_with_sender", InvalidTagAction, InvalidTagAction.ACCEPT),
+        skip_local_recipients=po.boolean("skip_local_recipients", False),
+    )
+    po.done()
+
+    limits = _limits(root.table("limits"), Limits())
+
+    listeners = []
+    root.used.add("listener")
+    raw_listeners = data.get("listener", [])
+    if not isinstance(raw_listeners, list):
+        raise root.error("listener", "expected [[listener]] tables (an array of tables)")
+    for n, raw in enumerate(raw_listeners):
+        lt = _Table(origin, f"listener {n + 1}", raw)
+        role = lt.choice("role", Role, Role.INBOUND)
+        listen = lt.hostport("listen", None)
+        next_hop = lt.hostport("next_hop", None)
+        if listen is None or next_hop is None:
+            missing = "listen" if listen is None else "next_hop"
+            raise lt.error(missing, "is required (HOST:PORT)")
+        cert, key = lt.path("tls_cert", None), lt.path("tls_key", None)
+        if (cert is None) != (key is None):
+            raise lt.error("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+        listeners.append(
+            ListenerConfig(
+                name=lt.string("name", f"{role.value}-{n + 1}"),
+                role=role,
+                listen=listen,
+                next_hop=next_hop,
+                observe=lt.boolean("observe", False),
+                trusted=lt.networks("trusted", LOOPBACK),
+                tls_cert=cert,
+                tls_key=key,
+                limits=_limits(lt.table("limits"), limits),
+            )
+        )
+        lt.done()
+    names = [listener.name for listener in listeners]
+    if len(set(names)) != len(names):
+        raise root.error("listener", "two listeners have the same name")
+
+    lg = root.table("log")
+    fmt = lg.string("format", "logfmt")
+    if fmt not in ("logfmt", "json"):
+        raise lg.error("format", f"expected 'logfmt' or 'json', got {fmt!r}")
+    level = lg.string("level", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise lg.error("level", f"expected 'debug', 'info', 'warning' or 'error', got {level!r}")
+    lg.done()
+
+    mt = root.table("metrics")
+    metrics = MetricsConfig(mt.hostport("listen", None))
+    mt.done()
+
+    sm = root.table("socketmap")
+    socketmap = SocketmapConfig(
+        listen=sm.hostport("listen", SocketmapConfig.listen) or SocketmapConfig.listen,
+        tcp_forward=sm.hostport("tcp_forward", None),
+        tcp_reverse=sm.hostport("tcp_reverse", None),
+        max_request=sm.integer("max_request", 4096, 64, 1 << 20),
+    )
+    sm.done()
+
+    pd = root.table("policyd")
+    policyd = PolicydConfig(pd.hostport("listen", PolicydConfig.listen) or PolicydConfig.listen)
+    pd.done()
+    root.done()
+
+    if settings.srs_options.always_rewrite and alias is None:
+        raise ConfigError(f"{origin}: [srs] always_rewrite: needs [srs] alias")
+    return Config(
+        path=path,
+        hostname=hostname,
+        keyring_path=keyring_path,
+        lifetime_days=lifetime,
+        policy=settings,
+        listeners=tuple(listeners),
+        limits=limits,
+        workers=workers,
+        log=LogConfig(fmt, level),
+        metrics=metrics,
+        socketmap=socketmap,
+        policyd=policyd,
+    )
+
+
+def load(path: Path) -> Config:
+    """Read and check a config file. Every error names the file and the key."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (give --config FILE, or copy deploy/gateway.example.toml)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (the gateway's user must be able to read it)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, str(path), path)
+
+
+def default() -> Config:
+    """The embedded default: nothing configured, loopback only, a development keyring under keys/."""
+    return parse({}, "<embedded default>")
+
+
+def with_flags(
+    config: Config,
+    *,
+    role: Role | None = None,
+    listen: str | None = None,
+    next_hop: str | None = None,
+    keyring: str | None = None,
+    domains: Sequence[str] = (),
+    srs_alias: str | None = None,
+    trusted: Sequence[str] = (),
+) -> Config:
+    """Apply the quick-start flags of serve, socketmap and policy. Flags override the file.
+
+    --domain replaces both the local and the signed domains. Any of --role, --listen, --next-hop or
+    --trusted replaces the file's listeners with one listener, taking what the flags leave out from the
+    file's first listener of that role, or from the defaults.
+    """
+    policy = config.policy
+    if domains:
+        policy = replace(policy, local_domains=frozenset(domains), signed_domains=frozenset(domains))
+    if srs_alias is not None:
+        policy = replace(policy, srs_alias=srs_alias or None)
+    config = replace(config, policy=policy)
+    if keyring is not None:
+        config = replace(config, keyring_path=Path(keyring))
+    if role is None and listen is None and next_hop is None and not trusted:
+        return config
+    role = role or (config.listeners[0].role if config.listeners else Role.INBOUND)
+    base = next((lc for lc in config.listeners if lc.role is role), None)
+    defaults = {Role.INBOUND: ("127.0.0.1:2525", "127.0.0.1:2526"), Role.OUTBOUND: ("127.0.0.1:2587", "127.0.0.1:2526")}
+    try:
+        listen_hp = HostPort.parse(listen, "--listen") if listen else (base.listen if base else HostPort.parse(defaults[role][0]))
+        hop_hp = (
+            HostPort.parse(next_hop, "--next-hop") if next_hop else (base.next_hop if base else HostPort.parse(defaults[role][1]))
+        )
+        nets = tuple(ipaddress.ip_network(t, strict=False) for t in trusted) if trusted else None
+    except ValueError as exc:
+        raise ConfigError(f"--trusted: {exc}") from None
+    listener = ListenerConfig(
+        name=base.name if base else role.value,
+        role=role,
+        listen=listen_hp,
+        next_hop=hop_hp,
+        observe=base.observe if base else False,
+        trusted=nets if nets is not None else (base.trusted if base else ListenerConfig.trusted),
+        tls_cert=base.tls_cert if base else None,
+        tls_key=base.tls_key if base else None,
+        limits=base.limits if base else config.limits,
+    )
+    return replace(config, listeners=(listener,))

@@ -1,0 +1,89 @@
+"""Every SMTP reply the gateway makes, named once (as aiosmtpd's testing/statuscodes.py does).
+
+A reply carries its basic code, its enhanced status code (RFC 3463) and text an operator can read. The
+class of a reply is checked when it is built, so a "reject" with a 4xx code cannot be made by mistake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str  # the enhanced status code, "X.Y.Z"
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"SMTP reply code {self.code} is out of range")
+        if self.status and self.status[0] != str(self.code)[0]:
+            raise ValueError(f"enhanced status {self.status} does not match reply code {self.code}")
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def positive(self) -> bool:
+        return self.code < 400
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}" if self.status else f"{self.code} {self.text}"
+
+
+# --- positive ---------------------------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+BYE = Reply(221, "2.0.0", "Bye")
+
+# --- transient --------------------------------------------------------------------------------------
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+NEXT_HOP_DOWN = Reply(451, "4.4.1", "Next hop not reachable, try again later")
+NEXT_HOP_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out, try again later")
+NEXT_HOP_BROKEN = Reply(451, "4.4.2", "Next hop connection broken, try again later")
+NEXT_HOP_PROTOCOL = Reply(451, "4.5.0", "Next hop protocol error, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+SEPARATE_TRANSACTION = Reply(452, "4.5.3", "Send this recipient in a separate transaction")
+KEYRING_UNAVAILABLE = Reply(451, "4.3.5", "Signing keys unavailable, try again later")
+
+# --- permanent --------------------------------------------------------------------------------------
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+BARE_NEWLINE = Reply(554, "5.5.0", "Bare <LF> or <CR> received; use <CR><LF>")
+
+
+def relay_denied(address: str) -> Reply:
+    return Reply(554, "5.7.1", f"<{address}>: Relay access denied")
+
+
+def client_not_trusted(ip: str) -> Reply:
+    return Reply(554, "5.7.1", f"Client host [{ip}] is not allowed to relay through this gateway")
+
+
+def bounce_refused(address: str, why: str) -> Reply:
+    """A null-sender message to an address we never signed (RFC 3464 DSNs go to the envelope sender)."""
+    return Reply(550, "5.7.1", f"<{address}>: bounce to an address we never signed ({why})")
+
+
+def tag_refused(address: str, why: str) -> Reply:
+    """A non-null sender writing to an invalid tag, where the operator chose to refuse it."""
+    return Reply(550, "5.7.1", f"<{address}>: invalid return-path tag ({why})")
+
+
+def bad_address(address: str, why: str, status: str = "5.1.3") -> Reply:
+    return Reply(501 if status.startswith("5.5") else 553, status, f"<{address}>: {why}")
