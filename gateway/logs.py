@@ -1,0 +1,257 @@
+"""Log lines an operator can grep: one line per decision, logfmt or JSON, on stderr.
+
+Every record the gateway logs goes through the standard `logging` module to one stderr handler, so journald
+and container runtimes collect it. `DecisionLog` turns a decision event from the SMTP edge into one record
+whose fields (session id, client IP, role, sender, recipient, verdict, reason, key id, next-hop reply,
+duration) the formatter renders as `key=value` pairs or as one JSON object.
+
+Why the escaping matters: the envelope sender and recipient come from the internet. A hostile client can put
+a quote, a space, an `=`, a CR/LF or a Unicode line separator into a quoted local part; written raw, that
+would end one log line and forge another, or add a fake `verdict=relay` pair to a line. Every value is
+therefore rendered as one token: quoted when it holds anything but plain characters, with each quote,
+backslash and non-printable character escaped, and cut at `MAX_VALUE_CHARS`.
+
+What never reaches a log line: a key's secret (events carry the key id only), message content (events carry
+the envelope only), or a password. This module has no access to any of them, on purpose.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import IO, Any, Protocol
+
+# RFC 5321 caps a path at 256 octets; a reply text line at 512. Anything longer is cut so one client
+# cannot blow up a line (or the disk) with a huge value.
+MAX_VALUE_CHARS = 600
+DECISION_LOGGER = "gateway.decision"
+# The attribute on a LogRecord that carries the structured fields (logging's `extra=`).
+FIELDS_ATTR = "batv_fields"
+
+
+class LogFormat(enum.Enum):
+    LOGFMT = "logfmt"
+    JSON = "json"
+
+
+def _is_plain(ch: str) -> bool:
+    # Plain: printable, not a space and none of the characters logfmt gives a meaning to. Non-ASCII letters
+    # stay readable (SMTPUTF8 addresses), but str.isprintable() is False for U+2028/U+2029/U+0085 and other
+    # separators, so those are escaped too.
+    return ch.isprintable() and ch not in ' ="\\'
+
+
+def _escape_char(ch: str) -> str:
+    if ch == '"':
+        return '\\"'
+    if ch == "\\":
+        return "\\\\"
+    if ch == "\n":
+        return "\\n"
+    if ch == "\r":
+        return "\\r"
+    if ch == "\t":
+        return "\\t"
+    if ch.isprintable():  # a space, or = (only reached inside quotes)
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _clip(text: str) -> str:
+    if len(text) > MAX_VALUE_CHARS:
+        return text[:MAX_VALUE_CHARS] + "..."
+    return text
+
+
+def render_value(value: object) -> str:
+    """One logfmt value: bare when it is plain, otherwise double-quoted with escapes. Never spans a line."""
+    text = _clip(to_text(value))
+    if text and all(_is_plain(ch) for ch in text):
+        return text
+    return '"' + "".join(_escape_char(ch) for ch in text) + '"'
+
+
+def to_text(value: object) -> str:
+    """The text of a field: an enum's value, a reply's wire form, a float in a fixed short form."""
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _json_value(value: object) -> object:
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return round(value, 6)
+    return _clip(to_text(value))
+
+
+def _key(name: str) -> str:
+    # Keys are ours, not the client's, but a key must never be able to break the format either.
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-.") else "_" for ch in name) or "_"
+
+
+def format_logfmt(fields: Mapping[str, object]) -> str:
+    return " ".join(f"{_key(k)}={render_value(v)}" for k, v in fields.items() if v is not None)
+
+
+def format_json(fields: Mapping[str, object]) -> str:
+    # ensure_ascii: every control character and line separator comes out as a \\u escape, so a line is a line.
+    return json.dumps(
+        {_key(k): _json_value(v) for k, v in fields.items() if v is not None},
+        ensure_ascii=True,
+        separators=(",", ":"),
+    )
+
+
+class StructuredFormatter(logging.Formatter):
+    """Renders every record, decision or not, as one logfmt or JSON line.
+
+    A record's fields are: ts, level, logger, msg (for records with a message), then the structured fields a
+    caller passed as `extra={FIELDS_ATTR: {...}}`. The text of an exception is escaped into the `exc` field,
+    so a traceback stays on one line too.
+    """
+
+    def __init__(self, fmt: LogFormat = LogFormat.LOGFMT) -> None:
+        super().__init__()
+        self.log_format = fmt
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, object] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        message = record.getMessage()
+        if message:
+            fields["msg"] = message
+        extra = getattr(record, FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            for key, value in extra.items():
+                fields.setdefault(str(key), value)
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        if self.log_format is LogFormat.JSON:
+            return format_json(fields)
+        return format_logfmt(fields)
+
+
+def _timestamp(created: float) -> str:
+    # RFC 3339 UTC with milliseconds: sorts as text, and every log shipper parses it.
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+def setup(
+    fmt: LogFormat = LogFormat.LOGFMT, level: int | str = logging.INFO, stream: IO[str] | None = None
+) -> None:
+    """Route the `gateway` loggers to one stderr handler with the structured formatter.
+
+    Idempotent: a second call (a reload that changed the log format) replaces the handler it installed.
+    """
+    logger = logging.getLogger("gateway")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_batv_handler", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(StructuredFormatter(fmt))
+    handler._batv_handler = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    # Our handler writes the line; the root logger must not write it a second time in another format.
+    logger.propagate = False
+
+
+def log_fields(logger: logging.Logger, level: int, message: str, /, **fields: object) -> None:
+    """Log one record with structured fields (the non-decision events: reloads, startup, shutdown)."""
+    logger.log(level, message, extra={FIELDS_ATTR: fields})
+
+
+class DecisionEvent(Protocol):
+    """What the SMTP edge reports per decision; `decision_fields` reads exactly these attributes."""
+
+    @property
+    def session(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def role(self) -> object: ...
+    @property
+    def sender(self) -> object: ...
+    @property
+    def recipient(self) -> object: ...
+    @property
+    def action(self) -> object: ...
+    @property
+    def reason(self) -> object: ...
+    @property
+    def key_id(self) -> int | None: ...
+    @property
+    def next_hop_reply(self) -> object: ...
+    @property
+    def duration(self) -> float | None: ...
+    @property
+    def would_reject(self) -> object: ...
+
+
+def _sender_text(sender: object) -> str:
+    # The null sender is logged as "<>", so that it can be grepped and is never an empty, missing field.
+    if sender is None:
+        return "<>"
+    text = str(sender)
+    return text if text else "<>"
+
+
+def decision_fields(event: DecisionEvent) -> dict[str, object]:
+    """The fields of one decision line, in a fixed order (grep- and eye-friendly)."""
+    return {
+        "event": "decision",
+        "session": event.session,
+        "client": event.client,
+        "role": event.role,
+        "sender": _sender_text(event.sender),
+        "rcpt": event.recipient,
+        "verdict": event.action,
+        "reason": event.reason,
+        "key_id": event.key_id,
+        "would_reject": event.would_reject,
+        "next_hop": event.next_hop_reply,
+        "duration": event.duration,
+    }
+
+
+class DecisionLog:
+    """The edge's `on_decision` callback that writes one line per decision."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger if logger is not None else logging.getLogger(DECISION_LOGGER)
+
+    def __call__(self, event: DecisionEvent) -> None:
+        fields = decision_fields(event)
+        self._logger.info("", extra={FIELDS_ATTR: fields})
+
+
+def fan_out(*callbacks: Callable[[Any], None]) -> Callable[[Any], None]:
+    """One `on_decision` callback that calls each of several (the log line, the metrics).
+
+    A failing observer is logged and skipped: watching the mail must never stop the mail.
+    """
+    failures = logging.getLogger("gateway.ops")
+
+    def on_decision(event: Any) -> None:
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception:
+                failures.exception("a decision observer failed")
+
+    return on_decision

@@ -1,0 +1,285 @@
+"""Prometheus metrics, and the small HTTP endpoint that serves them with the health checks.
+
+Every server owns a private `CollectorRegistry` (never prometheus-client's global one), so two gateways in one
+process, as in the tests, count separately.
+
+The endpoint is a few lines of asyncio, not prometheus-client's threaded WSGI server: it lives and dies with
+the event loop that serves the mail, so shutdown and tests leave no thread behind. It answers
+- `GET /metrics`: the Prometheus text format;
+- `GET /healthz`: 200 while the process's event loop answers at all (a liveness probe);
+- `GET /readyz`: 200 while the gateway wants new sessions, 503 before its listeners are up and while it
+  drains on shutdown (a readiness probe; a load balancer stops sending new clients).
+It binds to loopback by default: the counters tell who mails whom how often, which is not for the internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .keyring import Keyring, KeyState
+
+NAMESPACE = "batv"
+# SMTP transactions take milliseconds to minutes (a slow client, a big message): buckets cover both.
+TRANSACTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A next-hop reply on a LAN takes a millisecond; RFC 5321 lets the final reply to DATA take 10 minutes.
+REPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 600.0)
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT = 10.0
+
+_log = logging.getLogger("gateway.metrics")
+
+
+def _label(value: object) -> str:
+    if value is None:
+        return ""
+    enum_value = getattr(value, "value", None)
+    return str(enum_value) if enum_value is not None else str(value)
+
+
+class _KeyringCollector:
+    """Reports the active key id and its age at scrape time, from the keyring in force and a clock."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.keyring: Keyring | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        keyring = self.keyring
+        active_id = GaugeMetricFamily(
+            f"{NAMESPACE}_keyring_active_key_id", "Id (0-9) of the key that signs; -1 when none is active"
+        )
+        age = GaugeMetricFamily(
+            f"{NAMESPACE}_keyring_active_key_age_seconds", "Seconds since the active key was created"
+        )
+        keys = GaugeMetricFamily(
+            f"{NAMESPACE}_keyring_keys", "Keys in the keyring by state", labels=["state"]
+        )
+        if keyring is not None:
+            if keyring.has_active:
+                active = keyring.active
+                active_id.add_metric([], active.id)
+                age.add_metric([], max(0.0, self._clock() - active.created.timestamp()))
+            else:
+                active_id.add_metric([], -1)
+            for state in KeyState:
+                keys.add_metric([state.value], sum(1 for k in keyring.keys if k.state is state))
+        yield active_id
+        yield age
+        yield keys
+
+
+class Metrics:
+    """Every metric of one gateway, in its own registry."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions = Counter(
+            f"{NAMESPACE}_decisions",
+            "Decisions per recipient or transaction, by listener role, verdict and reason",
+            ["role", "verdict", "reason"],
+            registry=r,
+        )
+        self.would_reject = Counter(
+            f"{NAMESPACE}_would_reject",
+            "Observe mode: mail accepted that enforce mode would have refused, by role and reason",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.srs = Counter(
+            f"{NAMESPACE}_srs_rewrites",
+            "SRS rewrites by direction (forward, reverse)",
+            ["direction"],
+            registry=r,
+        )
+        self.next_hop_errors = Counter(
+            f"{NAMESPACE}_next_hop_errors",
+            "Next-hop failures by kind (connect, timeout, broken, protocol, ...)",
+            ["kind"],
+            registry=r,
+        )
+        self.transaction_seconds = Histogram(
+            f"{NAMESPACE}_transaction_seconds",
+            "Time from MAIL FROM to the final reply of a transaction",
+            ["role"],
+            buckets=TRANSACTION_BUCKETS,
+            registry=r,
+        )
+        self.next_hop_reply_seconds = Histogram(
+            f"{NAMESPACE}_next_hop_reply_seconds",
+            "Time the next hop took to answer a command, by command",
+            ["command"],
+            buckets=REPLY_BUCKETS,
+            registry=r,
+        )
+        self.open_sessions = Gauge(
+            f"{NAMESPACE}_open_sessions", "Client SMTP sessions open now, by role", ["role"], registry=r
+        )
+        self.reloads = Counter(f"{NAMESPACE}_reloads", "Reload attempts by result", ["result"], registry=r)
+        self.last_reload_success = Gauge(
+            f"{NAMESPACE}_last_reload_success",
+            "1 if the last reload was applied, 0 if it was refused",
+            registry=r,
+        )
+        self.last_reload_timestamp = Gauge(
+            f"{NAMESPACE}_last_reload_timestamp_seconds", "Unix time of the last reload attempt", registry=r
+        )
+        self._keyring = _KeyringCollector(clock)
+        r.register(self._keyring)
+        self._clock = clock
+        # A process that has not reloaded yet has, by definition, a config that loaded.
+        self.last_reload_success.set(1)
+
+    # --- the edge's callbacks ---------------------------------------------------------------------
+
+    def on_decision(self, event: Any) -> None:
+        """Counts one decision event (the same event the log line is made from)."""
+        role = _label(getattr(event, "role", None))
+        self.decisions.labels(role, _label(event.action), _label(event.reason)).inc()
+        would_reject = getattr(event, "would_reject", None)
+        if would_reject is not None:
+            self.would_reject.labels(role, _label(event.reason)).inc()
+        reason = _label(event.reason)
+        verdict = _label(event.action)
+        # An SRS address reversed at RCPT, or a sender SRS-rewritten on the way out.
+        if verdict == "relay" and reason == "valid-srs":
+            self.srs.labels("reverse").inc()
+        elif verdict == "relay" and reason in ("srs0", "srs1"):
+            self.srs.labels("forward").inc()
+        duration = getattr(event, "duration", None)
+        if isinstance(duration, int | float) and getattr(event, "transaction_end", False):
+            self.transaction_seconds.labels(role).observe(duration)
+
+    def session_opened(self, role: object) -> None:
+        self.open_sessions.labels(_label(role)).inc()
+
+    def session_closed(self, role: object) -> None:
+        self.open_sessions.labels(_label(role)).dec()
+
+    def next_hop_error(self, kind: object) -> None:
+        self.next_hop_errors.labels(_label(kind)).inc()
+
+    def next_hop_reply(self, command: str, seconds: float) -> None:
+        self.next_hop_reply_seconds.labels(command.upper()).observe(seconds)
+
+    def transaction_done(self, role: object, seconds: float) -> None:
+        self.transaction_seconds.labels(_label(role)).observe(seconds)
+
+    def srs_rewrite(self, direction: str) -> None:
+        self.srs.labels(direction).inc()
+
+    # --- the reloader's callbacks -----------------------------------------------------------------
+
+    def set_keyring(self, keyring: Keyring) -> None:
+        self._keyring.keyring = keyring
+
+    def reload_done(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "refused").inc()
+        self.last_reload_success.set(1 if ok else 0)
+        self.last_reload_timestamp.set(self._clock())
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsServer:
+    """GET /metrics, /healthz and /readyz on one address (loopback by default)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool] = lambda: True) -> None:
+        self.metrics = metrics
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 9425) -> None:
+        # limit=: a request head longer than that is an error (LimitOverrunError), never a big buffer.
+        self._server = await asyncio.start_server(self._handle_client, host, port, limit=MAX_REQUEST_HEAD)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await asyncio.wait_for(self._serve_one(reader, writer), REQUEST_TIMEOUT)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            await self._respond(writer, 400, b"bad request\n")
+            return
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._respond(writer, 405, b"method not allowed\n", extra=b"Allow: GET, HEAD\r\n")
+            return
+        body: bytes
+        status = 200
+        content_type = "text/plain; charset=utf-8"
+        if target == "/metrics":
+            body = self.metrics.exposition()
+            content_type = CONTENT_TYPE_LATEST
+        elif target == "/healthz":
+            body = b"ok\n"
+        elif target == "/readyz":
+            ready = self._ready()
+            status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+        else:
+            status, body = 404, b"not found\n"
+        await self._respond(writer, status, body, content_type, head_only=method == "HEAD")
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        extra: bytes = b"",
+        head_only: bool = False,
+    ) -> None:
+        reasons = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            503: "Service Unavailable",
+        }
+        head = (
+            f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+        ).encode("ascii")
+        writer.write(head + extra + b"\r\n" + (b"" if head_only else body))
+        await writer.drain()

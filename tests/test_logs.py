@@ -1,0 +1,220 @@
+"""gateway/logs.py: one grep-able line per decision, and no way for a client to forge a line."""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import logs
+from gateway.logs import LogFormat, StructuredFormatter
+
+
+class FakeRole(enum.Enum):
+    INBOUND = "inbound"
+
+
+class FakeAction(enum.Enum):
+    RELAY = "relay"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class Event:
+    session: str = "a1b2c3"
+    client: str = "192.0.2.7"
+    role: object = FakeRole.INBOUND
+    sender: object = None
+    recipient: object = "bob@example.com"
+    action: object = FakeAction.REJECT
+    reason: object = "unsigned"
+    key_id: int | None = None
+    next_hop_reply: object = None
+    duration: float | None = 0.0125
+    would_reject: object = None
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    logs.setup(LogFormat.LOGFMT, stream=out)
+    yield out
+    logger = logging.getLogger("gateway")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    """A strict logfmt reader: the inverse of render_value, refusing anything it did not expect."""
+    fields: dict[str, str] = {}
+    i = 0
+    while i < len(line):
+        eq = line.index("=", i)
+        key = line[i:eq]
+        assert key and " " not in key
+        assert key not in fields, f"duplicate field {key}"
+        i = eq + 1
+        if line[i] == '"':
+            i += 1
+            value = []
+            while line[i] != '"':
+                if line[i] == "\\":
+                    nxt = line[i + 1]
+                    simple = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+                    if nxt in simple:
+                        value.append(simple[nxt])
+                        i += 2
+                    else:
+                        width = {"x": 2, "u": 4, "U": 8}[nxt]
+                        value.append(chr(int(line[i + 2 : i + 2 + width], 16)))
+                        i += 2 + width
+                else:
+                    value.append(line[i])
+                    i += 1
+            i += 1
+            fields[key] = "".join(value)
+        else:
+            end = line.find(" ", i)
+            end = len(line) if end == -1 else end
+            fields[key] = line[i:end]
+            i = end
+        if i < len(line):
+            assert line[i] == " "
+            i += 1
+    return fields
+
+
+def test_decision_line_has_every_field_in_logfmt(stream: io.StringIO) -> None:
+    logs.DecisionLog()(Event(key_id=3, next_hop_reply="250 2.1.5 Ok"))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    fields = parse_logfmt(lines[0])
+    assert fields["event"] == "decision"
+    assert fields["session"] == "a1b2c3"
+    assert fields["client"] == "192.0.2.7"
+    assert fields["role"] == "inbound"
+    assert fields["sender"] == "<>"
+    assert fields["rcpt"] == "bob@example.com"
+    assert fields["verdict"] == "reject"
+    assert fields["reason"] == "unsigned"
+    assert fields["key_id"] == "3"
+    assert fields["next_hop"] == "250 2.1.5 Ok"
+    assert fields["duration"] == "0.0125"
+    assert fields["level"] == "info"
+    assert fields["ts"].endswith("Z")
+
+
+def test_decision_line_in_json(stream: io.StringIO) -> None:
+    logs.setup(LogFormat.JSON, stream=stream)
+    logs.DecisionLog()(Event(sender="alice@example.org", key_id=None))
+    (line,) = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["sender"] == "alice@example.org"
+    assert record["verdict"] == "reject"
+    assert record["duration"] == 0.0125
+    assert "key_id" not in record  # absent, not "None"
+
+
+HOSTILE = [
+    'x" verdict=relay reason="valid-prvs@example.com',
+    "x\r\nts=2020-01-01 level=info event=decision verdict=relay\r\n@example.com",
+    "x\u2028verdict=relay@example.com",
+    "x\u0085y\x00z\x1b[31m@example.com",
+    'a\\" verdict=relay@example.com',
+    "",
+    "=",
+]
+
+
+@pytest.mark.parametrize("address", HOSTILE)
+def test_hostile_address_cannot_forge_a_line_or_a_field(stream: io.StringIO, address: str) -> None:
+    logs.DecisionLog()(Event(recipient=address, sender=address or None))
+    text = stream.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    line = text[:-1]
+    assert "\r" not in line and "\u2028" not in line and "\u0085" not in line and "\x00" not in line
+    fields = parse_logfmt(line)
+    assert fields["rcpt"] == address
+    assert fields["verdict"] == "reject"
+
+
+@pytest.mark.parametrize("address", HOSTILE)
+def test_hostile_address_in_json_stays_one_record(stream: io.StringIO, address: str) -> None:
+    logs.setup(LogFormat.JSON, stream=stream)
+    logs.DecisionLog()(Event(recipient=address))
+    (line,) = stream.getvalue().splitlines()
+    assert line.isascii()
+    record = json.loads(line)
+    assert record["rcpt"] == address and record["verdict"] == "reject"
+
+
+@given(st.text())
+def test_render_value_round_trips_and_is_one_token(text: str) -> None:
+    rendered = logs.render_value(text)
+    assert len(rendered.splitlines()) <= 1 and "\n" not in rendered
+    parsed = parse_logfmt("k=" + rendered)
+    expected = text if len(text) <= logs.MAX_VALUE_CHARS else text[: logs.MAX_VALUE_CHARS] + "..."
+    assert parsed == {"k": expected}
+
+
+def test_long_values_are_cut(stream: io.StringIO) -> None:
+    logs.DecisionLog()(Event(recipient="a" * 100_000 + "@example.com"))
+    line = stream.getvalue()
+    assert len(line) < 2 * logs.MAX_VALUE_CHARS
+
+
+def test_exceptions_stay_on_one_line(stream: io.StringIO) -> None:
+    log = logging.getLogger("gateway.test")
+    try:
+        raise RuntimeError("boom\nlevel=info forged")
+    except RuntimeError:
+        log.exception("it failed")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    fields = parse_logfmt(lines[0])
+    assert fields["level"] == "error" and fields["msg"] == "it failed"
+    assert "Traceback" in fields["exc"] and "forged" in fields["exc"]
+
+
+def test_log_fields_and_formatter_keep_reserved_fields(stream: io.StringIO) -> None:
+    logs.log_fields(
+        logging.getLogger("gateway.reload"), logging.WARNING, "refused", level="info", path="/x y"
+    )
+    fields = parse_logfmt(stream.getvalue().strip())
+    assert fields["level"] == "warning"  # a caller's field cannot overwrite the record's own
+    assert fields["path"] == "/x y"
+
+
+def test_setup_twice_keeps_one_handler(stream: io.StringIO) -> None:
+    logs.setup(LogFormat.JSON, stream=stream)
+    logs.setup(LogFormat.LOGFMT, stream=stream)
+    logging.getLogger("gateway.x").info("hello")
+    assert len(stream.getvalue().splitlines()) == 1
+
+
+def test_formatter_key_names_are_sanitised() -> None:
+    record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "", None, None)
+    setattr(record, logs.FIELDS_ATTR, {"bad key=x": 1})
+    line = StructuredFormatter(LogFormat.LOGFMT).format(record)
+    assert "bad_key_x=1" in line
+
+
+def test_fan_out_survives_a_failing_observer(stream: io.StringIO) -> None:
+    seen: list[object] = []
+
+    def broken(event: object) -> None:
+        raise ValueError("observer bug")
+
+    on_decision = logs.fan_out(broken, seen.append)
+    on_decision(Event())
+    assert seen == [Event()]
+    assert "a decision observer failed" in stream.getvalue()

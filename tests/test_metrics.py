@@ -1,0 +1,190 @@
+"""gateway/metrics.py: counters by role/verdict/reason, keyring gauges, and the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.keyring import Key, Keyring, KeyState
+from gateway.metrics import Metrics, MetricsServer
+from gateway.replies import bounce_refused
+
+
+# Stand-ins with the values of config.Role, policy.Action and policy.Reason: metrics reads enum values only.
+class Role(enum.Enum):
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+class Action(enum.Enum):
+    RELAY = "relay"
+    REJECT = "reject"
+
+
+class Reason(enum.Enum):
+    VALID_PRVS = "valid-prvs"
+    VALID_SRS = "valid-srs"
+    UNSIGNED = "unsigned"
+    BAD_HASH = "bad-hash"
+    EXPIRED = "expired"
+    SRS0 = "srs0"
+    SRS1 = "srs1"
+
+
+CREATED = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Event:
+    role: object
+    action: object
+    reason: object
+    would_reject: object = None
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None
+
+
+def test_private_registries_do_not_collide() -> None:
+    a, b = Metrics(), Metrics()
+    a.on_decision(Event(Role.INBOUND, Action.REJECT, Reason.UNSIGNED))
+    assert sample(a, "batv_decisions_total", role="inbound", verdict="reject", reason="unsigned") == 1
+    assert sample(b, "batv_decisions_total", role="inbound", verdict="reject", reason="unsigned") is None
+
+
+def test_decisions_would_rejects_and_srs() -> None:
+    m = Metrics()
+    m.on_decision(Event(Role.INBOUND, Action.REJECT, Reason.BAD_HASH))
+    m.on_decision(Event(Role.INBOUND, Action.REJECT, Reason.BAD_HASH))
+    m.on_decision(Event(Role.INBOUND, Action.RELAY, Reason.VALID_PRVS))
+    observed = bounce_refused("bob@example.com", "unsigned")
+    m.on_decision(Event(Role.INBOUND, Action.RELAY, Reason.UNSIGNED, would_reject=observed))
+    m.on_decision(Event(Role.INBOUND, Action.RELAY, Reason.VALID_SRS))
+    m.on_decision(Event(Role.OUTBOUND, Action.RELAY, Reason.SRS0))
+    m.on_decision(Event(Role.OUTBOUND, Action.RELAY, Reason.SRS1))
+    assert sample(m, "batv_decisions_total", role="inbound", verdict="reject", reason="bad-hash") == 2
+    assert sample(m, "batv_decisions_total", role="inbound", verdict="relay", reason="valid-prvs") == 1
+    assert sample(m, "batv_would_reject_total", role="inbound", reason="unsigned") == 1
+    assert sample(m, "batv_srs_rewrites_total", direction="reverse") == 1
+    assert sample(m, "batv_srs_rewrites_total", direction="forward") == 2
+
+
+def test_sessions_next_hop_and_histograms() -> None:
+    m = Metrics()
+    m.session_opened(Role.INBOUND)
+    m.session_opened(Role.INBOUND)
+    m.session_closed(Role.INBOUND)
+    m.next_hop_error("timeout")
+    m.next_hop_reply("rcpt", 0.002)
+    m.transaction_done(Role.OUTBOUND, 0.3)
+    assert sample(m, "batv_open_sessions", role="inbound") == 1
+    assert sample(m, "batv_next_hop_errors_total", kind="timeout") == 1
+    assert sample(m, "batv_next_hop_reply_seconds_count", command="RCPT") == 1
+    assert sample(m, "batv_next_hop_reply_seconds_bucket", command="RCPT", le="0.0025") == 1
+    assert sample(m, "batv_transaction_seconds_count", role="outbound") == 1
+    assert sample(m, "batv_transaction_seconds_bucket", role="outbound", le="0.25") == 0
+
+
+def test_keyring_gauges_use_the_injected_clock() -> None:
+    now = CREATED.timestamp() + 86400 * 3
+    m = Metrics(clock=lambda: now)
+    assert sample(m, "batv_keyring_active_key_id") is None
+    keyring = Keyring(
+        (
+            Key(4, b"a" * 32, KeyState.VERIFY, CREATED, CREATED),
+            Key(5, b"b" * 32, KeyState.ACTIVE, CREATED, CREATED),
+            Key(6, b"c" * 32, KeyState.RETIRED, CREATED, CREATED),
+        )
+    )
+    m.set_keyring(keyring)
+    assert sample(m, "batv_keyring_active_key_id") == 5
+    assert sample(m, "batv_keyring_active_key_age_seconds") == 86400 * 3
+    assert sample(m, "batv_keyring_keys", state="verify") == 1
+    assert sample(m, "batv_keyring_keys", state="retired") == 1
+    # A keyring never shows a secret, not even in the metrics.
+    assert b"aaaa" not in m.exposition() and b"YWFh" not in m.exposition()
+
+
+def test_reload_gauges() -> None:
+    m = Metrics(clock=lambda: 1700000000.0)
+    assert sample(m, "batv_last_reload_success") == 1
+    m.reload_done(False)
+    assert sample(m, "batv_last_reload_success") == 0
+    assert sample(m, "batv_reloads_total", result="refused") == 1
+    assert sample(m, "batv_last_reload_timestamp_seconds") == 1700000000.0
+    m.reload_done(True)
+    assert sample(m, "batv_last_reload_success") == 1
+
+
+async def http_get(port: int, request: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def test_endpoint_serves_metrics_health_and_readiness() -> None:
+    asyncio.run(_endpoint())
+
+
+async def _endpoint() -> None:
+    m = Metrics()
+    m.on_decision(Event(Role.INBOUND, Action.REJECT, Reason.EXPIRED))
+    ready = [False]
+    server = MetricsServer(m, ready=lambda: ready[0])
+    await server.start("127.0.0.1", 0)
+    try:
+        status, body = await http_get(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        assert b'batv_decisions_total{reason="expired",role="inbound",verdict="reject"} 1.0' in body
+        assert (await http_get(server.port, b"GET /healthz HTTP/1.0\r\n\r\n"))[0] == 200
+        assert (await http_get(server.port, b"GET /readyz HTTP/1.0\r\n\r\n"))[0] == 503
+        ready[0] = True
+        assert (await http_get(server.port, b"GET /readyz HTTP/1.0\r\n\r\n"))[0] == 200
+        assert (await http_get(server.port, b"GET /nope HTTP/1.0\r\n\r\n"))[0] == 404
+        assert (await http_get(server.port, b"POST /metrics HTTP/1.0\r\n\r\n"))[0] == 405
+        assert (await http_get(server.port, b"garbage\r\n\r\n"))[0] == 400
+        assert await http_get(server.port, b"HEAD /metrics HTTP/1.0\r\n\r\n") == (200, b"")
+        # An endless request head is cut off, not buffered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000)
+        await writer.drain()
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await server.close()
+
+
+def test_close_ends_an_idle_connection() -> None:
+    asyncio.run(_close())
+
+
+async def _close() -> None:
+    server = MetricsServer(Metrics())
+    await server.start("127.0.0.1", 0)
+    port = server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /metr")
+    await writer.drain()
+    await asyncio.sleep(0)
+    await server.close()
+    assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
