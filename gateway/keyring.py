@@ -36,6 +36,9 @@ class Key:
     state: KeyState = KeyState.ACTIVE
     created: datetime = _EPOCH
     changed: datetime = _EPOCH
+    # When this key last stopped being the active key; None while it is active or if it never signed.
+    # Tags it signed may be live until then plus the longest tag lifetime, so prune and id reuse need it.
+    signed_until: datetime | None = None
 
     @property
     def fingerprint(self) -> str:

@@ -1,0 +1,540 @@
+"""The keyring file: strict load, crash-safe write, a lock between CLI runs, and reload for servers.
+
+The file is TOML (format documented in keys/README.md):
+
+    version = 1
+    generation = 3                      # +1 on every change; `keys import` refuses to go backwards
+    updated = 2024-01-01T12:00:00Z
+
+    [[key]]
+    id = 0
+    state = "active"                    # active | verify | retired
+    created = 2024-01-01T12:00:00Z
+    changed = 2024-01-01T12:00:00Z      # the last state change
+    signed_until = 2024-01-08T12:00:00Z # optional: when it last stopped being active
+    secret = "base64 of at least 32 random bytes"
+
+Loading is strict, like ssh with a private key: a file that group or others may read is refused, and so
+is anything malformed. Every message names the file and, where there is one, the key id; none carries a
+secret. The key-management operations (`add_key`, `activate`, `retire`, `prune`) are pure functions of a
+`KeyringFile` and `now`, so tests pass the clock instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import stat
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import KeyringError
+from .keyring import KEY_IDS, MIN_SECRET_BYTES, Key, Keyring, KeyState
+
+FORMAT_VERSION = 1
+DEFAULT_PATH = Path("keys/keyring.toml")
+# 32 bytes = 256 bits, comfortably above HMAC-SHA1's 160-bit output; more would not add strength.
+NEW_SECRET_BYTES = 32
+DEFAULT_GRACE_DAYS = 30
+DEFAULT_LOCK_TIMEOUT = 10.0
+
+_TOP_KEYS = {"version", "generation", "updated", "key"}
+_KEY_KEYS = {"id", "state", "created", "changed", "signed_until", "secret"}
+_KEY_REQUIRED = _KEY_KEYS - {"signed_until"}
+
+
+@dataclass(frozen=True)
+class KeyringFile:
+    """A keyring as stored: the keys plus the metadata that orders copies of it across hosts."""
+
+    keyring: Keyring
+    generation: int
+    updated: datetime
+
+
+def utc_day(moment: datetime) -> int:
+    """The UTC day number (unix_time // 86400) that tags use as their clock."""
+    return int(moment.timestamp()) // 86400
+
+
+def _now_utc(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (UTC)")
+    return now.astimezone(UTC).replace(microsecond=0)
+
+
+# ---------------------------------------------------------------- parsing and formatting (pure)
+
+
+def parse(text: str, source: str) -> KeyringFile:
+    """A keyring from TOML text; `source` (the file name) starts every error message."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise KeyringError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise KeyringError(f"{source}: unknown setting {sorted(unknown)[0]!r}: expected {sorted(_TOP_KEYS)}")
+    version = data.get("version")
+    if version != FORMAT_VERSION:
+        raise KeyringError(f"{source}: version must be {FORMAT_VERSION}, not {version!r}")
+    generation = data.get("generation")
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        raise KeyringError(f"{source}: generation must be a whole number of 1 or more")
+    updated = _parse_time(data.get("updated"), source, "updated")
+    entries = data.get("key")
+    if not isinstance(entries, list) or not entries:
+        raise KeyringError(f"{source}: no [[key]] entries: run 'batv-gateway keys init' to create a keyring")
+    keys = [_parse_key(entry, source, n) for n, entry in enumerate(entries, 1)]
+    seen: set[int] = set()
+    for key in keys:
+        if key.id in seen:
+            raise KeyringError(f"{source}: key {key.id}: the id appears twice: each id may be used once")
+        seen.add(key.id)
+    active = [k.id for k in keys if k.state is KeyState.ACTIVE]
+    if not active:
+        raise KeyringError(
+            f"{source}: no key is active: exactly one must be; run 'batv-gateway keys activate ID'"
+        )
+    if len(active) > 1:
+        ids = ", ".join(str(i) for i in active)
+        raise KeyringError(f"{source}: keys {ids} are all active: exactly one key may be active")
+    return KeyringFile(Keyring(tuple(keys)), generation, updated)
+
+
+def _parse_key(entry: Any, source: str, n: int) -> Key:
+    if not isinstance(entry, dict):
+        raise KeyringError(f"{source}: [[key]] entry {n} is not a table")
+    key_id = entry.get("id")
+    if not isinstance(key_id, int) or isinstance(key_id, bool) or key_id not in KEY_IDS:
+        raise KeyringError(f"{source}: [[key]] entry {n}: id must be a digit 0 to 9, not {key_id!r}")
+    where = f"{source}: key {key_id}"
+    unknown = set(entry) - _KEY_KEYS
+    if unknown:
+        raise KeyringError(f"{where}: unknown setting {sorted(unknown)[0]!r}: expected {sorted(_KEY_KEYS)}")
+    missing = _KEY_REQUIRED - set(entry)
+    if missing:
+        raise KeyringError(f"{where}: missing {sorted(missing)[0]!r}")
+    try:
+        state = KeyState(entry["state"])
+    except ValueError:
+        states = ", ".join(s.value for s in KeyState)
+        raise KeyringError(f"{where}: state must be one of {states}, not {entry['state']!r}") from None
+    encoded = entry["secret"]
+    if not isinstance(encoded, str):
+        raise KeyringError(f"{where}: secret must be a base64 string")
+    try:
+        secret = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        # The value itself is not repeated: even a broken secret is partly a secret.
+        raise KeyringError(f"{where}: secret is not valid base64") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise KeyringError(
+            f"{where}: secret is {len(secret)} bytes; at least {MIN_SECRET_BYTES} random bytes are needed"
+            " (batv-gateway keys add makes one)"
+        )
+    created = _parse_time(entry["created"], where, "created")
+    changed = _parse_time(entry["changed"], where, "changed")
+    signed_until = None
+    if "signed_until" in entry:
+        signed_until = _parse_time(entry["signed_until"], where, "signed_until")
+    return Key(key_id, secret, state, created, changed, signed_until)
+
+
+def _parse_time(value: Any, where: str, name: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise KeyringError(f"{where}: {name} must be a UTC date and time such as 2024-01-01T12:00:00Z")
+    return value.astimezone(UTC)
+
+
+def _format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dump(kf: KeyringFile) -> str:
+    """The TOML text of a keyring, in the format `parse` reads (and nothing else)."""
+    lines = [
+        "# batv-gateway keyring: keep mode 0600. Change it with 'batv-gateway keys', see keys/README.md.",
+        f"version = {FORMAT_VERSION}",
+        f"generation = {kf.generation}",
+        f"updated = {_format_time(kf.updated)}",
+    ]
+    for key in sorted(kf.keyring.keys, key=lambda k: k.id):
+        lines += [
+            "",
+            "[[key]]",
+            f"id = {key.id}",
+            f'state = "{key.state.value}"',
+            f"created = {_format_time(key.created)}",
+            f"changed = {_format_time(key.changed)}",
+        ]
+        if key.signed_until is not None:
+            lines.append(f"signed_until = {_format_time(key.signed_until)}")
+        lines.append(f'secret = "{base64.b64encode(key.secret).decode("ascii")}"')
+    return "\n".join(lines) + "\n"
+
+
+def kubernetes_secret(kf: KeyringFile, name: str, namespace: str | None = None) -> str:
+    """A Kubernetes Secret manifest holding the keyring as the file `keyring.toml` (mount it read-only)."""
+    data = base64.b64encode(dump(kf).encode("utf-8")).decode("ascii")
+    lines = [
+        "apiVersion: v1",
+        "kind: Secret",
+        "metadata:",
+        f"  name: {name}",
+    ]
+    if namespace:
+        lines.append(f"  namespace: {namespace}")
+    lines += [
+        "  labels:",
+        "    app.kubernetes.io/name: batv-gateway",
+        "  annotations:",
+        f'    batv-gateway/keyring-generation: "{kf.generation}"',
+        "type: Opaque",
+        "data:",
+        f"  keyring.toml: {data}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- key management (pure)
+
+
+def _bump(kf: KeyringFile, keys: tuple[Key, ...], now: datetime) -> KeyringFile:
+    return KeyringFile(Keyring(keys), kf.generation + 1, now)
+
+
+def new_keyring(now: datetime, token: Callable[[int], bytes] = secrets.token_bytes) -> KeyringFile:
+    """A first keyring: key 0, active."""
+    now = _now_utc(now)
+    key = Key(0, token(NEW_SECRET_BYTES), KeyState.ACTIVE, now, now)
+    return KeyringFile(Keyring((key,)), 1, now)
+
+
+def free_key_id(kf: KeyringFile) -> int:
+    """The next id to hand out, cycling on from the newest key so a freed id is reused as late as possible.
+
+    An id is free only when no key holds it. Keys are deleted only by `prune`, and only once every tag
+    they signed has expired, so a free id never meets a live tag of an older key.
+    """
+    used = {k.id for k in kf.keyring.keys}
+    newest = max(kf.keyring.keys, key=lambda k: (k.created, k.id))
+    for step in range(1, len(KEY_IDS) + 1):
+        candidate = (newest.id + step) % len(KEY_IDS)
+        if candidate not in used:
+            return candidate
+    raise KeyringError(
+        "all ten key ids 0-9 are in use: run 'batv-gateway keys prune' to retire and delete keys whose"
+        " tags have expired, then try again"
+    )
+
+
+def add_key(
+    kf: KeyringFile, now: datetime, token: Callable[[int], bytes] = secrets.token_bytes
+) -> tuple[KeyringFile, Key]:
+    """A new `verify` key: it verifies at once, so it can reach every host before it signs anywhere."""
+    now = _now_utc(now)
+    key = Key(free_key_id(kf), token(NEW_SECRET_BYTES), KeyState.VERIFY, now, now)
+    return _bump(kf, (*kf.keyring.keys, key), now), key
+
+
+def _find(kf: KeyringFile, key_id: int) -> Key:
+    key = kf.keyring.get(key_id)
+    if key is None:
+        ids = ", ".join(str(k.id) for k in sorted(kf.keyring.keys, key=lambda k: k.id))
+        raise KeyringError(f"there is no key {key_id}: the keyring holds keys {ids}")
+    return key
+
+
+def activate(kf: KeyringFile, key_id: int, now: datetime) -> KeyringFile:
+    """Make `key_id` the signing key; the previous active key keeps verifying (state `verify`)."""
+    now = _now_utc(now)
+    target = _find(kf, key_id)
+    if target.state is KeyState.ACTIVE:
+        return kf
+    if target.state is KeyState.RETIRED:
+        raise KeyringError(
+            f"key {key_id} is retired and cannot sign again: run 'batv-gateway keys add' for a new key"
+        )
+    keys = []
+    for key in kf.keyring.keys:
+        if key.state is KeyState.ACTIVE:
+            key = replace(key, state=KeyState.VERIFY, changed=now, signed_until=now)
+        elif key.id == key_id:
+            key = replace(key, state=KeyState.ACTIVE, changed=now, signed_until=None)
+        keys.append(key)
+    return _bump(kf, tuple(keys), now)
+
+
+def retire(kf: KeyringFile, key_id: int, now: datetime) -> KeyringFile:
+    """Stop a key from verifying. The active key cannot be retired: activate another first."""
+    now = _now_utc(now)
+    target = _find(kf, key_id)
+    if target.state is KeyState.ACTIVE:
+        raise KeyringError(
+            f"key {key_id} is the active key: activate another key first ('batv-gateway keys rotate')"
+        )
+    if target.state is KeyState.RETIRED:
+        return kf
+    keys = tuple(
+        replace(k, state=KeyState.RETIRED, changed=now) if k.id == key_id else k for k in kf.keyring.keys
+    )
+    return _bump(kf, keys, now)
+
+
+def tags_live_until_day(key: Key, max_tag_days: int) -> int | None:
+    """The last UTC day on which a tag signed by `key` can still verify; None while it signs.
+
+    A prvs tag signed on day D verifies through day D + lifetime, an SRS address through D + max age,
+    so a key that stopped signing on day S has live tags through S + the longer of the two.
+    """
+    if key.state is KeyState.ACTIVE:
+        return None
+    if key.signed_until is None:
+        return utc_day(key.created) - 1  # it never signed: no tag of it exists
+    return utc_day(key.signed_until) + max_tag_days
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    retired: tuple[int, ...]
+    deleted: tuple[int, ...]
+
+
+def prune(
+    kf: KeyringFile, now: datetime, max_tag_days: int, grace_days: int = DEFAULT_GRACE_DAYS
+) -> tuple[KeyringFile, PruneReport]:
+    """Retire `verify` keys all of whose tags have expired; delete retired keys after `grace_days`.
+
+    A verify key that never signed is kept: it is a new key on its way to every host (see the runbook).
+    A retired key is deleted only once its grace period is over and its tags have expired, so that its
+    id can be handed out again safely.
+    """
+    now = _now_utc(now)
+    today = utc_day(now)
+    retired: list[int] = []
+    deleted: list[int] = []
+    keys: list[Key] = []
+    for key in kf.keyring.keys:
+        live_until = tags_live_until_day(key, max_tag_days)
+        if key.state is KeyState.VERIFY and key.signed_until is not None and live_until is not None:
+            if today > live_until:
+                key = replace(key, state=KeyState.RETIRED, changed=now)
+                retired.append(key.id)
+        elif key.state is KeyState.RETIRED and live_until is not None:
+            if today > live_until and now - key.changed >= timedelta(days=grace_days):
+                deleted.append(key.id)
+                continue
+        keys.append(key)
+    report = PruneReport(tuple(retired), tuple(deleted))
+    if not retired and not deleted:
+        return kf, report
+    return _bump(kf, tuple(keys), now), report
+
+
+# ---------------------------------------------------------------- the file on disk
+
+
+def check_permissions(path: Path, st: os.stat_result) -> None:
+    """Refuse a keyring that anyone but its owner may read or write, as ssh refuses a loose private key."""
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyringError(f"{path}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        what = "readable" if mode & 0o044 else "writable" if mode & 0o022 else "accessible"
+        raise KeyringError(
+            f"{path}: keyring is {what} by group or others (mode {mode:04o}); it is refused, as ssh refuses"
+            f" a loose private key: fix it with 'chmod 600 {path}'"
+        )
+
+
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    """The whole file and the stat of the very file read (fstat, so a rename in between cannot mix them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise KeyringError(f"{path}: no keyring here: create one with 'batv-gateway keys init'") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KeyringError(f"{path}: is a symbolic link; give the real path of the keyring") from None
+        raise KeyringError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        check_permissions(path, st)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyringError(f"{path}: not UTF-8 text") from None
+
+
+def load(path: Path) -> KeyringFile:
+    """Read and check a keyring file; raises KeyringError naming the file (and key id) and the fix."""
+    data, _ = _read(path)
+    return parse(_decode(data, path), str(path))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` so that, whenever the process dies, it holds either the old or the new content.
+
+    The temp file is made in the same folder (a rename is atomic only within one file system), with mode
+    0600 from the start (mkstemp), and fsynced before the rename; the folder is fsynced after it, so the
+    rename itself survives a power cut.
+    """
+    folder = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+def save(path: Path, kf: KeyringFile) -> None:
+    """Write a keyring crash-safely. Call it under `locked(path)` when the change was read-modify-write."""
+    # Parse what we are about to write: a bug here must never leave a keyring that will not load.
+    text = dump(kf)
+    parse(text, str(path))
+    write_atomic(path, text)
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive flock on `path`.lock so that two `keys` commands do not interleave.
+
+    A separate lock file, because the keyring itself is replaced by rename and a lock on the old inode
+    would not stop a writer that opened the new one.
+    """
+    lock_file = lock_path(path)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise KeyringError(f"{lock_file}: cannot open the lock file: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KeyringError(
+                        f"{lock_file}: another batv-gateway keys command holds the lock; try again"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reload (for servers)
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What a `KeyringLoader.poll()` found.
+
+    `keyring` is the keyring to use now: the new one if the file changed and is valid, otherwise the last
+    good one (None if there never was one). `error` says why a changed file was refused.
+    """
+
+    changed: bool
+    keyring: KeyringFile | None
+    error: KeyringError | None = None
+
+
+class KeyringLoader:
+    """Reloads a keyring file when it changes, and never hands out a half-read or invalid keyring.
+
+    Writers replace the file by rename, so one open-and-read sees one whole version. A change is noticed
+    from the file's identity and times (inode, size, mtime, ctime: a chmod changes ctime), then confirmed
+    with a hash of the content, so touching the file is not reported as a change.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._signature: tuple[int, ...] | None = None
+        self._digest: bytes | None = None
+        self._current: KeyringFile | None = None
+
+    @property
+    def current(self) -> KeyringFile | None:
+        return self._current
+
+    def poll(self) -> Reload:
+        """Look at the file once. An error is reported once per version of the file, not on every poll."""
+        signature = _stat_signature(self.path)
+        if signature == self._signature:
+            return Reload(False, self._current)
+        self._signature = signature
+        try:
+            data, st = _read(self.path)
+        except KeyringError as exc:
+            return Reload(False, self._current, exc)
+        # The fstat of the file actually read: if it was replaced after our stat, the next poll sees it.
+        self._signature = _signature(st)
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
+            return Reload(False, self._current)
+        self._digest = digest
+        try:
+            kf = parse(_decode(data, self.path), str(self.path))
+        except KeyringError as exc:
+            return Reload(False, self._current, exc)
+        if self._current is not None and kf == self._current:
+            return Reload(False, self._current)
+        self._current = kf
+        return Reload(True, kf)
+
+
+def _stat_signature(path: Path) -> tuple[int, ...]:
+    try:
+        return _signature(os.stat(path))
+    except OSError as exc:
+        return (-1, exc.errno or 0)
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
