@@ -47,7 +47,11 @@ FORMAT_VERSION = 1
 DEFAULT_PATH = Path("keys/keyring.toml")
 # 32 bytes = 256 bits, comfortably above HMAC-SHA1's 160-bit output; more would not add strength.
 NEW_SECRET_BYTES = 32
-DEFAULT_GRACE_DAYS = 30
+# A retired key is kept this long before deletion, so `keys list` still shows what happened to it.
+DEFAULT_GRACE_DAYS = 7
+# Hosts of one MX group stop signing with an old key only when they import the keyring that activated the
+# new one, and their clocks differ: one extra day keeps their last old-key tags live until they expire.
+MARGIN_DAYS = 1
 DEFAULT_LOCK_TIMEOUT = 10.0
 
 _TOP_KEYS = {"version", "generation", "updated", "key"}
@@ -298,13 +302,14 @@ def tags_live_until_day(key: Key, max_tag_days: int) -> int | None:
     """The last UTC day on which a tag signed by `key` can still verify; None while it signs.
 
     A prvs tag signed on day D verifies through day D + lifetime, an SRS address through D + max age,
-    so a key that stopped signing on day S has live tags through S + the longer of the two.
+    so a key that stopped signing on day S has live tags through S + the longer of the two, plus
+    MARGIN_DAYS for the other hosts of an MX group.
     """
     if key.state is KeyState.ACTIVE:
         return None
     if key.signed_until is None:
         return utc_day(key.created) - 1  # it never signed: no tag of it exists
-    return utc_day(key.signed_until) + max_tag_days
+    return utc_day(key.signed_until) + max_tag_days + MARGIN_DAYS
 
 
 @dataclass(frozen=True)

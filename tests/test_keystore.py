@@ -284,7 +284,8 @@ def test_prune_waits_for_the_longest_tag_lifetime_then_retires_then_deletes_afte
     kf = keystore.activate(kf, 1, T0)  # key 0 stops signing on day D
     kf, fresh = keystore.add_key(kf, T0, counter_token(30))  # key 2: verify, never signed
     day_d = keystore.utc_day(T0)
-    last_live = day_d + 21  # a tag signed late on day D verifies through day D + 21 (SRS max age)
+    # A tag signed late on day D verifies through day D + 21 (SRS max age); one more day for other hosts.
+    last_live = day_d + 21 + keystore.MARGIN_DAYS
     assert keystore.tags_live_until_day(kf.keyring.get(0), 21) == last_live  # type: ignore[arg-type]
     on_last_live_day = datetime.fromtimestamp(last_live * 86400 + 86399, UTC)
     same, report = keystore.prune(kf, on_last_live_day, max_tag_days=21)
@@ -294,9 +295,9 @@ def test_prune_waits_for_the_longest_tag_lifetime_then_retires_then_deletes_afte
     assert report == keystore.PruneReport(retired=(0,), deleted=())
     assert kf.keyring.get(0).state is KeyState.RETIRED  # type: ignore[union-attr]
     assert kf.keyring.get(fresh.id).state is KeyState.VERIFY  # type: ignore[union-attr]  # on its way to hosts
-    kept, report = keystore.prune(kf, day_after + 29 * DAY, max_tag_days=21, grace_days=30)
+    kept, report = keystore.prune(kf, day_after + 6 * DAY, max_tag_days=21, grace_days=7)
     assert kept is kf and report.deleted == ()
-    kf, report = keystore.prune(kf, day_after + 30 * DAY, max_tag_days=21, grace_days=30)
+    kf, report = keystore.prune(kf, day_after + 7 * DAY, max_tag_days=21)
     assert report.deleted == (0,) and kf.keyring.get(0) is None
 
 
@@ -305,9 +306,10 @@ def test_prune_does_not_delete_a_key_retired_early_while_its_tags_may_be_live() 
     kf, _ = keystore.add_key(kf, T0, counter_token(20))
     kf = keystore.activate(kf, 1, T0)
     kf = keystore.retire(kf, 0, T0)  # a leaked key, retired at once
-    kf2, report = keystore.prune(kf, T0 + 5 * DAY, max_tag_days=21, grace_days=0)
-    assert report.deleted == () and kf2 is kf
-    _, report = keystore.prune(kf, T0 + 22 * DAY, max_tag_days=21, grace_days=0)
+    for days in (5, 22):
+        kf2, report = keystore.prune(kf, T0 + days * DAY, max_tag_days=21, grace_days=0)
+        assert report.deleted == () and kf2 is kf
+    _, report = keystore.prune(kf, T0 + 23 * DAY, max_tag_days=21, grace_days=0)
     assert report.deleted == (0,)
 
 
