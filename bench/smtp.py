@@ -1,0 +1,912 @@
+"""The side-by-side SMTP benchmark of issue 5: the limit, the naive relay and batv-gateway, in one run.
+
+    python bench/smtp.py            # the full run (about 5 minutes): writes bench/RESULTS.md
+    python bench/smtp.py --smoke    # CI: a few hundred messages; checks only that nothing is lost
+
+Everything runs on 127.0.0.1 with bounded message counts. Postfix's `smtp-source` is the load and
+`smtp-sink` the next hop; every system under test gets its own sink, so the sink's message counter is
+that system's delivered count:
+
+    limit     smtp-source -> smtp-sink
+    naive     smtp-source -> bench/naive_relay.py -> smtp-sink
+    outbound  smtp-source -> batv-gateway serve --role outbound (signs every sender) -> smtp-sink
+    inbound   smtp-source -f '' -t <a prvs-signed recipient> -> serve --role inbound (strips it) -> sink
+    flood     smtp-source -A -f '' -t <a forged tag> -> serve --role inbound: every RCPT refused
+
+smtp-source cannot compute tags, but tags are per address and day, so one recipient signed with the
+bench keyring for today is valid for every message of the run.
+
+Only ratios measured in the same run count (the machine is shared and noisy): each round runs every
+system once, in a rotating order, and a ratio is the median over rounds of that round's ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import hmac
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.prvs.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SIGNED_DOMAIN = "example.com"
+SENDER = f"sender@{SIGNED_DOMAIN}"  # outbound: in the signed domain, so every message is signed
+RECIPIENT = "rcpt@dest.example"  # outbound: anywhere
+BOUNCE_TO = f"bob@{SIGNED_DOMAIN}"  # inbound: a bounce to one of our signed senders
+
+# The size limit every relay under test gets: aiosmtpd's default (the naive relay keeps its defaults).
+# Postfix's 10240000 default, which the gateway copies, is below the 10 MiB case.
+SIZE_LIMIT = 32 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    size: int  # smtp-source -l: payload bytes per message
+    sessions: int  # smtp-source -s: parallel sessions
+    messages: int  # smtp-source -m: messages per measured run (per system)
+    flood: bool = False
+
+
+FULL_CASES = (
+    Case("1 KiB, 20 sessions", 1024, 20, 4000),
+    Case("1 KiB, 100 sessions", 1024, 100, 4000),
+    Case("100 KiB, 20 sessions", 100 * 1024, 20, 1500),
+    Case("10 MiB, 20 sessions", 10 * 1024 * 1024, 20, 60),
+    Case("forged-bounce flood, 20 sessions", 0, 20, 4000, flood=True),
+)
+SMOKE_CASES = (
+    Case("1 KiB, 20 sessions", 1024, 20, 200),
+    Case("100 KiB, 20 sessions", 100 * 1024, 20, 40),
+    Case("1 MiB, 5 sessions", 1024 * 1024, 5, 10),
+    Case("forged-bounce flood, 20 sessions", 0, 20, 100, flood=True),
+)
+
+RELAY_SYSTEMS = ("limit", "naive", "outbound", "inbound")
+FLOOD_SYSTEMS = ("limit", "inbound")
+GATEWAY_SYSTEMS = ("outbound", "inbound")
+
+
+@dataclass
+class Run:
+    case: str
+    system: str
+    round: int
+    sent: int
+    seconds: float
+    cpu_seconds: float | None  # user+sys of the relay's process tree; None for the limit
+    delivered: int  # what that system's sink counted
+    refused: int  # RCPTs smtp-source saw refused with 5xx (the flood)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        done = self.refused if self.refused and not self.delivered else self.delivered
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class SystemSummary:
+    system: str
+    rate: float  # median msgs/s (or refusals/s for the flood)
+    cpu_ms: float | None  # median CPU ms per message
+    peak_rss_mib: float | None  # the largest VmHWM of any process in the tree
+    x_naive: float | None  # median of per-round ratios
+    x_limit: float | None
+    sent: int
+    delivered: int
+    refused: int
+    lost: int
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    runs: list[Run]
+    summaries: list[SystemSummary]
+
+
+# ------------------------------------------------------------------------------------ processes
+
+
+def postfix_tool(name: str) -> str:
+    # Debian installs smtp-source and smtp-sink in /usr/sbin, which a non-root PATH often lacks.
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise SystemExit(f"{name} not found: install Postfix (apt-get install postfix), as .ci/run does")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: split after the last ")".
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (gateway workers, a multiprocessing helper), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = proc_stat(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """user+sys of the tree, including children it has already reaped (cutime, cstime)."""
+    ticks = 0
+    for pid in process_tree(root):
+        fields = proc_stat(pid)
+        if fields is None:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        if pid == root:
+            ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / CLK_TCK
+
+
+def tree_peak_rss_mib(root: int) -> float:
+    peak = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+class Server:
+    """A server process in its own session, so stopping it also stops what it started."""
+
+    def __init__(
+        self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str] | None = None
+    ):
+        self.name, self.port = name, port
+        self.log = workdir / f"{name}.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").replace("\r", "\n").splitlines()[-lines:])
+        return ""
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until the server answers with an SMTP greeting: a listening socket alone may still be set up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        with contextlib.suppress(OSError):
+                            s.recv(512)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not greet on 127.0.0.1:{self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        # Anything left in its session (a worker that outlived its parent) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log_file.close()
+
+
+class Sink(Server):
+    """smtp-sink with its running counters (-c) in the log: "sess=N quit=N mesg=N" after each event."""
+
+    def __init__(self, name: str, workdir: Path, dump: Path | None = None, reject_rcpt: bool = False):
+        port = free_port()
+        argv = [postfix_tool("smtp-sink"), "-c", "-m", "1000"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # smtp-sink refuses to run as root without a user to switch to
+        if dump is not None:
+            argv += ["-D", str(dump)]
+        if reject_rcpt:
+            argv += ["-f", "RCPT"]
+        argv += [f"127.0.0.1:{port}", "1024"]
+        super().__init__(name, argv, port, workdir)
+
+    def messages(self) -> int:
+        with self.log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 400))
+            tail = f.read().decode(errors="replace")
+        counts = re.findall(r"mesg=(\d+)", tail)
+        return int(counts[-1]) if counts else 0
+
+    def wait_messages(self, at_least: int, timeout: float = 2.0) -> int:
+        """The counter, once it reaches at_least or stops moving: the last count may lag the client."""
+        deadline = time.monotonic() + timeout
+        count = self.messages()
+        while count < at_least and time.monotonic() < deadline:
+            time.sleep(0.02)
+            count = self.messages()
+        return count
+
+
+# ------------------------------------------------------------------------------------ the gateway
+
+
+@dataclass
+class Bench:
+    workdir: Path
+    gateway_args: list[str]
+    workers: int
+    keyring_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keyring_path = self.workdir / "keyring.toml"
+
+    def make_keyring(self) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "init", "--keyring", str(self.keyring_path)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+
+    def keyring(self):  # type: ignore[no-untyped-def]
+        from gateway import keystore
+
+        return keystore.load(self.keyring_path).keyring
+
+    def signed_recipient(self) -> str:
+        from gateway import prvs
+
+        return prvs.sign(BOUNCE_TO, self.keyring(), int(time.time()) // 86400)
+
+    def forged_recipient(self) -> str:
+        """A well-formed tag for today with a wrong hash: the gateway must compute the HMAC to refuse it."""
+        if not self.keyring_path.exists():
+            return f"prvs=0000000000={BOUNCE_TO}"  # only the limit (smtp-sink) sees it: any form will do
+        signed = self.signed_recipient()
+        tag, rest = signed.split("@", 1)[0], signed.split("@", 1)[1]
+        head, hashpart, local = tag.split("=", 2)[0], tag.split("=", 2)[1], tag.split("=", 2)[2]
+        bad = hashpart[:4] + ("000000" if hashpart[4:] != "000000" else "111111")
+        return f"{head}={bad}={local}@{rest}"
+
+    def config(self, name: str, flood: bool) -> Path:
+        limits = [
+            f"message_size_limit = {SIZE_LIMIT}",
+            # smtp-source opens every session from 127.0.0.1: the per-client limit would refuse the
+            # 100-session case.
+            "max_sessions = 1000",
+            "max_sessions_per_client = 1000",
+        ]
+        if flood:
+            # The issue measures the raw refusal rate: no tarpit, no per-IP guess rate.
+            limits += ["soft_error_limit = 1000000", "hard_error_limit = 1000000", "guess_rate = 0"]
+        text = "\n".join(
+            [
+                "[gateway]",
+                'hostname = "gateway.bench.example"',
+                f'keyring = "{self.keyring_path}"',
+                f'local_domains = ["{SIGNED_DOMAIN}"]',
+                f"workers = {self.workers}",
+                "[limits]",
+                *limits,
+                "",
+            ]
+        )
+        path = self.workdir / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def gateway(self, name: str, role: str, next_hop: int, flood: bool = False) -> Server:
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(self.config(name, flood)),
+            "--role",
+            role,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--next-hop",
+            f"127.0.0.1:{next_hop}",
+            *self.gateway_args,
+        ]
+        return Server(name, argv, port, self.workdir, env=python_env())
+
+    def naive(self, next_hop: int) -> Server:
+        port = free_port()
+        argv = [
+            sys.executable,
+            str(NAIVE_RELAY),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--next-hop",
+            f"127.0.0.1:{next_hop}",
+        ]
+        return Server("naive", argv, port, self.workdir, env=python_env())
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def smtp_source(
+    port: int, case: Case, messages: int, sender: str, recipient: str, tolerate: bool
+) -> tuple[float, str, int]:
+    argv = [
+        postfix_tool("smtp-source"),
+        "-s",
+        str(case.sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(case.size),
+        "-M",
+        "client.bench.example",
+        "-f",
+        sender,
+        "-t",
+        recipient,
+    ]
+    if tolerate:
+        argv.append("-A")  # the flood: keep going when RCPT is refused
+    argv.append(f"127.0.0.1:{port}")
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    seconds = time.perf_counter() - start
+    errors = done.stderr
+    if done.returncode != 0:
+        errors += f"\nsmtp-source exited with {done.returncode}"
+    return seconds, errors, done.returncode
+
+
+@dataclass
+class Target:
+    """One system under test in one case: where to send, what to send, and what to watch."""
+
+    system: str
+    port: int
+    sink: Sink
+    sender: str
+    recipient: str
+    server: Server | None  # None: the limit, no relay in between
+
+
+def measure(target: Target, case: Case, messages: int, round_no: int) -> Run:
+    before_cpu = tree_cpu_seconds(target.server.proc.pid) if target.server else None
+    before_sink = target.sink.messages()
+    seconds, errors, _ = smtp_source(target.port, case, messages, target.sender, target.recipient, case.flood)
+    after_cpu = tree_cpu_seconds(target.server.proc.pid) if target.server else None
+    expected = 0 if case.flood else messages
+    delivered = target.sink.wait_messages(before_sink + expected) - before_sink
+    refused = len(re.findall(r"recipient rejected: 5\d\d", errors))
+    problems = []
+    if case.flood:
+        if refused != messages:
+            problems.append(f"{refused} of {messages} forged bounces refused at RCPT")
+        if delivered:
+            problems.append(f"{delivered} forged bounces reached the next hop")
+    else:
+        if delivered != messages:
+            problems.append(f"sent {messages}, the sink received {delivered}")
+        if errors.strip():
+            problems.append("smtp-source: " + " | ".join(errors.strip().splitlines()[:3]))
+    if target.server and target.server.proc.poll() is not None:
+        problems.append(f"{target.server.name} died:\n{target.server.log_tail()}")
+    cpu = after_cpu - before_cpu if after_cpu is not None and before_cpu is not None else None
+    return Run(case.name, target.system, round_no, messages, seconds, cpu, delivered, refused, problems)
+
+
+def run_case(
+    bench: Bench,
+    case: Case,
+    systems: Sequence[str],
+    rounds: int,
+    warmup: int,
+    dump: bool,
+    log: Callable[[str], None],
+) -> CaseResult:
+    wanted = [s for s in (FLOOD_SYSTEMS if case.flood else RELAY_SYSTEMS) if s in systems]
+    runs: list[Run] = []
+    peaks: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        targets: list[Target] = []
+        servers: list[Server] = []
+        for system in wanted:
+            dump_path = None
+            if dump and not case.flood:
+                dump_dir = bench.workdir / "dumps"
+                dump_dir.mkdir(exist_ok=True)
+                dump_dir.chmod(0o777)  # smtp-sink writes as nobody when started as root
+                dump_path = dump_dir / f"{slug(case.name)}-{system}"
+            sink = Sink(
+                f"{slug(case.name)}-{system}-sink",
+                bench.workdir,
+                dump_path,
+                reject_rcpt=case.flood and system == "limit",
+            )
+            stack.callback(sink.stop)
+            servers.append(sink)
+            sender, recipient = SENDER, RECIPIENT
+            if system in ("inbound",) or case.flood:
+                sender = ""
+                recipient = bench.forged_recipient() if case.flood else bench.signed_recipient()
+            server: Server | None = None
+            if system == "naive":
+                server = bench.naive(sink.port)
+            elif system in GATEWAY_SYSTEMS:
+                server = bench.gateway(f"{slug(case.name)}-{system}", system, sink.port, flood=case.flood)
+            if server is not None:
+                stack.callback(server.stop)
+                servers.append(server)
+            targets.append(
+                Target(system, server.port if server else sink.port, sink, sender, recipient, server)
+            )
+        for server in servers:
+            server.wait_ready()
+        # A warm-up run per system: imports, first connections and the pool are not what we measure.
+        for target in targets:
+            if warmup:
+                warm = measure(target, case, warmup, -1)
+                if warm.problems:
+                    runs.append(warm)
+        for round_no in range(rounds):
+            shift = round_no % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                run = measure(target, case, case.messages, round_no)
+                runs.append(run)
+                log(
+                    f"  round {round_no + 1}/{rounds} {target.system:9} {run.rate:9.1f}/s"
+                    + (
+                        f"  {1000 * run.cpu_seconds / run.sent:7.3f} ms CPU/msg"
+                        if run.cpu_seconds is not None
+                        else ""
+                    )
+                    + ("  PROBLEM: " + "; ".join(run.problems) if run.problems else "")
+                )
+        for target in targets:
+            if target.server is not None:
+                peaks[target.system] = tree_peak_rss_mib(target.server.proc.pid)
+    return CaseResult(case, runs, summarise(case, wanted, runs, peaks))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def summarise(
+    case: Case, systems: Sequence[str], runs: list[Run], peaks: dict[str, float]
+) -> list[SystemSummary]:
+    measured = [r for r in runs if r.round >= 0]
+    by_round: dict[int, dict[str, Run]] = {}
+    for r in measured:
+        by_round.setdefault(r.round, {})[r.system] = r
+    out = []
+    for system in systems:
+        mine = [r for r in measured if r.system == system]
+        if not mine:
+            continue
+        cpu = [1000 * r.cpu_seconds / r.sent for r in mine if r.cpu_seconds is not None]
+
+        def ratio(other: str, system: str = system) -> float | None:
+            values = [
+                rr[system].rate / rr[other].rate
+                for rr in by_round.values()
+                if system in rr and other in rr and rr[other].rate > 0
+            ]
+            return statistics.median(values) if values and other != system else None
+
+        all_runs = [r for r in runs if r.system == system]
+        sent = sum(r.sent for r in all_runs)
+        delivered = sum(r.delivered for r in all_runs)
+        refused = sum(r.refused for r in all_runs)
+        lost = sent - (refused if case.flood else delivered)
+        out.append(
+            SystemSummary(
+                system,
+                statistics.median(r.rate for r in mine),
+                statistics.median(cpu) if cpu else None,
+                peaks.get(system),
+                ratio("naive"),
+                ratio("limit"),
+                sent,
+                delivered,
+                refused,
+                lost,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------- envelope checks (smoke)
+
+
+def check_dumps(bench: Bench, results: list[CaseResult]) -> list[str]:
+    """The gateway did its real work: outbound senders carry a valid tag, inbound tags were stripped."""
+    from gateway import prvs
+
+    keyring, today = bench.keyring(), int(time.time()) // 86400
+    problems = []
+    for result in results:
+        if result.case.flood:
+            continue
+        for system in GATEWAY_SYSTEMS:
+            path = bench.workdir / "dumps" / f"{slug(result.case.name)}-{system}"
+            if not path.exists():
+                continue
+            text = path.read_text(errors="replace")
+            senders = [
+                a.split()[0] if a.split() else "" for a in re.findall(r"^X-Mail-Args: ?(.*)$", text, re.M)
+            ]
+            rcpts = [
+                a.split()[0] if a.split() else "" for a in re.findall(r"^X-Rcpt-Args: ?(.*)$", text, re.M)
+            ]
+            where = f"{result.case.name}, {system}"
+            if not senders:
+                problems.append(f"{where}: the sink dump holds no messages")
+            for s in set(senders):
+                if system == "outbound":
+                    verdict = prvs.verify(s.strip("<>"), keyring, today)
+                    if verdict.verdict is not prvs.PrvsVerdict.VALID or verdict.address != SENDER:
+                        problems.append(f"{where}: next hop saw sender {s}, not a valid tag of {SENDER}")
+                elif s != "<>":
+                    problems.append(f"{where}: next hop saw sender {s}, not the null sender")
+            for r in set(rcpts):
+                want = RECIPIENT if system == "outbound" else BOUNCE_TO
+                if r.strip("<>") != want:
+                    problems.append(f"{where}: next hop saw recipient {r}, not {want}")
+    return problems
+
+
+# ------------------------------------------------------------------------------ tag operations
+
+
+def tag_ops(bench: Bench, repeat: int = 5, number: int = 20000) -> dict[str, float]:
+    """prvs sign and verify against bare HMAC-SHA1 over the same bytes, in the same run (ops/s)."""
+    from gateway import prvs
+
+    keyring = bench.keyring()
+    today = int(time.time()) // 86400
+    signed = prvs.sign(SENDER, keyring, today)
+    secret = keyring.active.secret
+    # What a prvs tag hashes: key digit, 3-digit day stamp, and the address (Exim's layout).
+    message = f"{signed[5:9]}{SENDER}".encode()
+
+    def rate(fn: Callable[[], object]) -> float:
+        best = statistics.median(timeit.repeat(fn, number=number, repeat=repeat))
+        return number / best
+
+    bare = rate(lambda: hmac.digest(secret, message, "sha1"))
+    sign = rate(lambda: prvs.sign(SENDER, keyring, today))
+    verify = rate(lambda: prvs.verify(signed, keyring, today))
+    return {"bare_hmac_sha1": bare, "sign": sign, "verify": verify}
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("batv-gateway", "aiosmtpd", "aiosmtplib", "uvloop"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    try:
+        out["postfix"] = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "postfix"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["postfix"] = "unknown"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gateway"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        out["batv-gateway commit"] = commit.stdout.strip() + (
+            " (gateway/ modified)" if dirty.stdout.strip() else ""
+        )
+    return out
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, IndexError):
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        mem = f", {int(mem) // 1024} MiB RAM"
+    cpus = len(os.sched_getaffinity(0))
+    return f"{model}, {cpus} CPUs usable{mem}, Linux {platform.release()}"
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(results: list[CaseResult]) -> list[str]:
+    lines = [
+        "| case | system | msgs/s | × naive | × limit | CPU ms/msg | peak RSS MiB | sent | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        for s in result.summaries:
+            rate = f"{s.rate:,.1f}" + (" refusals/s" if result.case.flood else "")
+            lines.append(
+                f"| {result.case.name} | {s.system} | {rate} "
+                f"| {fmt(s.x_naive, '.2f', '×')} | {fmt(s.x_limit, '.2f', '×')} "
+                f"| {fmt(s.cpu_ms, '.3f')} | {fmt(s.peak_rss_mib, '.1f')} | {s.sent} | {s.lost} |"
+            )
+    return lines
+
+
+def summary_of(results: list[CaseResult], case_prefix: str, system: str) -> SystemSummary | None:
+    for result in results:
+        if result.case.name.startswith(case_prefix):
+            for s in result.summaries:
+                if s.system == system:
+                    return s
+    return None
+
+
+def targets(results: list[CaseResult], tags: dict[str, float] | None) -> list[tuple[str, bool | None, str]]:
+    """Each target of issue 5: (what, met?, the measured value). met is None when it was not measured."""
+    out: list[tuple[str, bool | None, str]] = []
+
+    def ratio_target(case: str, system: str, key: str, floor: float, label: str) -> None:
+        s = summary_of(results, case, system)
+        value = getattr(s, key) if s else None
+        shown = "not measured" if value is None else f"{value:.2f}×"
+        out.append((f"{case}, {system}: {label}", None if value is None else value >= floor, shown))
+
+    for system in GATEWAY_SYSTEMS:
+        ratio_target("1 KiB, 20 sessions", system, "x_naive", 3.0, "≥ 3× naive")
+        ratio_target("1 KiB, 20 sessions", system, "x_limit", 0.40, "≥ 40% of the limit")
+        ratio_target("100 KiB", system, "x_naive", 4.0, "≥ 4× naive")
+        ratio_target("10 MiB", system, "x_naive", 5.0, "≥ 5× naive")
+        ratio_target("10 MiB", system, "x_limit", 0.70, "≥ 70% of the limit")
+        s = summary_of(results, "10 MiB", system)
+        rss = s.peak_rss_mib if s else None
+        out.append(
+            (
+                f"10 MiB, {system}: peak RSS per process ≤ 128 MiB",
+                None if rss is None else rss <= 128,
+                "not measured" if rss is None else f"{rss:.1f} MiB",
+            )
+        )
+    for op in ("sign", "verify"):
+        if tags:
+            share = tags[op] / tags["bare_hmac_sha1"]
+            out.append((f"prvs {op} ≥ 60% of bare HMAC-SHA1", share >= 0.60, f"{100 * share:.0f}%"))
+        else:
+            out.append((f"prvs {op} ≥ 60% of bare HMAC-SHA1", None, "not measured"))
+    return out
+
+
+def write_results(
+    path: Path,
+    results: list[CaseResult],
+    tags: dict[str, float] | None,
+    args: argparse.Namespace,
+    started: float,
+) -> None:
+    lines = [
+        "# Benchmark results (issue 5)",
+        "",
+        f"Written by `python bench/smtp.py {' '.join(sys.argv[1:])}`".rstrip() + " — do not edit by hand.",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
+        f"the run took {time.monotonic() - started:.0f} s",
+        f"- machine: {machine()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"- method: medians of {args.rounds} rounds; each round runs every system once, in a rotating order; "
+        "× naive and × limit are medians of the per-round ratios. Gateway CPU is user+sys of its "
+        "whole process tree from /proc; peak RSS is the largest VmHWM of any one process of it. "
+        f"Gateway workers: {args.workers}; extra serve flags: {' '.join(args.gateway_arg) or 'none'}.",
+        "",
+        *table(results),
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met? |",
+        "|---|---:|---|",
+    ]
+    for what, met, value in targets(results, tags):
+        lines.append(f"| {what} | {value} | {'–' if met is None else ('met' if met else '**not met**')} |")
+    if tags:
+        lines += [
+            "",
+            f"Tag operations (ops/s, median of 5): bare HMAC-SHA1 {tags['bare_hmac_sha1']:,.0f}, "
+            f"prvs sign {tags['sign']:,.0f}, prvs verify {tags['verify']:,.0f}.",
+        ]
+    problems = [p for r in results for run in r.runs for p in run.problems]
+    if problems:
+        lines += ["", "## Problems seen", "", *(f"- {p}" for p in problems[:30])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The side-by-side SMTP benchmark of issue 5.")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few hundred messages, 1 round; checks only that nothing is lost",
+    )
+    parser.add_argument("--rounds", type=int, help="measured rounds per case (default 5; 1 with --smoke)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's message count")
+    parser.add_argument("--cases", help="only cases whose name contains one of these comma-separated words")
+    parser.add_argument(
+        "--systems", default=",".join(RELAY_SYSTEMS), help="comma-separated: limit,naive,outbound,inbound"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="the gateway's [gateway] workers")
+    parser.add_argument(
+        "--gateway-arg", action="append", default=[], help="an extra flag for batv-gateway serve (repeatable)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="where to write the Markdown (default bench/RESULTS.md; none with --smoke)",
+    )
+    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, configs, sink dumps)"
+    )
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 5
+    if args.results is None and not args.smoke:
+        args.results = ROOT / "bench" / "RESULTS.md"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    cases = [
+        dataclasses.replace(c, messages=max(1, round(c.messages * args.scale)))
+        for c in (SMOKE_CASES if args.smoke else FULL_CASES)
+    ]
+    if args.cases:
+        words = [w.strip().lower() for w in args.cases.split(",")]
+        cases = [c for c in cases if any(w in c.name.lower() for w in words)]
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="batv-bench-"))
+    try:
+        bench = Bench(workdir, args.gateway_arg, args.workers)
+        uses_gateway = any(s in GATEWAY_SYSTEMS for s in systems)
+        if uses_gateway:
+            bench.make_keyring()
+        results = []
+        for case in cases:
+            log(f"{case.name}: {case.messages} messages per run, {args.rounds} rounds")
+            warmup = 0 if args.smoke else min(200, max(2, case.messages // 10))
+            results.append(
+                run_case(bench, case, systems, args.rounds, warmup, args.smoke and uses_gateway, log)
+            )
+        problems = [p for r in results for run in r.runs for p in run.problems]
+        if args.smoke and uses_gateway:
+            problems += check_dumps(bench, results)
+        tags = None if args.smoke or not uses_gateway else tag_ops(bench)
+        log("")
+        for line in table(results):
+            log(line)
+        if not args.smoke:
+            log("")
+            for what, met, value in targets(results, tags):
+                log(f"{'–' if met is None else ('met    ' if met else 'NOT MET')}  {what}: {value}")
+        if args.results:
+            write_results(args.results, results, tags, args, started)
+            log(f"\nwrote {args.results}")
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "runs": [dataclasses.asdict(run) for r in results for run in r.runs],
+                        "summaries": [
+                            {"case": r.case.name, **dataclasses.asdict(s)}
+                            for r in results
+                            for s in r.summaries
+                        ],
+                        "problems": problems,
+                        "tags": tags,
+                    },
+                    indent=1,
+                )
+            )
+        for p in problems:
+            log(f"PROBLEM: {p}")
+        log(f"took {time.monotonic() - started:.0f} s")
+        return 1 if problems else 0
+    finally:
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
