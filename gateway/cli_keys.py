@@ -226,6 +226,7 @@ def _activate(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     messages: list[str] = []
     max_tag_days = _max_tag_days(args)
+    refused: list[KeyringError] = []
 
     def change(kf: keystore.KeyringFile) -> keystore.KeyringFile:
         now = now_of(args)
@@ -233,14 +234,22 @@ def _rotate(args: argparse.Namespace) -> int:
             kf, report = keystore.prune(kf, now, max_tag_days, args.grace)
             messages.extend(_prune_messages(report))
         old = kf.keyring.active
-        kf, key = keystore.add_key(kf, now)
-        kf = keystore.activate(kf, key.id, now)
+        try:
+            added, key = keystore.add_key(kf, now)
+        except KeyringError as exc:
+            # No free id: still keep what prune did, so the grace period of the keys it retired starts
+            # now and a later run finds ids to hand out.
+            refused.append(exc)
+            return kf
+        kf = keystore.activate(added, key.id, now)
         messages.append(f"activated new {_describe(kf.keyring.active)}; key {old.id} now verifies only")
         return kf
 
     _change(args, change)
     for line in messages:
         print(line)
+    if refused:
+        raise refused[0]
     return EXIT_OK
 
 

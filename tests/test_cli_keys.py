@@ -1,0 +1,292 @@
+"""`batv-gateway keys ...`, in-process through main(argv) and once end to end as a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import keystore
+from gateway.cli import main
+from gateway.keyring import KeyState
+
+T0 = "2024-01-01T12:00:00Z"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Run:
+    """main(argv) against a keyring in a temp folder; keeps all output so tests can look for secrets."""
+
+    def __init__(self, keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.keyring = keyring
+        self.capsys = capsys
+        self.printed: list[str] = []
+
+    def __call__(self, *argv: str, keyring: bool = True) -> tuple[int, str, str]:
+        args = ["keys", *argv] + (["--keyring", str(self.keyring)] if keyring else [])
+        code = main(args)
+        out, err = self.capsys.readouterr()
+        self.printed += [out, err]
+        return code, out, err
+
+    def secrets_b64(self) -> list[str]:
+        kf = keystore.load(self.keyring)
+        return [base64.b64encode(k.secret).decode() for k in kf.keyring.keys]
+
+
+@pytest.fixture
+def run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    return Run(tmp_path / "keys" / "keyring.toml", capsys)
+
+
+def states(path: Path) -> dict[int, str]:
+    return {k.id: k.state.value for k in keystore.load(path).keyring.keys}
+
+
+def test_init_creates_one_active_key_mode_0600_and_never_overwrites(run: Run) -> None:
+    code, out, _ = run("init", "--now", T0)
+    assert code == 0
+    assert out.startswith(f"{run.keyring}: created with key 0 (active, fingerprint ")
+    assert oct(run.keyring.stat().st_mode & 0o777) == "0o600"
+    assert oct(run.keyring.parent.stat().st_mode & 0o777) == "0o700"
+    before = run.keyring.read_bytes()
+    code, _, err = run("init")
+    assert code == 2 and "a keyring already exists; 'keys init' never overwrites one" in err
+    assert run.keyring.read_bytes() == before
+
+
+def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> None:
+    run("init", "--now", T0)
+    run("add", "--now", "2024-01-03T00:00:00Z")
+    code, out, _ = run("list", "--now", "2024-01-11T12:00:00Z")
+    assert code == 0
+    kf = keystore.load(run.keyring)
+    lines = out.splitlines()
+    assert lines[0] == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
+    assert lines[1].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
+    assert lines[2].split() == ["0", "active", "10d", kf.keyring.get(0).fingerprint,  # type: ignore[union-attr]
+                                T0, T0]
+    assert lines[3].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
+    code, out, _ = run("list", "--json", "--now", "2024-01-11T12:00:00Z")
+    document = json.loads(out)
+    assert document["generation"] == 2
+    rows = [(k["id"], k["state"], k["age_days"]) for k in document["keys"]]
+    assert rows == [(0, "active", 10), (1, "verify", 8)]
+    assert document["keys"][0]["fingerprint"] == kf.keyring.get(0).fingerprint  # type: ignore[union-attr]
+    assert len(document["keys"][0]["fingerprint"]) == 8
+    for secret in run.secrets_b64():
+        assert all(secret not in text for text in run.printed)
+    assert "secret" not in out
+
+
+def test_add_activate_retire(run: Run) -> None:
+    run("init", "--now", T0)
+    code, out, _ = run("add", "--now", "2024-01-02T00:00:00Z")
+    assert code == 0 and out.startswith("added key 1 (verify, fingerprint ")
+    assert "activate it with 'batv-gateway keys activate 1'" in out
+    code, out, _ = run("activate", "1", "--now", "2024-01-03T00:00:00Z")
+    assert code == 0 and "key 0 now verifies only" in out
+    assert states(run.keyring) == {0: "verify", 1: "active"}
+    assert keystore.load(run.keyring).keyring.get(0).signed_until is not None  # type: ignore[union-attr]
+    assert run("activate", "1")[1] == "key 1 is already active\n"
+    code, _, err = run("activate", "5")
+    assert code == 2 and "there is no key 5: the keyring holds keys 0, 1" in err
+    code, _, err = run("retire", "1")
+    assert code == 2 and "key 1 is the active key: activate another key first" in err
+    # Key 0 stopped signing on 2024-01-03: its tags may still be live, and retire says so.
+    code, out, err = run("retire", "0", "--now", "2024-01-04T00:00:00Z")
+    assert code == 0 and out == "retired key 0\n" and "may still have live tags" in err
+    assert states(run.keyring) == {0: "retired", 1: "active"}
+    code, _, err = run("activate", "0")
+    assert code == 2 and "key 0 is retired and cannot sign again" in err
+
+
+def test_prune_dry_run_then_retire_then_delete(run: Run) -> None:
+    run("init", "--now", T0)
+    run("rotate", "--now", T0)  # key 1 signs; key 0 stopped on 2024-01-01
+    gen = keystore.load(run.keyring).generation
+    code, out, _ = run("prune", "--now", "2024-01-10T00:00:00Z")
+    assert (code, out) == (0, "nothing to prune\n")
+    # Lifetimes 7 and 21: the last live day of key 0's tags is Jan 1 + 21 + 1 (margin) = Jan 23.
+    code, out, _ = run("prune", "--now", "2024-01-23T23:59:59Z")
+    assert out == "nothing to prune\n"
+    code, out, _ = run("prune", "--dry-run", "--now", "2024-01-24T00:00:00Z")
+    assert out == "would have retired key 0: every tag it signed has expired\n"
+    assert keystore.load(run.keyring).generation == gen
+    code, out, _ = run("prune", "--now", "2024-01-24T00:00:00Z")
+    assert out == "retired key 0: every tag it signed has expired\n"
+    assert states(run.keyring) == {0: "retired", 1: "active"}
+    code, out, _ = run("prune", "--now", "2024-01-31T00:00:00Z", "--grace", "7")
+    assert out == "deleted retired key 0: its id may be handed out again\n"
+    assert states(run.keyring) == {1: "active"}
+
+
+def test_prune_honours_shorter_lifetimes_given_as_flags(run: Run) -> None:
+    run("init", "--now", T0)
+    run("rotate", "--now", T0)
+    code, out, _ = run("prune", "--lifetime", "3", "--srs-max-age", "5", "--now", "2024-01-08T00:00:00Z")
+    assert code == 0
+    assert out == "retired key 0: every tag it signed has expired\n"
+
+
+def test_rotate_prunes_and_ids_cycle_until_none_is_free(run: Run) -> None:
+    run("init", "--now", T0)
+    # Rotating daily with --no-prune fills all ten ids.
+    for day in range(2, 11):
+        code, out, _ = run("rotate", "--no-prune", "--now", f"2024-01-{day:02d}T00:00:00Z")
+        assert code == 0, out
+    assert sorted(states(run.keyring)) == list(range(10))
+    code, _, err = run("rotate", "--no-prune", "--now", "2024-01-11T00:00:00Z")
+    assert code == 2
+    assert "all ten key ids 0-9 are in use: run 'batv-gateway keys prune'" in err
+    # Weeks later, rotate prunes first: keys 0-8 have no live tags left and are retired (and that is
+    # saved), but none is deleted before its grace period, so there is still no free id.
+    code, out, err = run("rotate", "--now", "2024-02-20T00:00:00Z")
+    assert code == 2 and "all ten key ids 0-9 are in use" in err
+    assert out.splitlines() == [f"retired key {i}: every tag it signed has expired" for i in range(9)]
+    assert states(run.keyring) == {**{i: "retired" for i in range(9)}, 9: "active"}
+    # A grace period (7 days) later they are deleted, and the id after the newest key (9) comes round: 0.
+    code, out, _ = run("rotate", "--now", "2024-02-27T00:00:00Z")
+    assert code == 0
+    deleted = [f"deleted retired key {i}: its id may be handed out again" for i in range(9)]
+    assert out.splitlines()[:9] == deleted
+    assert out.splitlines()[-1].startswith("activated new key 0 (active")
+    assert states(run.keyring) == {0: "active", 9: "verify"}
+
+
+def test_export_import_between_hosts_refuses_to_downgrade(run: Run, tmp_path: Path) -> None:
+    other = tmp_path / "mx2" / "keyring.toml"
+    other.parent.mkdir()
+    run("init", "--now", T0)
+    code, exported, _ = run("export")
+    assert code == 0 and keystore.parse(exported, "x") == keystore.load(run.keyring)
+    old_export = tmp_path / "old.toml"
+    old_export.write_text(exported)
+    code, out, _ = run_import(run, old_export, other)
+    assert code == 0 and "imported generation 1" in out
+    assert keystore.load(other) == keystore.load(run.keyring)
+    code, out, _ = run_import(run, old_export, other)
+    assert code == 0 and "already at generation 1; nothing to do" in out
+
+    # mx1 moves on; mx2 takes the newer export (through a file written 0600).
+    run("add", "--now", "2024-01-02T00:00:00Z")
+    new_export = tmp_path / "new.toml"
+    code, _, err = run("export", "--output", str(new_export))
+    assert code == 0 and "exported generation 2" in err
+    assert oct(new_export.stat().st_mode & 0o777) == "0o600"
+    assert run_import(run, new_export, other)[0] == 0
+    assert keystore.load(other).generation == 2
+
+    # The stale copy cannot undo it.
+    code, _, err = run_import(run, old_export, other)
+    assert code == 2 and "generation 1 is older than" in err and "refuses to downgrade" in err
+    assert keystore.load(other).generation == 2
+
+    # Two hosts changed the keyring separately: refused, not merged.
+    diverged = keystore.load(other)
+    diverged_kf, _ = keystore.add_key(diverged, keystore.load(other).updated)
+    keystore.save(other, diverged_kf)  # generation 3 on mx2
+    run("add", "--now", "2024-01-03T00:00:00Z")  # generation 3 on mx1, different keys
+    code, _, _ = run("export", "--output", str(new_export))
+    code, _, err = run_import(run, new_export, other)
+    assert code == 2 and "the keyrings were changed on two hosts" in err
+
+
+def run_import(run: Run, source: Path, target: Path) -> tuple[int, str, str]:
+    code = main(["keys", "import", str(source), "--keyring", str(target)])
+    out, err = run.capsys.readouterr()
+    return code, out, err
+
+
+def test_kubernetes_export_imports_back_and_stdin_works(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("init", "--now", T0)
+    code, manifest, _ = run("export", "--format", "kubernetes", "--name", "gw", "--namespace", "mail")
+    assert code == 0
+    assert manifest.startswith("apiVersion: v1\nkind: Secret\nmetadata:\n  name: gw\n  namespace: mail\n")
+    target = tmp_path / "k8s.toml"
+    monkeypatch.setattr(sys, "stdin", _Stdin(manifest))
+    code = main(["keys", "import", "-", "--keyring", str(target)])
+    assert code == 0
+    assert keystore.load(target) == keystore.load(run.keyring)
+
+
+class _Stdin:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def read(self) -> str:
+        return self.text
+
+
+def test_import_refuses_a_weak_keyring(run: Run, tmp_path: Path) -> None:
+    weak = tmp_path / "weak.toml"
+    weak.write_text(
+        'version = 1\ngeneration = 9\nupdated = 2024-01-01T00:00:00Z\n[[key]]\nid = 0\nstate = "active"\n'
+        'created = 2024-01-01T00:00:00Z\nchanged = 2024-01-01T00:00:00Z\nsecret = "c2hvcnQ="\n'
+    )
+    code, _, err = run("import", str(weak))
+    assert code == 2 and f"{weak}: key 0: secret is 5 bytes; at least 32" in err
+    assert not run.keyring.exists()
+
+
+def test_a_loose_keyring_is_refused_by_every_command_with_the_chmod_fix(run: Run) -> None:
+    run("init", "--now", T0)
+    run.keyring.chmod(0o644)
+    for argv in (["list"], ["add"], ["rotate"], ["prune"], ["export"]):
+        code, out, err = run(*argv)
+        assert code == 2, argv
+        assert f"chmod 600 {run.keyring}" in err and out == ""
+
+
+@pytest.mark.parametrize(
+    "verb", ["init", "list", "add", "activate", "rotate", "retire", "prune", "export", "import"]
+)
+def test_every_command_has_a_synopsis_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: batv-gateway keys {verb} [--keyring PATH | --config FILE]")
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys"]) == 2
+    assert "init" in capsys.readouterr().err
+    assert main(["keys", "activate", "x"]) == 2
+    assert "'x' is not a key id: key ids are the digits 0 to 9" in capsys.readouterr().err
+    assert main(["keys", "list", "--now", "yesterday"]) == 2
+    assert "is not a time" in capsys.readouterr().err
+    assert main(["keys", "list", "--now", "2024-01-01T00:00:00"]) == 2
+    assert "add Z for UTC" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
+    assert main([]) == 2
+    assert main(["--version"]) == 0
+
+
+def test_keys_subprocess_end_to_end(tmp_path: Path) -> None:
+    keyring = tmp_path / "keyring.toml"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def gateway(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", *argv, "--keyring", str(keyring)],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False,
+        )
+
+    assert gateway("init", "--now", T0).returncode == 0
+    assert gateway("rotate", "--now", "1704153600").returncode == 0  # 2024-01-02T00:00:00Z
+    listed = gateway("list", "--json", "--now", "2024-01-02T00:00:00Z")
+    assert listed.returncode == 0
+    keys = json.loads(listed.stdout)["keys"]
+    assert [(k["id"], k["state"]) for k in keys] == [(0, "verify"), (1, "active")]
+    loaded = keystore.load(keyring).keyring
+    assert loaded.active.id == 1 and loaded.get(0).state is KeyState.VERIFY  # type: ignore[union-attr]
+    keyring.chmod(0o644)
+    refused = gateway("list")
+    assert refused.returncode == 2
+    assert f"chmod 600 {keyring}" in refused.stderr
