@@ -1,0 +1,519 @@
+"""The in-session relay: each client transaction is mirrored onto a next-hop transaction as it happens.
+
+Nothing is ever held or queued here. The rules of a role (inbound now, outbound later) decide per RCPT
+whether a recipient goes on and as what address; the next hop then decides, and its answer is the answer
+our client gets: per recipient at RCPT, and for the message after the final dot. When the next hop cannot
+be reached, times out or breaks, the client gets a 4xx with an enhanced code and keeps the message; it is
+never told 250 for something the next hop did not say 250 to.
+
+The next-hop MAIL is sent with the first recipient the rules let through, not at the client's MAIL: a
+bounce whose every recipient is refused (the backscatter this product exists to stop) costs the next hop
+nothing and is never seen by it. A next hop's refusal of the sender is then reported at that RCPT.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import replies
+from .nexthop import BASELINE, Capabilities, NextHopConnection, NextHopError, NextHopPool, NextHopReply
+from .policy import Action, Policy
+from .replies import Reply
+from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
+
+log = logging.getLogger("gateway.relay")
+
+ReplyLike = Reply | NextHopReply
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session: str  # a short random id, the same in every log line of the session
+    client_ip: str
+    client_port: int
+    listener: str
+    role: str
+
+
+@dataclass(frozen=True)
+class DecisionEvent:
+    """One recipient decision, for the log line and the metrics (see logs.DecisionEvent)."""
+
+    session: str
+    client: str
+    role: str
+    sender: str | None  # None: the null sender
+    recipient: str  # as the client gave it
+    action: object  # policy.Action (RELAY, REJECT, TEMPFAIL)
+    reason: object  # policy.Reason
+    key_id: int | None
+    next_hop_reply: str | None  # what the next hop said to this recipient (None: not asked)
+    duration: float | None  # seconds from the client's RCPT to our answer
+    would_reject: Reply | None  # observe mode: what enforce mode would have said
+    address: str | None = None  # what was sent on to the next hop, if it was
+    transaction_end: bool = False
+
+
+DecisionObserver = Callable[[DecisionEvent], None]
+
+
+# ------------------------------------------------------------------------------------------------ roles
+
+
+@dataclass(frozen=True)
+class RcptDecision:
+    relay: bool
+    address: str  # what to send on (the tag stripped, SRS reversed)
+    reason: object
+    reply: Reply | None = None  # when not relayed
+    failed_guess: bool = False
+    would_reject: Reply | None = None
+    key_id: int | None = None
+    action: object = None  # the policy's own Action, for events; derived from `relay` when None
+    # The outbound role rewrites the sender once per transaction, decided at its first recipient.
+    sender: str | None = None
+
+
+class RoleRules(Protocol):
+    """What a listener's role decides. The engine (this module) is the same for every role."""
+
+    role: str
+
+    def mail(self, info: SessionInfo, mail: MailCommand) -> Reply | None:
+        """None to go on, or the refusal (an untrusted client, no signing key, ...)."""
+        ...
+
+    def rcpt(self, info: SessionInfo, mail: MailCommand, rcpt: RcptCommand, first: bool) -> RcptDecision:
+        """`first`: no recipient of this transaction has been relayed yet."""
+        ...
+
+
+class PolicyHolder:
+    """The policy that new decisions read. A reload swaps it; a decision takes it once, so a
+    transaction in flight is never judged half by one policy and half by another within one RCPT."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def replace(self, policy: Policy) -> None:
+        self.policy = policy
+
+
+def utc_today(clock: Callable[[], float] = time.time) -> int:
+    return int(clock()) // 86400
+
+
+class InboundRules:
+    """The MX side: one policy call per RCPT (refuse backscatter, strip tags, refuse relaying)."""
+
+    role = "inbound"
+
+    def __init__(self, holder: PolicyHolder, observe: bool = False, clock: Callable[[], float] = time.time):
+        self.holder = holder
+        self.observe = observe
+        self.clock = clock
+
+    def mail(self, info: SessionInfo, mail: MailCommand) -> Reply | None:
+        return None
+
+    def rcpt(self, info: SessionInfo, mail: MailCommand, rcpt: RcptCommand, first: bool) -> RcptDecision:
+        verdict = self.holder.policy.inbound_rcpt(
+            mail.sender, rcpt.recipient, utc_today(self.clock), observe=self.observe
+        )
+        relay = verdict.action is Action.RELAY
+        reply = verdict.reply
+        if not relay and reply is None:  # a policy that says no must say why; never a silent 250
+            reply = replies.LOCAL_ERROR
+        return RcptDecision(
+            relay=relay,
+            address=verdict.address,
+            reason=verdict.reason,
+            reply=reply,
+            failed_guess=verdict.failed_guess and not relay,
+            would_reject=verdict.would_reject,
+            key_id=verdict.key_id,
+            action=verdict.action,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def _done(value: tuple[ReplyLike, bool]) -> Callable[[], Awaitable[tuple[ReplyLike, bool]]]:
+    async def ready() -> tuple[ReplyLike, bool]:
+        return value
+
+    return ready
+
+
+def client_reply(reply: NextHopReply) -> ReplyLike:
+    """The next hop's reply as our client gets it. A 421 is the next hop closing ITS connection; to our
+    client it would mean that we close, so it becomes a 451 with the same text."""
+    if reply.code == 421:
+        return NextHopReply(451, reply.lines)
+    return reply
+
+
+@dataclass
+class Relay:
+    """One listener's relay engine: the role, the next-hop pool, and who hears about decisions."""
+
+    name: str
+    rules: RoleRules
+    pool: NextHopPool
+    message_size_limit: int = 0
+    observers: tuple[DecisionObserver, ...] = ()
+
+    def on_decision(self, observer: DecisionObserver) -> None:
+        """Subscribe to every recipient decision (the log line and the metrics do)."""
+        self.observers = (*self.observers, observer)
+
+    def emit(self, event: DecisionEvent) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                # Watching the mail must never stop the mail.
+                log.exception("a decision observer failed")
+
+    def offer(self, tls: bool) -> Offer:
+        """What EHLO offers: only what the next hop (as last seen) can carry on."""
+        caps = self.pool.capabilities
+        if caps is None:
+            caps = BASELINE
+        limit = self.message_size_limit
+        size: int | None = limit
+        if caps.size:
+            size = min(limit, caps.size) if limit else caps.size
+        return Offer(
+            size=size,
+            eight_bit=caps.has("8BITMIME"),
+            smtputf8=caps.has("SMTPUTF8") and caps.has("8BITMIME"),
+            dsn=caps.has("DSN"),
+            starttls=tls,
+        )
+
+    def session(self, client_ip: str, client_port: int) -> RelaySession:
+        info = SessionInfo(secrets.token_hex(5), client_ip, client_port, self.name, self.rules.role)
+        return RelaySession(self, info)
+
+
+def _cannot_carry(caps: Capabilities, mail: MailCommand) -> bool:
+    return (
+        (mail.eight_bit and not caps.has("8BITMIME"))
+        or (mail.smtputf8 and not caps.has("SMTPUTF8"))
+        or (mail.dsn and not caps.has("DSN"))
+        or (bool(mail.params) and not caps.esmtp)
+    )
+
+
+class RelaySession:
+    """One client connection's transactions, mirrored onto next-hop transactions."""
+
+    def __init__(self, relay: Relay, info: SessionInfo) -> None:
+        self.relay = relay
+        self.info = info
+        self._clear()
+
+    def _clear(self) -> None:
+        self._mail: MailCommand | None = None
+        self._conn: NextHopConnection | None = None
+        self._mail_reply: Awaitable[NextHopReply] | None = None
+        self._failure: NextHopError | None = None
+        self._refusal: ReplyLike | None = None  # the next hop refused the sender: every RCPT gets it
+        self._relayed = 0  # recipients sent to the next hop
+        self._accepted = 0  # ... that it accepted
+        self._in_data = False
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------------ MAIL
+
+    def mail(self, mail: MailCommand) -> Reply:
+        refusal = self.relay.rules.mail(self.info, mail)
+        if refusal is not None:
+            return refusal
+        self._clear()
+        self._mail = mail
+        return replies.SENDER_OK
+
+    async def _open(self, sender_path: str) -> NextHopConnection:
+        """A next-hop connection with our MAIL on it (its reply pending)."""
+        assert self._mail is not None
+        conn, _reused = await self.relay.pool.acquire()
+        if _cannot_carry(conn.capabilities, self._mail):
+            self.relay.pool.release(conn)
+            raise _CannotCarry()
+        line = f"MAIL FROM:<{sender_path}>"
+        if self._mail.params:
+            line += " " + " ".join(self._mail.params)
+        pending = conn.send(line, conn.timeouts.command)
+        if not conn.capabilities.pipelining:
+            await pending  # RFC 2920: without PIPELINING, one command at a time
+        self._mail_reply = pending
+        return conn
+
+    # ------------------------------------------------------------------ RCPT
+
+    async def rcpt(self, rcpt: RcptCommand) -> Callable[[], Awaitable[tuple[ReplyLike, bool]]]:
+        """Decide now; send on now; return how to get the answer (awaited in the client's order)."""
+        mail = self._mail
+        assert mail is not None
+        began = time.monotonic()
+        decision = self.relay.rules.rcpt(self.info, mail, rcpt, first=self._relayed == 0)
+        if not decision.relay:
+            reply = decision.reply or replies.LOCAL_ERROR
+            self._event(rcpt, decision, None, began)
+            return _done((reply, decision.failed_guess))
+        if self._refusal is not None:
+            self._event(rcpt, decision, self._refusal, began)
+            return _done((self._refusal, False))
+        if self._failure is not None:
+            self._event(rcpt, decision, self._failure.reply, began)
+            return _done((self._failure.reply, False))
+        if rcpt.dsn and self._conn is not None and not self._conn.capabilities.has("DSN"):
+            return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
+        try:
+            if self._conn is None:
+                self._conn = await self._open(decision.sender or mail.path)
+            conn = self._conn
+            if rcpt.dsn and not conn.capabilities.has("DSN"):
+                return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
+            line = f"RCPT TO:<{decision.address}>"
+            if rcpt.params:
+                line += " " + " ".join(rcpt.params)
+            pending = conn.send(line, conn.timeouts.command)
+            if not conn.capabilities.pipelining:
+                await pending
+        except _CannotCarry:
+            self._event(rcpt, decision, replies.NEXT_HOP_CANNOT_CARRY, began)
+            return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
+        except NextHopError as error:
+            self._fail(error)
+            self._event(rcpt, decision, error.reply, began)
+            return _done((error.reply, False))
+        self._relayed += 1
+
+        async def answer() -> tuple[ReplyLike, bool]:
+            reply = await self._rcpt_answer(pending)
+            self._event(rcpt, decision, reply, began)
+            return reply, False
+
+        return answer
+
+    async def _rcpt_answer(self, pending: Awaitable[NextHopReply]) -> ReplyLike:
+        if self._failure is not None:
+            return self._failure.reply
+        if self._refusal is not None:
+            return self._refusal
+        assert self._mail_reply is not None
+        try:
+            mail_reply = await self._mail_reply
+            if not mail_reply.positive:
+                # The next hop refused the sender: that is its verdict on every recipient.
+                self._refusal = client_reply(mail_reply)
+                return self._refusal
+            reply = await pending
+        except NextHopError as error:
+            self._fail(error)
+            return error.reply
+        if 200 <= reply.code < 300:
+            self._accepted += 1
+            return client_reply(reply)
+        if reply.code < 400:  # 3xx to RCPT: not SMTP as we know it
+            return replies.NEXT_HOP_PROTOCOL
+        return client_reply(reply)
+
+    # ------------------------------------------------------------------ DATA
+
+    async def data_start(self) -> Callable[[], Awaitable[ReplyLike]]:
+        """Send DATA on behind the pipelined RCPTs; the returned callable gives the answer (354 or not)
+        once the RCPT replies owed to the client have been sent."""
+        conn = self._conn
+        if conn is None or self._relayed == 0 or self._failure is not None:
+            reply = self._failure.reply if self._failure is not None else replies.NO_VALID_RECIPIENTS
+            self._end()
+
+            async def refused() -> ReplyLike:
+                return reply
+
+            return refused
+        pending: Awaitable[NextHopReply] | None = None
+        try:
+            if conn.capabilities.pipelining:
+                pending = conn.send("DATA", conn.timeouts.data_init)
+        except NextHopError as error:
+            self._fail(error)
+
+        async def answer() -> ReplyLike:
+            return await self._data_answer(conn, pending)
+
+        return answer
+
+    async def _data_answer(
+        self, conn: NextHopConnection, pending: Awaitable[NextHopReply] | None
+    ) -> ReplyLike:
+        if self._failure is not None:
+            reply: ReplyLike = self._failure.reply
+            self._end()
+            return reply
+        try:
+            if pending is None:
+                if self._accepted == 0:
+                    self._end()
+                    return self._refusal or replies.NO_VALID_RECIPIENTS
+                pending = conn.send("DATA", conn.timeouts.data_init)
+            data_reply = await pending
+        except NextHopError as error:
+            self._fail(error)
+            self._end()
+            return error.reply
+        if self._accepted == 0:
+            if data_reply.code == 354:
+                # The next hop wants a message for no recipient it accepted: do not give it one.
+                conn.abort()
+                self._conn = None
+            self._end()
+            return self._refusal or replies.NO_VALID_RECIPIENTS
+        if data_reply.code != 354:
+            self._end()
+            return client_reply(data_reply) if data_reply.code >= 400 else replies.NEXT_HOP_PROTOCOL
+        self._in_data = True
+        return data_reply
+
+    async def data_chunk(self, chunk: bytes) -> None:
+        if self._failure is not None or self._conn is None:
+            return  # keep reading the client's message; it will get our 4xx at the end
+        try:
+            await self._conn.send_data(chunk)
+        except NextHopError as error:
+            self._fail(error)
+
+    async def data_end(self, failure: DataFailure | None) -> ReplyLike:
+        """The client's final dot: the next hop's verdict on the message, or our 4xx/5xx. Never a
+        250 unless the next hop said 250 to the message."""
+        conn = self._conn
+        self._in_data = False
+        try:
+            if failure is not None:
+                # Past the size limit (or a bad line): abandon the next-hop transaction without the
+                # final dot, as Postfix's proxy does, so that nothing partial is delivered.
+                self.abort()
+                return DATA_FAILURE_REPLIES[failure]
+            if self._failure is not None or conn is None:
+                reply: ReplyLike = self._failure.reply if self._failure is not None else replies.LOCAL_ERROR
+                self.abort()
+                return reply
+            try:
+                final = await conn.end_data()
+            except NextHopError as error:
+                self._fail(error)
+                return error.reply
+            if final.code < 200 or 300 <= final.code < 400:
+                conn.abort()
+                self._conn = None
+                return replies.NEXT_HOP_PROTOCOL
+            # After the reply to the final dot the next hop's transaction is over (RFC 5321 §4.1.1.4),
+            # whatever it said: the connection is clean and can be reused without RSET.
+            self.relay.pool.release(conn)
+            self._conn = None
+            conn.transactions += 1
+            return client_reply(final)
+        finally:
+            self._end()
+
+    # ------------------------------------------------------------------ the end of a transaction
+
+    def _fail(self, error: NextHopError) -> None:
+        if self._failure is None:
+            self._failure = error
+            log.warning("session %s: next hop %s", self.info.session, error.detail)
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+
+    def _end(self) -> None:
+        """The transaction is over on our side; give the connection back in a clean state."""
+        conn = self._conn
+        self._conn = None
+        if conn is not None:
+            if self._in_data:
+                conn.abort()
+            else:
+                self.relay.pool.reset_later(conn)
+        self._clear()
+
+    def reset(self) -> None:
+        """RSET, HELO/EHLO, QUIT or STARTTLS from the client."""
+        self._end()
+
+    def abort(self) -> None:
+        """The client went away, or DATA failed: drop the next-hop transaction without its final dot."""
+        if self._conn is not None:
+            self._conn.abort()
+            self._conn = None
+        self._clear()
+
+    async def close(self) -> None:
+        if self._in_data:
+            self.abort()
+        else:
+            self._end()
+
+    # ------------------------------------------------------------------ events
+
+    def _event(
+        self, rcpt: RcptCommand, decision: RcptDecision, reply: ReplyLike | None, began: float
+    ) -> None:
+        if not self.relay.observers:
+            return
+        mail = self._mail
+        if decision.action is not None:
+            action = decision.action
+        else:
+            action = Action.RELAY if decision.relay else Action.REJECT
+        self.relay.emit(
+            DecisionEvent(
+                session=self.info.session,
+                client=self.info.client_ip,
+                role=self.info.role,
+                sender=None if mail is None or mail.sender is None else str(mail.sender),
+                recipient=rcpt.path,
+                action=action,
+                reason=decision.reason,
+                key_id=decision.key_id,
+                next_hop_reply=None if reply is None or not decision.relay else _one_line(reply),
+                duration=time.monotonic() - began,
+                would_reject=decision.would_reject,
+                address=decision.address if decision.relay else None,
+            )
+        )
+
+
+def _one_line(reply: ReplyLike) -> str:
+    if isinstance(reply, NextHopReply):
+        return str(reply)
+    return str(reply)
+
+
+class _CannotCarry(Exception):
+    pass
+
+
+__all__ = [
+    "DecisionEvent",
+    "InboundRules",
+    "PolicyHolder",
+    "RcptDecision",
+    "Relay",
+    "RelaySession",
+    "RoleRules",
+    "SessionInfo",
+]

@@ -1,0 +1,888 @@
+"""The SMTP server edge: aiosmtpd's protocol, with our own command loop, parameters, limits and DATA stream.
+
+aiosmtpd 1.4 gives us the connection, the STARTTLS switch and the timeout timer; what it does not fit, we
+replace, in this subclass only:
+
+- `__init__` does not call aiosmtpd's: that one runs `inspect.getmembers` and `dir()` over the protocol and
+  the handler for every connection, and looks up the host name when none is given. Our dispatch table is
+  built once per class, and the host name always comes from the config.
+- MAIL and RCPT parameters: aiosmtpd upper-cases every value (ENVID and ORCPT are case-sensitive xtext)
+  and refuses RET, ENVID, NOTIFY and ORCPT with 555. We check each parameter against what we advertised
+  and pass its original text to the next hop unchanged (RFC 3461 §4, RFC 1870, RFC 6152, RFC 6531).
+- DATA is read in chunks, not line by line, and streamed to the next hop as it arrives (`DataDecoder`),
+  so memory does not grow with the message.
+- Replies to pipelined commands (RFC 2920) are queued and sent in order once the client stops sending,
+  so that RCPTs a client pipelines are pipelined to the next hop too.
+- End of file from the client does not cancel the session: a client that pipelines "." and QUIT and then
+  half-closes its side still gets its transaction completed and its replies.
+
+Bare CR and LF (SMTP smuggling, CVE-2023-51764 and friends). We follow Postfix 3.9's defaults:
+`smtpd_forbid_bare_newline = normalize` - only <CR><LF>.<CR><LF> ends DATA, and a line that ends in a
+bare <LF> is taken as a line and sent on ending in <CR><LF> - and `cleanup_replace_stray_cr_lf = yes` - a
+<CR> that is not part of a <CR><LF> pair becomes a space. A NUL becomes a space too (we do not offer
+BINARYMIME, so no NUL may appear). A line that is only "." but does not end DATA (a bare <LF> before or
+after it) is a dot-stuffed empty line and is sent on as one, so no line the next hop reads as the end of
+DATA can be made out of anything but the client's own <CR><LF>.<CR><LF>. With `BareNewline.REJECT`
+(Postfix's `reject`) a message with a bare newline is refused instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aiosmtpd.smtp import SMTP, Session
+
+from . import replies
+from .addresses import Address, parse_path
+from .errors import AddressError
+from .guard import ErrorTally, GuardSettings, GuessLimiter, Penalty
+from .nexthop import NextHopReply
+from .replies import Reply
+
+if TYPE_CHECKING:
+    from .relay import RelaySession
+
+log = logging.getLogger("gateway.smtpd")
+
+ReplyLike = Reply | NextHopReply
+
+# ------------------------------------------------------------------------------------------------ DATA
+
+
+class BareNewline(enum.Enum):
+    NORMALIZE = "normalize"  # Postfix 3.9 default: a bare LF ends a line; only CRLF.CRLF ends DATA
+    REJECT = "reject"  # refuse the message (554 5.5.0)
+
+
+class DataFailure(enum.Enum):
+    TOO_BIG = "too-big"
+    LINE_TOO_LONG = "line-too-long"
+    BARE_NEWLINE = "bare-newline"
+
+
+DATA_FAILURE_REPLIES: dict[DataFailure, Reply] = {
+    DataFailure.TOO_BIG: replies.MESSAGE_TOO_BIG,
+    DataFailure.LINE_TOO_LONG: replies.LINE_TOO_LONG,
+    DataFailure.BARE_NEWLINE: replies.BARE_NEWLINE,
+}
+
+VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+_STRAY = re.compile(rb"[\r\x00]")
+
+
+class DataDecoder:
+    """The DATA stream, as read from the client, into the byte stream the next hop gets. Pure.
+
+    The body stays dot-stuffed (what the client stuffed is what the next hop unstuffs), so a clean chunk
+    passes through untouched and the per-byte work is done by `bytes.find`/`count` in C. Only chunks with
+    a bare CR, bare LF or NUL take the line-by-line path. Only complete lines are emitted; the unfinished
+    tail of a chunk waits for the next one (a tail longer than the line limit is dropped, not buffered).
+    """
+
+    __slots__ = (
+        "_after_crlf",
+        "_carry",
+        "_line_limit",
+        "_mode",
+        "_size_limit",
+        "_skipping",
+        "done",
+        "failure",
+        "leftover",
+        "size",
+    )
+
+    def __init__(self, size_limit: int | None, line_limit: int, mode: BareNewline = BareNewline.NORMALIZE):
+        self._size_limit = size_limit or None
+        self._line_limit = line_limit  # octets, the CRLF included (RFC 5321 §4.5.3.1.6: 1000)
+        self._mode = mode
+        self._carry = b""
+        self._after_crlf = True  # the previous line ended in CRLF (DATA's own line did)
+        self._skipping = False  # inside an over-long line, dropped as it goes
+        self.done = False
+        self.failure: DataFailure | None = None
+        self.leftover = b""  # what the client sent after the final dot (pipelined commands)
+        self.size = 0  # octets passed on (dot-stuffed, normalised)
+
+    def _fail(self, failure: DataFailure) -> None:
+        if self.failure is None:
+            self.failure = failure
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take the next chunk from the client; return what the next hop gets now (maybe nothing)."""
+        if self.done:
+            raise RuntimeError("DATA already ended")
+        data = self._carry + chunk if self._carry else chunk
+        self._carry = b""
+        if self._skipping:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return b""
+            self._after_crlf = newline > 0 and data[newline - 1] == 0x0D
+            data = data[newline + 1 :]
+            self._skipping = False
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._hold(data)
+            return b""
+        lines, tail = data[: last + 1], data[last + 1 :]
+        end = self._find_end(lines)
+        if end >= 0:
+            self.done = True
+            self.leftover = lines[end + 3 :] + tail
+            lines = lines[:end]
+        else:
+            self._hold(tail)
+        if not lines:
+            return b""
+        out = self._lines(lines)
+        if self.failure is not None:
+            return b""
+        self.size += len(out)
+        if self._size_limit is not None and self.size > self._size_limit:
+            self._fail(DataFailure.TOO_BIG)
+            return b""
+        return out
+
+    def _hold(self, tail: bytes) -> None:
+        if len(tail) >= self._line_limit:
+            self._fail(DataFailure.LINE_TOO_LONG)
+            self._skipping = True
+            self._carry = b""
+        else:
+            self._carry = tail
+
+    def _find_end(self, lines: bytes) -> int:
+        """Where the line "." that ends DATA starts in `lines` (complete lines), or -1."""
+        if self._after_crlf and lines.startswith(b".\r\n"):
+            return 0
+        found = lines.find(b"\r\n.\r\n")
+        return found + 2 if found >= 0 else -1
+
+    def _lines(self, lines: bytes) -> bytes:
+        crlf = lines.count(b"\r\n")
+        if (
+            crlf == lines.count(b"\n") == lines.count(b"\r")
+            and b"\x00" not in lines
+            and (self._after_crlf or not lines.startswith(b".\r\n"))
+        ):
+            # The fast path: only CRLF line ends, no NUL. Check line lengths only when a line could be long.
+            if len(lines) >= self._line_limit and crlf and len(lines) // crlf >= 0:
+                if max(map(len, lines.split(b"\r\n"))) + 2 > self._line_limit:
+                    self._fail(DataFailure.LINE_TOO_LONG)
+                    return b""
+            self._after_crlf = True
+            return lines
+        return self._slow_lines(lines)
+
+    def _slow_lines(self, lines: bytes) -> bytes:
+        out: list[bytes] = []
+        start = 0
+        after_crlf = self._after_crlf
+        limit = self._line_limit
+        while start < len(lines):
+            newline = lines.index(b"\n", start)
+            line = lines[start:newline]
+            start = newline + 1
+            ends_crlf = line.endswith(b"\r")
+            if ends_crlf:
+                line = line[:-1]
+            elif self._mode is BareNewline.REJECT:
+                self._fail(DataFailure.BARE_NEWLINE)
+                return b""
+            if len(line) + 2 > limit:
+                self._fail(DataFailure.LINE_TOO_LONG)
+                return b""
+            if line == b".":
+                # Not the end of DATA (that was found before): a dot-stuffed empty line, sent as one.
+                line = b""
+            elif b"\r" in line or b"\x00" in line:
+                line = _STRAY.sub(b" ", line)
+            out.append(line)
+            after_crlf = ends_crlf
+        self._after_crlf = after_crlf
+        out.append(b"")
+        return b"\r\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+# RFC 5321 §4.1.2 esmtp-param: keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-");
+# value = 1*(%d33-60 / %d62-126)
+_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?\Z")
+# The fast path for a path: "<" printable ASCII without space, quote, backslash or angle brackets ">".
+_SIMPLE_PATH = re.compile(r"<([!#-;=?-\[\]-~]*)>(?: +(.*))?\Z", re.DOTALL)
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4: xtext
+_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+@dataclass(frozen=True)
+class MailCommand:
+    path: str  # the reverse-path as the client wrote it, without the angle brackets ("" = null sender)
+    sender: Address | None  # None: the null sender
+    params: tuple[str, ...]  # each as the client wrote it (passed on unchanged)
+    size: int | None = None
+    eight_bit: bool = False  # BODY=8BITMIME
+    smtputf8: bool = False
+    dsn: bool = False  # RET or ENVID given
+
+
+@dataclass(frozen=True)
+class RcptCommand:
+    path: str  # the forward-path as the client wrote it, without the angle brackets
+    recipient: Address
+    params: tuple[str, ...]
+    dsn: bool = False  # NOTIFY or ORCPT given
+
+
+class CommandError(Exception):
+    """A MAIL or RCPT we cannot take; carries the reply (never shown to anyone but the client)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The ESMTP extensions offered in EHLO: ours, cut down to what the next hop can carry."""
+
+    size: int | None  # our limit (0: none); None: do not advertise SIZE
+    eight_bit: bool
+    smtputf8: bool
+    dsn: bool
+    starttls: bool
+
+
+# ------------------------------------------------------------------------------------------------ sessions
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """The session limits the edge enforces (taken from the listener's config)."""
+
+    message_size_limit: int = 10_240_000  # Postfix message_size_limit
+    recipient_limit: int = 1000  # Postfix smtpd_recipient_limit
+    line_length_limit: int = 1000  # RFC 5321 §4.5.3.1.6, CRLF included; DATA lines
+    command_line_limit: int = 2048  # RFC 5321 512 + RFC 1870/3461/6531 parameters; Postfix line_length_limit
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7 server timeout: 5 minutes
+    data_timeout: float = 300.0  # per chunk of DATA from the client
+    max_sessions: int = 100
+    max_sessions_per_client: int = 50
+    bare_newline: BareNewline = BareNewline.NORMALIZE
+    max_unknown_commands: int = 10  # like aiosmtpd's and Postfix's junk command limit
+
+
+class SessionGate:
+    """Counts open sessions, overall and per client IP, for one listener (or a whole process)."""
+
+    def __init__(self, max_sessions: int, max_per_client: int) -> None:
+        self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
+        self.total = 0
+        self._per_client: dict[str, int] = {}
+
+    def admit(self, ip: str) -> Reply | None:
+        """None if admitted (then `leave` must be called once), else the 421 to send."""
+        if self.max_sessions and self.total >= self.max_sessions:
+            return replies.TOO_MANY_SESSIONS
+        count = self._per_client.get(ip, 0)
+        if self.max_per_client and count >= self.max_per_client:
+            return replies.TOO_MANY_FROM_CLIENT
+        self.total += 1
+        self._per_client[ip] = count + 1
+        return None
+
+    def leave(self, ip: str) -> None:
+        self.total -= 1
+        count = self._per_client.get(ip, 1) - 1
+        if count:
+            self._per_client[ip] = count
+        else:
+            self._per_client.pop(ip, None)
+
+
+@dataclass
+class EdgeContext:
+    """What every session of one listener shares."""
+
+    hostname: str
+    limits: EdgeLimits
+    guard: GuardSettings
+    guesses: GuessLimiter
+    gate: SessionGate
+    # A RelaySession for a new client connection: (client ip, port, tls?) -> session
+    new_relay: Callable[[str, int], RelaySession]
+    offer: Callable[[], Offer]
+    tls_context: ssl.SSLContext | None = None
+    sessions: set[EdgeProtocol] | None = None  # live sessions, for shutdown
+    shutting_down: bool = False
+
+
+def _wire(reply: ReplyLike) -> str:
+    if isinstance(reply, NextHopReply):
+        return reply.wire()
+    return str(reply)
+
+
+class _Outcome:
+    """A reply to send, whether it counts as an error, and what the guard says about it."""
+
+    __slots__ = ("close", "failed_guess", "reply")
+
+    def __init__(self, reply: ReplyLike, failed_guess: bool = False, close: bool = False) -> None:
+        self.reply = reply
+        self.failed_guess = failed_guess
+        self.close = close
+
+
+Deferred = Callable[[], Awaitable[_Outcome]]  # called (and awaited) only when its turn comes
+
+
+async def _ready(outcome: _Outcome) -> _Outcome:
+    return outcome
+
+
+class EdgeProtocol(SMTP):
+    """One client connection. Built by `serve` per connection with the listener's shared context."""
+
+    # Commands we answer, resolved once per class (aiosmtpd builds this per connection with dir()).
+    _COMMANDS: ClassVar[dict[str, Callable[[EdgeProtocol, str | None], Awaitable[None]]]] = {}
+
+    def __init__(self, context: EdgeContext) -> None:
+        # Deliberately not SMTP.__init__ (see the module docstring); set what its kept methods use.
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=context.limits.command_line_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.ctx = context
+        self.__ident__ = "ESMTP"
+        self.hostname = context.hostname
+        self.tls_context = context.tls_context
+        self.require_starttls = False
+        self.enable_SMTPUTF8 = True
+        self.data_size_limit = context.limits.message_size_limit
+        self._decode_data = False
+        self._timeout_duration = context.limits.command_timeout
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol: Any = None
+        self._original_transport: asyncio.BaseTransport | None = None
+        self.session: Session | None = None
+        self.envelope: Any = None
+        self.transport: asyncio.BaseTransport | None = None
+        self._handler_coroutine: asyncio.Task[None] | None = None
+        self._handle_hooks: dict[str, Any] = {}
+        self._proxy_timeout = None
+        self.event_handler = None
+        # ours
+        self.client_ip = ""
+        self.client_port = 0
+        self.helo: str | None = None
+        self.esmtp = False
+        self.relay: RelaySession | None = None
+        self.offer: Offer | None = None
+        self.mail: MailCommand | None = None
+        self.rcpt_count = 0
+        self.errors = ErrorTally(context.guard)
+        self._pending: deque[Deferred] = deque()
+        self._refusal: Reply | None = None
+        self._admitted = False
+        self._in_data = False
+        self._closing = False
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        if first:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple):
+                self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+            self._refusal = self.ctx.gate.admit(self.client_ip)
+            if self._refusal is None:
+                self._admitted = True
+                if self.ctx.sessions is not None:
+                    self.ctx.sessions.add(self)
+            elif self.ctx.shutting_down:
+                self._refusal = replies.SHUTTING_DOWN
+        super().connection_made(transport)
+        if not first:
+            # After STARTTLS (RFC 3207 §4.2): forget everything the client said before it.
+            self.helo = None
+            self.esmtp = False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.ctx.gate.leave(self.client_ip)
+            if self.ctx.sessions is not None:
+                self.ctx.sessions.discard(self)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session here; we let the reader drain what was pipelined before the
+        # half-close (the final dot, QUIT) and see the end of the stream itself.
+        if self.session is not None and self.session.ssl is not None:
+            return False
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2.7; Postfix says 421 4.4.2 before closing, and so do we.
+        if self.transport is not None and not self.transport.is_closing():
+            writer = self._writer
+            writer.write(f"{replies.TIMEOUT}\r\n".encode())
+            self.transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        data = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
+        self._writer.write(data + b"\r\n")
+        await self._writer.drain()
+
+    # ------------------------------------------------------------------ the command loop
+
+    def _buffered_line(self) -> bool:
+        # aiosmtpd itself reaches into the reader's buffer (after STARTTLS); we only look at it, to
+        # know whether the client has pipelined more commands.
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        return b"\n" in buffer
+
+    async def _flush(self) -> None:
+        """Send the replies owed, in order, applying each one's penalties."""
+        while self._pending:
+            deferred = self._pending.popleft()
+            outcome = await deferred()
+            await self._answer(outcome)
+
+    async def _answer(self, outcome: _Outcome) -> None:
+        reply = outcome.reply
+        penalty = Penalty()
+        if outcome.failed_guess:
+            penalty = penalty.then(self.ctx.guesses.failed_guess(self.client_ip))
+        if reply.code >= 400 and reply.code != 421:
+            penalty = penalty.then(self.errors.error())
+        if penalty.delay:
+            await asyncio.sleep(penalty.delay)
+        await self.push(_wire(reply))
+        if penalty.disconnect or outcome.close:
+            if penalty.disconnect:
+                log.info("client %s: too many errors, disconnecting", self.client_ip)
+                await self.push(str(replies.TOO_MANY_ERRORS))
+            self._closing = True
+
+    async def _reply(self, reply: ReplyLike, failed_guess: bool = False, close: bool = False) -> None:
+        """Answer now: after whatever is owed to pipelined commands before it."""
+        if self._pending:
+            outcome = _Outcome(reply, failed_guess, close)
+            self._pending.append(lambda: _ready(outcome))
+            await self._flush()
+        else:
+            await self._answer(_Outcome(reply, failed_guess, close))
+
+    async def _handle_client(self) -> None:
+        try:
+            await self._session()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            # Never leak an internal error to the client: log it here, give a generic 451 there.
+            log.exception("client %s: internal error", self.client_ip)
+            try:
+                await self.push(str(replies.LOCAL_ERROR))
+            except Exception:  # noqa: S110 - the client may be gone; the error is logged above
+                pass
+        finally:
+            self._pending.clear()
+            if self.relay is not None:
+                await self.relay.close()
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _session(self) -> None:
+        if self._refusal is not None:
+            await self.push(str(self._refusal))
+            return
+        self.relay = self.ctx.new_relay(self.client_ip, self.client_port)
+        await self.push(f"220 {self.hostname} ESMTP")
+        junk = 0
+        while not self._closing and self.transport is not None:
+            if not self._pending or not self._buffered_line():
+                await self._flush()
+                if self._closing:
+                    break
+                if self.ctx.shutting_down and self.mail is None and not self._buffered_line():
+                    await self.push(str(replies.SHUTTING_DOWN))
+                    break
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as error:
+                await self._skip_long_line(error.consumed)
+                await self._reply(replies.LINE_TOO_LONG)
+                continue
+            except asyncio.IncompleteReadError:
+                break  # the client closed its side
+            self._reset_timeout()
+            line = line.rstrip(b"\r\n")
+            verb, _, rest = line.partition(b" ")
+            try:
+                command = verb.decode("ascii").upper()
+            except UnicodeDecodeError:
+                command = ""
+            handler = self._COMMANDS.get(command)
+            if handler is None:
+                junk += 1
+                await self._reply(Reply(500, "5.5.2", "Error: command not recognized"))
+                if junk >= self.ctx.limits.max_unknown_commands:
+                    await self._reply(replies.TOO_MANY_ERRORS, close=True)
+                continue
+            arg = rest.strip().decode("utf-8", "surrogateescape") if rest.strip() else None
+            await handler(self, arg)
+
+    async def _skip_long_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as error:
+                await self._reader.readexactly(error.consumed)
+
+    # ------------------------------------------------------------------ commands
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        if not arg:
+            await self._reply(Reply(501, "5.5.4", "Syntax: HELO hostname"))
+            return
+        await self._reset_transaction()
+        self.helo, self.esmtp = arg, False
+        await self._reply(Reply(250, "", self.hostname))
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        if not arg:
+            await self._reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+            return
+        await self._reset_transaction()
+        self.helo, self.esmtp = arg, True
+        offer = self.ctx.offer()
+        if self._tls_protocol is not None:
+            offer = Offer(offer.size, offer.eight_bit, offer.smtputf8, offer.dsn, starttls=False)
+        self.offer = offer
+        lines = [self.hostname, "PIPELINING"]
+        if offer.size is not None:
+            lines.append(f"SIZE {offer.size}")
+        if offer.eight_bit:
+            lines.append("8BITMIME")
+        if offer.smtputf8:
+            lines.append("SMTPUTF8")
+        if offer.dsn:
+            lines.append("DSN")
+        if offer.starttls:
+            lines.append("STARTTLS")
+        lines.append("ENHANCEDSTATUSCODES")
+        await self._reply(NextHopReply(250, tuple(lines)))
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self._reply(replies.OK)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self._reply(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        await self._reset_transaction()
+        await self._reply(replies.OK)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await self._reset_transaction()
+        await self._reply(replies.BYE, close=True)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # RFC 5321 §3.5.3: 252 when we do not verify; we never disclose anything here.
+        await self._reply(VRFY_REPLY)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self._reply(Reply(502, "5.5.1", "EXPN not implemented"))
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self._reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_context is None or self._tls_protocol is not None:
+            await self._reply(Reply(502, "5.5.1", "STARTTLS not available"))
+            return
+        if arg:
+            await self._reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            return
+        await self._flush()
+        await self._reset_transaction()
+        await SMTP.smtp_STARTTLS(self, "")
+
+    # ---- MAIL
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.helo is None:
+            await self._reply(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
+            return
+        if self.mail is not None:
+            await self._reply(Reply(503, "5.5.1", "Error: nested MAIL command"))
+            return
+        if self.ctx.shutting_down:
+            await self._reply(replies.SHUTTING_DOWN, close=True)
+            return
+        try:
+            mail = self._parse_mail(arg)
+        except CommandError as error:
+            await self._reply(error.reply)
+            return
+        assert self.relay is not None
+        reply = self.relay.mail(mail)
+        if reply.positive:
+            self.mail = mail
+            self.rcpt_count = 0
+        await self._reply(reply)
+
+    def _parse_mail(self, arg: str | None) -> MailCommand:
+        if arg is None or arg[:5].upper() != "FROM:":
+            raise CommandError(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        path, params = self._split_path(arg[5:])
+        sender = self._address(path, null_ok=True)
+        offer = self.offer
+        size: int | None = None
+        eight_bit = smtputf8 = dsn = False
+        seen: set[str] = set()
+        for param in params:
+            keyword, _, value = param.partition("=")
+            keyword = keyword.upper()
+            if keyword in seen:
+                raise CommandError(Reply(501, "5.5.4", f"Duplicate MAIL parameter {keyword}"))
+            seen.add(keyword)
+            if keyword == "SIZE" and offer and offer.size is not None:
+                if not value.isdigit():
+                    raise CommandError(Reply(501, "5.5.4", "Bad SIZE parameter"))
+                size = int(value)
+                if self.ctx.limits.message_size_limit and size > self.ctx.limits.message_size_limit:
+                    raise CommandError(replies.MESSAGE_TOO_BIG)
+            elif keyword == "BODY" and offer and offer.eight_bit:
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    raise CommandError(Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
+                eight_bit = value.upper() == "8BITMIME"
+            elif keyword == "SMTPUTF8" and offer and offer.smtputf8:
+                if value:
+                    raise CommandError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
+                smtputf8 = True
+            elif keyword == "RET" and offer and offer.dsn:
+                if value.upper() not in ("FULL", "HDRS"):
+                    raise CommandError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
+                dsn = True
+            elif keyword == "ENVID" and offer and offer.dsn:
+                if not value or len(value) > 100 or not _XTEXT.match(value):
+                    raise CommandError(Reply(501, "5.5.4", "Bad ENVID parameter"))
+                dsn = True
+            else:
+                raise CommandError(Reply(555, "5.5.4", f"MAIL parameter {keyword} not recognized"))
+        if not smtputf8 and not path.isascii():
+            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
+        return MailCommand(path, sender, params, size, eight_bit, smtputf8, dsn)
+
+    # ---- RCPT
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if self.mail is None:
+            await self._reply(Reply(503, "5.5.1", "Error: need MAIL command"))
+            return
+        try:
+            rcpt = self._parse_rcpt(arg, self.mail)
+        except CommandError as error:
+            await self._reply(error.reply)
+            return
+        if self.rcpt_count >= self.ctx.limits.recipient_limit:
+            await self._reply(replies.TOO_MANY_RECIPIENTS)
+            return
+        self.rcpt_count += 1
+        assert self.relay is not None
+        answer = await self.relay.rcpt(rcpt)
+        self._pending.append(lambda: self._rcpt_outcome(answer))
+        # The reply waits while the client is still pipelining; the loop flushes when it stops.
+
+    async def _rcpt_outcome(self, answer: Callable[[], Awaitable[tuple[ReplyLike, bool]]]) -> _Outcome:
+        reply, failed_guess = await answer()
+        return _Outcome(reply, failed_guess)
+
+    def _parse_rcpt(self, arg: str | None, mail: MailCommand) -> RcptCommand:
+        if arg is None or arg[:3].upper() != "TO:":
+            raise CommandError(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        path, params = self._split_path(arg[3:])
+        recipient = self._address(path, null_ok=False)
+        assert recipient is not None
+        offer = self.offer
+        dsn = False
+        seen: set[str] = set()
+        for param in params:
+            keyword, _, value = param.partition("=")
+            keyword = keyword.upper()
+            if keyword in seen:
+                raise CommandError(Reply(501, "5.5.4", f"Duplicate RCPT parameter {keyword}"))
+            seen.add(keyword)
+            if keyword == "NOTIFY" and offer and offer.dsn:
+                words = value.upper().split(",")
+                if not (words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS)):
+                    raise CommandError(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
+                dsn = True
+            elif keyword == "ORCPT" and offer and offer.dsn:
+                kind, semi, address = value.partition(";")
+                if not semi or not kind or len(value) > 500 or not _XTEXT.match(address):
+                    raise CommandError(Reply(501, "5.5.4", "Bad ORCPT parameter"))
+                dsn = True
+            else:
+                raise CommandError(Reply(555, "5.5.4", f"RCPT parameter {keyword} not recognized"))
+        if not mail.smtputf8 and not path.isascii():
+            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
+        return RcptCommand(path, recipient, params, dsn)
+
+    def _split_path(self, text: str) -> tuple[str, tuple[str, ...]]:
+        """The path inside <...> and the parameters after it (each as written)."""
+        text = text.lstrip(" ")  # "MAIL FROM: <a@b>" is common enough to accept (Postfix does)
+        match = _SIMPLE_PATH.match(text)
+        if match is not None:
+            path, rest = match.group(1), match.group(2)
+        else:
+            # The unusual: quoted local parts, source routes. aiosmtpd's (email package) parser knows them.
+            if not text.startswith("<"):
+                raise CommandError(Reply(501, "5.5.4", "Syntax: address must be in angle brackets"))
+            if text.startswith("<>"):
+                path, rest = "", text[2:].lstrip(" ") or None
+            else:
+                address, remainder = self._getaddr(text)
+                if address is None:
+                    raise CommandError(Reply(553, "5.1.3", "Malformed address"))
+                path, rest = address, (remainder or "").strip() or None
+        params: tuple[str, ...] = ()
+        if rest:
+            if not self.esmtp:
+                raise CommandError(Reply(501, "5.5.4", "Parameters need EHLO"))
+            params = tuple(rest.split())
+            for param in params:
+                if not _PARAM.match(param):
+                    raise CommandError(Reply(501, "5.5.4", "Syntax error in parameters"))
+        return path, params
+
+    @staticmethod
+    def _address(path: str, null_ok: bool) -> Address | None:
+        try:
+            address = parse_path(f"<{path}>")
+        except AddressError as error:
+            status = error.status_hint
+            code = 501 if status.startswith("5.5") else 553
+            raise CommandError(Reply(code, status, "Malformed address")) from None
+        if address is None and not null_ok:
+            raise CommandError(Reply(501, "5.1.3", "The null address is not a recipient"))
+        return address
+
+    # ---- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if arg:
+            await self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if self.mail is None:
+            await self._reply(Reply(503, "5.5.1", "Error: need MAIL command"))
+            return
+        if self.rcpt_count == 0:
+            await self._reply(Reply(503, "5.5.1", "Error: need RCPT command"))
+            return
+        assert self.relay is not None
+        # DATA goes to the next hop behind the pipelined RCPTs; their replies are owed first.
+        start = await self.relay.data_start()
+        await self._flush()
+        reply = await start()
+        if reply.code != 354:
+            self.mail = None
+            await self._reply(reply)
+            return
+        await self.push(str(replies.START_DATA))
+        await self._stream_data()
+
+    async def _stream_data(self) -> None:
+        limits = self.ctx.limits
+        decoder = DataDecoder(limits.message_size_limit, limits.line_length_limit, limits.bare_newline)
+        assert self.relay is not None
+        relay = self.relay
+        reader = self._reader
+        self._in_data = True
+        try:
+            while not decoder.done:
+                self._reset_timeout(limits.data_timeout)
+                chunk = await reader.read(65536)
+                if not chunk:
+                    # The client went away mid-DATA: nothing was accepted, nothing may be delivered.
+                    relay.abort()
+                    self._closing = True
+                    return
+                out = decoder.feed(chunk)
+                if out and decoder.failure is None:
+                    await relay.data_chunk(out)
+            if decoder.leftover:
+                # Commands the client pipelined after the final dot (QUIT): give them back to the reader.
+                buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
+                buffer[:0] = decoder.leftover
+        finally:
+            self._in_data = False
+        self._reset_timeout()
+        reply = await relay.data_end(decoder.failure)
+        self.mail = None
+        await self._reply(reply)
+
+    async def _reset_transaction(self) -> None:
+        self.mail = None
+        self.rcpt_count = 0
+        if self.relay is not None:
+            await self._flush()
+            self.relay.reset()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """SIGTERM: an idle session is told 421 4.3.2 now; one in a transaction finishes it first."""
+        if self.mail is None and not self._in_data and not self._pending and not self._buffered_line():
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
+                self.transport.close()
+
+    def abort(self) -> None:
+        """The shutdown deadline has passed: cut the connection (the client keeps its message)."""
+        if self.transport is not None and not self.transport.is_closing():
+            if not self._in_data:
+                self._writer.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
+            self.transport.close()
+
+
+EdgeProtocol._COMMANDS = {
+    name[len("smtp_") :]: getattr(EdgeProtocol, name)
+    for name in (
+        "smtp_HELO",
+        "smtp_EHLO",
+        "smtp_NOOP",
+        "smtp_RSET",
+        "smtp_QUIT",
+        "smtp_VRFY",
+        "smtp_EXPN",
+        "smtp_HELP",
+        "smtp_STARTTLS",
+        "smtp_MAIL",
+        "smtp_RCPT",
+        "smtp_DATA",
+    )
+}
