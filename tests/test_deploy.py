@@ -1,0 +1,349 @@
+"""deploy/: the systemd unit, the Containerfile, the Kubernetes manifests and the alert rules are checked.
+
+Each check also runs once on a known-bad input, to show that the tool behind it can fail at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway import config as config_mod
+from gateway.metrics import Metrics
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+SYSTEMD = DEPLOY / "systemd"
+KUBERNETES = DEPLOY / "kubernetes"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A tool installed by the test extra into this interpreter's environment (or found on PATH)."""
+    candidate = BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    assert found is not None, f"{name} is not installed: pip install -e '.[test]'"
+    return found
+
+
+# --- systemd --------------------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """systemd.syntax(7): sections, KEY=VALUE lines (a key may repeat), # and ; comments, \\ continuations."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    pending = ""
+    for raw in text.splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"a key outside a section: {line!r}"
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key.strip()), f"not KEY=VALUE: {line!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_keys() -> None:
+    unit = parse_unit((SYSTEMD / "batv-gateway.service").read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    svc = unit["Service"]
+    one = {key: values[-1] for key, values in svc.items()}
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
+    assert one["User"] == one["Group"] == "batv-gateway"
+    assert one["ProtectSystem"] == "strict"
+    assert one["NoNewPrivileges"] == "yes"
+    assert one["UMask"] == "0077"
+    assert one["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert one["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    assert "/etc/batv-gateway" in one["ReadOnlyPaths"].split()
+    assert "ReadWritePaths" not in svc  # nothing is writable, the keyring least of all
+    assert any("kill -HUP $MAINPID" in v for v in svc["ExecReload"])
+    assert any("check-config" in v for v in svc["ExecReload"])
+    assert "serve --config" in one["ExecStart"]
+    # Stopping waits longer than the drain deadline (limits.shutdown_deadline, 30 s by default).
+    assert int(one["TimeoutStopSec"]) > config_mod.Limits().shutdown_deadline
+    assert "postfix.service" in unit["Unit"]["Before"][0].split()
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_parse_unit_refuses_a_broken_line() -> None:
+    with pytest.raises(AssertionError):
+        parse_unit("[Service]\nthis is not a key\n")
+
+
+def _verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
+    # verify checks that every Exec command exists: point them at a real executable.
+    folder.mkdir()
+    unit = folder / "batv-gateway.service"
+    unit.write_text(unit_text.replace("/usr/bin/batv-gateway", "/bin/true"))
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` where the machine has it (the key parse above runs everywhere)."""
+    text = (SYSTEMD / "batv-gateway.service").read_text()
+    if shutil.which("systemd-analyze") is None:
+        # No systemd here: the parse of the keys in test_systemd_unit_keys is the check.
+        parse_unit(text)
+        return
+    good = _verify(text, tmp_path / "good")
+    # Unknown keys and bad values are only warnings to systemd (exit 0): any output about our unit fails.
+    ours = [line for line in (good.stdout + good.stderr).splitlines() if "batv-gateway.service" in line]
+    assert good.returncode == 0 and ours == [], good.stdout + good.stderr
+    bad = _verify(text.replace("ProtectSystem=strict", "ProtectSystm=strict"), tmp_path / "bad")
+    assert "Unknown key" in bad.stderr and "ProtectSystm" in bad.stderr
+
+
+def test_systemd_security_exposure(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        parse_unit((SYSTEMD / "batv-gateway.service").read_text())
+        return
+    unit = tmp_path / "batv-gateway.service"
+    unit.write_text(
+        (SYSTEMD / "batv-gateway.service").read_text().replace("/usr/bin/batv-gateway", "/bin/true")
+    )
+    run = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", run.stdout + run.stderr)
+    if match is None and "--offline" in run.stderr:
+        return  # systemd before 252 has no offline security analysis; verify above still ran
+    assert match is not None, run.stdout + run.stderr
+    # 0 is the most locked down, 10 the least; systemd calls anything under 2 "OK".
+    assert float(match.group(1)) < 2.0
+
+
+def test_sysusers_and_tmpfiles() -> None:
+    sysusers = [
+        line.split()
+        for line in (SYSTEMD / "batv-gateway.sysusers").read_text().splitlines()
+        if line[:1] not in "#"
+    ]
+    sysusers = [fields for fields in sysusers if fields]
+    assert len(sysusers) == 1 and sysusers[0][:2] == ["u", "batv-gateway"]
+    tmpfiles = [
+        line.split()
+        for line in (SYSTEMD / "batv-gateway.tmpfiles").read_text().splitlines()
+        if line[:1] not in "#"
+    ]
+    entries = {fields[1]: fields for fields in tmpfiles if fields}
+    folder = entries["/etc/batv-gateway"]
+    assert folder[0] == "d" and folder[2] == "0700" and folder[3] == folder[4] == "batv-gateway"
+    keyring = entries["/etc/batv-gateway/keyring.toml"]
+    assert keyring[0] == "z" and keyring[2] == "0600"
+
+
+def test_sysusers_and_tmpfiles_applied_by_systemd(tmp_path: Path) -> None:
+    """systemd-sysusers creates the user and systemd-tmpfiles the folder, in a private root folder."""
+    sysusers, tmpfiles = shutil.which("systemd-sysusers"), shutil.which("systemd-tmpfiles")
+    if sysusers is None or tmpfiles is None:
+        test_sysusers_and_tmpfiles()  # no systemd here: the parse is the check
+        return
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    made = run(sysusers, "--root", str(root), str(SYSTEMD / "batv-gateway.sysusers"))
+    assert made.returncode == 0, made.stderr
+    entry = next(
+        line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("batv-gateway:")
+    )
+    uid = int(entry.split(":")[2])
+    assert entry.endswith(":/usr/sbin/nologin")
+    made = run(tmpfiles, "--root", str(root), "--create", str(SYSTEMD / "batv-gateway.tmpfiles"))
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    folder = (root / "etc/batv-gateway").stat()
+    assert folder.st_uid == uid and folder.st_mode & 0o777 == 0o700
+    # A keyring left loose (written by hand, say) is made private again at boot.
+    keyring = root / "etc/batv-gateway/keyring.toml"
+    keyring.write_text("")
+    keyring.chmod(0o644)
+    os.chown(keyring, uid, uid)
+    made = run(tmpfiles, "--root", str(root), "--create", str(SYSTEMD / "batv-gateway.tmpfiles"))
+    assert made.returncode == 0, made.stderr
+    assert keyring.stat().st_mode & 0o777 == 0o600
+
+
+# --- Containerfile ----------------------------------------------------------------------------------
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("hadolint"), "--no-color", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_containerfile_passes_hadolint() -> None:
+    run = hadolint(DEPLOY / "Containerfile")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_hadolint_fails_a_bad_containerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Containerfile"
+    bad.write_text("FROM python:latest\nRUN apt-get install curl\nRUN pip install requests\n")
+    run = hadolint(bad)
+    assert run.returncode != 0 and "DL3007" in run.stdout
+
+
+def test_containerfile_is_multi_stage_and_non_root() -> None:
+    lines = [line.strip() for line in (DEPLOY / "Containerfile").read_text().splitlines()]
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert len(froms) == 2 and froms[0].endswith(" AS build")
+    users = [line for line in lines if line.startswith("USER ")]
+    assert users and users[-1] != "USER root" and not users[-1].startswith("USER 0")
+    assert any(line.startswith("COPY --from=build") for line in lines)
+    # The image never contains a keyring: it is a read-only mount.
+    assert not any("keyring.toml" in line for line in lines if line.startswith(("COPY", "ADD")))
+
+
+# --- Kubernetes -------------------------------------------------------------------------------------
+
+
+def manifests() -> list[Path]:
+    return sorted(KUBERNETES.glob("*.yaml"))
+
+
+def documents() -> list[dict[str, object]]:
+    docs: list[dict[str, object]] = []
+    for path in manifests():
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool("kubernetes-validate"), "--strict", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_kubernetes_manifests_pass_kubernetes_validate() -> None:
+    assert manifests()
+    run = kubernetes_validate(*manifests())
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "passed" in run.stdout + run.stderr
+
+
+def test_kubernetes_validate_fails_a_bad_manifest(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n"
+        "spec: {replicas: two, selector: {}, template: {}}\n"
+    )
+    assert kubernetes_validate(bad).returncode != 0
+
+
+def kinds() -> dict[str, list[dict[str, object]]]:
+    found: dict[str, list[dict[str, object]]] = {}
+    for doc in documents():
+        found.setdefault(str(doc["kind"]), []).append(doc)
+    return found
+
+
+def test_kubernetes_deployment_shape() -> None:
+    k = kinds()
+    (deployment,) = k["Deployment"]
+    spec: dict = deployment["spec"]  # type: ignore[assignment]
+    assert spec["replicas"] >= 2
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The keyring comes from a Secret, read-only, and never through subPath (which would miss updates).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert "secret" in volumes["keyring"] and mounts["keyring"]["readOnly"] is True
+    assert "subPath" not in mounts["keyring"]
+    assert volumes["keyring"]["secret"]["defaultMode"] & 0o007 == 0
+    # The grace period covers the preStop pause and the drain deadline.
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    cfg = configmap_config()
+    assert pod["terminationGracePeriodSeconds"] > pause + cfg.limits.shutdown_deadline
+    # The probes and the Prometheus Service reach the port the config's metrics endpoint listens on.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert cfg.metrics.listen is not None and ports["metrics"] == cfg.metrics.listen.port
+    assert {lc.listen.port for lc in cfg.listeners} == {ports["smtp"]}
+    # The keyring path in the config is inside the Secret's mount.
+    assert str(cfg.keyring_path).startswith(mounts["keyring"]["mountPath"] + "/")
+    args = container["args"]
+    assert args[args.index("--config") + 1].startswith(mounts["config"]["mountPath"] + "/")
+
+
+def test_kubernetes_disruption_budget_and_services() -> None:
+    k = kinds()
+    (pdb,) = k["PodDisruptionBudget"]
+    (deployment,) = k["Deployment"]
+    selector = deployment["spec"]["selector"]["matchLabels"]  # type: ignore[index]
+    assert pdb["spec"]["selector"]["matchLabels"] == selector  # type: ignore[index]
+    assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]  # type: ignore[index,operator]
+    services = {s["metadata"]["name"]: s for s in k["Service"]}  # type: ignore[index]
+    smtp = services["batv-gateway"]["spec"]  # type: ignore[index]
+    assert smtp["selector"] == selector and smtp["ports"][0]["port"] == 25
+    # The client's own address must reach the pod: limits count per client IP.
+    assert smtp["externalTrafficPolicy"] == "Local"
+    assert services["batv-gateway-metrics"]["spec"]["type"] == "ClusterIP"  # type: ignore[index]
+
+
+def configmap_config() -> config_mod.Config:
+    (configmap,) = kinds()["ConfigMap"]
+    text = configmap["data"]["gateway.toml"]  # type: ignore[index]
+    import tomllib
+
+    return config_mod.parse(tomllib.loads(text), "deploy/kubernetes/configmap.yaml")
+
+
+def test_kubernetes_config_loads_strictly() -> None:
+    cfg = configmap_config()
+    assert cfg.listeners and cfg.listeners[0].observe is True
+
+
+# --- Prometheus alert rules ---------------------------------------------------------------------------
+
+
+def test_alert_rules_name_metrics_the_gateway_exports() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    exported = {
+        line.split()[2] for line in Metrics().exposition().decode().splitlines() if line.startswith("# TYPE ")
+    }
+    # Counters are exposed as NAME_total; histograms as NAME_bucket/_sum/_count.
+    names = set(exported) | {n + "_total" for n in exported}
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert {"BatvForgedTagBurst", "BatvReloadFailed"} <= set(alerts)
+    for name, rule in alerts.items():
+        used = set(re.findall(r"\bbatv_[a-z_]+", rule["expr"]))
+        assert used and used <= names, f"{name} uses {used - names}"
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert rule["annotations"]["summary"]
+    assert 'reason=~"bad-hash|unknown-key"' in alerts["BatvForgedTagBurst"]["expr"]
+    assert alerts["BatvReloadFailed"]["expr"].strip() == "batv_last_reload_success == 0"
