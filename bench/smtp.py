@@ -472,6 +472,7 @@ def run_case(
     warmup: int,
     dump: bool,
     log: Callable[[str], None],
+    profile_dir: Path | None = None,
 ) -> CaseResult:
     wanted = [s for s in (FLOOD_SYSTEMS if case.flood else RELAY_SYSTEMS) if s in systems]
     runs: list[Run] = []
@@ -520,7 +521,12 @@ def run_case(
         for round_no in range(rounds):
             shift = round_no % len(targets)
             for target in targets[shift:] + targets[:shift]:
+                profiler = None
+                if profile_dir is not None and round_no == 0 and target.server is not None:
+                    profiler = Profiler(target.server, profile_dir / f"{slug(case.name)}-{target.system}.txt")
                 run = measure(target, case, case.messages, round_no)
+                if profiler is not None:
+                    log(profiler.finish())
                 runs.append(run)
                 log(
                     f"  round {round_no + 1}/{rounds} {target.system:9} {run.rate:9.1f}/s"
@@ -583,6 +589,69 @@ def summarise(
             )
         )
     return out
+
+
+# ------------------------------------------------------------------------------------ profiling
+
+
+class Profiler:
+    """py-spy sampling a relay's whole process tree for one run: where its time goes, as text."""
+
+    def __init__(self, server: Server, out: Path):
+        pyspy = shutil.which("py-spy") or os.environ.get("BENCH_PYSPY")
+        if not pyspy:
+            raise SystemExit(
+                "--profile needs py-spy (pip install py-spy) on PATH, or BENCH_PYSPY=/path/to/py-spy"
+            )
+        self.out, self.raw = out, out.with_suffix(".raw")
+        self.proc = subprocess.Popen(
+            [pyspy, "record", "--pid", str(server.proc.pid), "--subprocesses", "--rate", "200",
+             "--format", "raw", "--output", str(self.raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.0)  # py-spy needs a moment to attach before the load starts
+
+    def finish(self, top: int = 25) -> str:
+        self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if not self.raw.exists():
+            return f"py-spy wrote nothing: {self.proc.stderr.read() if self.proc.stderr else ''}"
+        text = summarise_profile(self.raw.read_text(), top)
+        self.out.write_text(text)
+        return text
+
+
+def summarise_profile(collapsed: str, top: int) -> str:
+    """Self and inclusive shares per function from py-spy's collapsed stacks ("a;b;c count" lines)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        # Frames look like "handle (gateway/relay.py:120)"; drop the line number so a function is one row.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + count
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples", "", "self %  function"]
+    lines += [f"{100 * n / total:6.1f}  {f}" for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]]
+    lines += ["", "total %  function (inclusive)"]
+    lines += [
+        f"{100 * n / total:7.1f}  {f}" for f, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------- envelope checks (smoke)
@@ -814,7 +883,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, help="measured rounds per case (default 5; 1 with --smoke)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's message count")
-    parser.add_argument("--cases", help="only cases whose name contains one of these comma-separated words")
+    parser.add_argument(
+        "--case", action="append", default=[], help="only cases whose name contains this text (repeatable)"
+    )
     parser.add_argument(
         "--systems", default=",".join(RELAY_SYSTEMS), help="comma-separated: limit,naive,outbound,inbound"
     )
@@ -829,12 +900,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run py-spy on each relay in round 1 and write top entries to this directory",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs, sink dumps)"
     )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
-    if args.results is None and not args.smoke:
+    if args.results is None and not args.smoke and not args.profile:
         args.results = ROOT / "bench" / "RESULTS.md"
     return args
 
@@ -847,9 +923,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataclasses.replace(c, messages=max(1, round(c.messages * args.scale)))
         for c in (SMOKE_CASES if args.smoke else FULL_CASES)
     ]
-    if args.cases:
-        words = [w.strip().lower() for w in args.cases.split(",")]
-        cases = [c for c in cases if any(w in c.name.lower() for w in words)]
+    if args.case:
+        cases = [c for c in cases if any(w.lower() in c.name.lower() for w in args.case)]
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -861,11 +936,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if uses_gateway:
             bench.make_keyring()
         results = []
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
         for case in cases:
+            if not any(s in (FLOOD_SYSTEMS if case.flood else RELAY_SYSTEMS) for s in systems):
+                continue
             log(f"{case.name}: {case.messages} messages per run, {args.rounds} rounds")
             warmup = 0 if args.smoke else min(200, max(2, case.messages // 10))
             results.append(
-                run_case(bench, case, systems, args.rounds, warmup, args.smoke and uses_gateway, log)
+                run_case(
+                    bench, case, systems, args.rounds, warmup, args.smoke and uses_gateway, log, args.profile
+                )
             )
         problems = [p for r in results for run in r.runs for p in run.problems]
         if args.smoke and uses_gateway:
