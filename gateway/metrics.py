@@ -51,6 +51,7 @@ class _KeyringCollector:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.keyring: Keyring | None = None
+        self.generation: int | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         keyring = self.keyring
@@ -63,6 +64,12 @@ class _KeyringCollector:
         keys = GaugeMetricFamily(
             f"{NAMESPACE}_keyring_keys", "Keys in the keyring by state", labels=["state"]
         )
+        generation = GaugeMetricFamily(
+            f"{NAMESPACE}_keyring_generation",
+            "The keyring file's generation (+1 on every change): equal on every host of an MX group",
+        )
+        if self.generation is not None:
+            generation.add_metric([], self.generation)
         if keyring is not None:
             if keyring.has_active:
                 active = keyring.active
@@ -75,6 +82,7 @@ class _KeyringCollector:
         yield active_id
         yield age
         yield keys
+        yield generation
 
 
 class Metrics:
@@ -181,8 +189,9 @@ class Metrics:
 
     # --- the reloader's callbacks -----------------------------------------------------------------
 
-    def set_keyring(self, keyring: Keyring) -> None:
+    def set_keyring(self, keyring: Keyring, generation: int | None = None) -> None:
         self._keyring.keyring = keyring
+        self._keyring.generation = generation
 
     def reload_done(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "refused").inc()

@@ -116,7 +116,7 @@ class Reloader:
         self._watch_task: asyncio.Task[None] | None = None
         self._signal_loop: asyncio.AbstractEventLoop | None = None
         if metrics is not None:
-            metrics.set_keyring(keyring.keyring)
+            metrics.set_keyring(keyring.keyring, keyring.generation)
 
     def _new_loader(self, path: Path) -> keystore.KeyringLoader:
         loader = self._loader_factory(path)
@@ -206,7 +206,7 @@ class Reloader:
         old_generation = self.keyring.generation
         self.config, self.keyring = config, kf
         if self._metrics is not None:
-            self._metrics.set_keyring(kf.keyring)
+            self._metrics.set_keyring(kf.keyring, kf.generation)
             self._metrics.reload_done(True)
         log_fields(
             _log,

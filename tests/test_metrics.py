@@ -106,8 +106,9 @@ def test_keyring_gauges_use_the_injected_clock() -> None:
             Key(6, b"c" * 32, KeyState.RETIRED, CREATED, CREATED),
         )
     )
-    m.set_keyring(keyring)
+    m.set_keyring(keyring, generation=12)
     assert sample(m, "batv_keyring_active_key_id") == 5
+    assert sample(m, "batv_keyring_generation") == 12
     assert sample(m, "batv_keyring_active_key_age_seconds") == 86400 * 3
     assert sample(m, "batv_keyring_keys", state="verify") == 1
     assert sample(m, "batv_keyring_keys", state="retired") == 1
