@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -359,9 +360,8 @@ class Bench:
     def gateway(self, name: str, role: str, next_hop: int, flood: bool = False) -> Server:
         port = free_port()
         argv = [
-            sys.executable,
-            "-m",
-            "gateway",
+            # BENCH_GATEWAY: another command line to start it (an installed batv-gateway, a wrapper).
+            *(shlex.split(os.environ.get("BENCH_GATEWAY", "")) or [sys.executable, "-m", "gateway"]),
             "serve",
             "--config",
             str(self.config(name, flood)),
