@@ -14,12 +14,32 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from .errors import KeyringError
 
 KEY_IDS = range(10)
 MIN_SECRET_BYTES = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SHA1_BLOCK = 64
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+if TYPE_CHECKING:
+    _Sha1 = hashlib._Hash
+
+
+def _pads(secret: bytes) -> tuple[_Sha1, _Sha1]:
+    """SHA-1 states after the HMAC inner and outer pads of `secret` (RFC 2104 section 2).
+
+    SHA-1 because prvs (and Exim, which we must match) is HMAC-SHA1; as an HMAC it is not weak.
+    """
+    if len(secret) > _SHA1_BLOCK:
+        secret = hashlib.sha1(secret).digest()  # noqa: S324 - RFC 2104 key hashing for HMAC-SHA1
+    secret = secret.ljust(_SHA1_BLOCK, b"\0")
+    return (
+        hashlib.sha1(secret.translate(_IPAD)),  # noqa: S324 - the HMAC-SHA1 inner pad
+        hashlib.sha1(secret.translate(_OPAD)),  # noqa: S324 - the HMAC-SHA1 outer pad
+    )
 
 
 class KeyState(enum.Enum):
@@ -57,6 +77,11 @@ class Keyring:
     keys: tuple[Key, ...]
     # Cached keyed HMAC objects: .copy() of a keyed HMAC is cheaper than hmac.new()/hmac.digest() per use.
     _hmacs: Mapping[int, hmac.HMAC] = field(init=False, repr=False, compare=False)
+    # RFC 2104's precomputation per key that verifies: SHA-1 states that have absorbed secret^ipad and
+    # secret^opad. Two C-level copies per MAC beat HMAC.copy(), which wraps the same copy in Python calls;
+    # prvs sign and verify must stay close to the cost of one bare HMAC (see `mac`).
+    _pads: Mapping[int, tuple[_Sha1, _Sha1]] = field(init=False, repr=False, compare=False)
+    _active_id: int | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         seen: set[int] = set()
@@ -72,6 +97,8 @@ class Keyring:
             raise KeyringError(f"keys {ids} are all active: exactly one key may be active")
         hmacs = {k.id: hmac.new(k.secret, digestmod="sha1") for k in self.keys if k.verifies}
         object.__setattr__(self, "_hmacs", hmacs)
+        object.__setattr__(self, "_pads", {k.id: _pads(k.secret) for k in self.keys if k.verifies})
+        object.__setattr__(self, "_active_id", active[0].id if active else None)
 
     @classmethod
     def from_secrets(cls, secrets: Iterable[tuple[int, bytes]]) -> Keyring:
@@ -107,6 +134,27 @@ class Keyring:
         """The active key's id and a fresh keyed HMAC-SHA1."""
         key = self.active
         return key.id, self._hmacs[key.id].copy()
+
+    @property
+    def active_id(self) -> int:
+        """The id of the key that signs (cheap: no search); raises KeyringError when there is none."""
+        if self._active_id is None:
+            raise KeyringError("the keyring has no active key: run 'batv-gateway keys activate ID'")
+        return self._active_id
+
+    def mac(self, key_id: int, message: bytes) -> bytes | None:
+        """HMAC-SHA1(secret of key_id, message) for a key that may verify (not retired), or None.
+
+        The same value as hmac.digest(secret, message, "sha1"), from the cached pads: the prvs hot path.
+        """
+        pads = self._pads.get(key_id)
+        if pads is None:
+            return None
+        inner = pads[0].copy()
+        inner.update(message)
+        outer = pads[1].copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def srs_secrets(self) -> tuple[bytes, ...]:
         """Secrets for SRS: the active key's first (it signs), then every other key that verifies."""

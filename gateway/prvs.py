@@ -1,0 +1,246 @@
+"""BATV prvs (draft-levine-smtp-batv-01 section 4): sign like Exim 4.96, verify by the draft.
+
+A signed address is `prvs=KDDDHHHHHH=local@domain`:
+- K is the key id (one digit), DDD the *expiry* day, (unix_time // 86400 + lifetime) mod 1000, and
+- HHHHHH the first 3 bytes, in lower-case hex, of HMAC-SHA1(secret, K || DDD || local@domain).
+
+Signing is byte-for-byte Exim's `${prvs{address}{secret}{K}}` (src/expand.c, `prvs_hmac_sha1`). The HMAC
+covers the original address as RFC 5321 writes it, which for every ordinary address is the address as
+given, domain case included.
+
+Verification follows the draft, not Exim: the tag type and the hex digits are compared without regard to
+case, and a tag is valid while 0 <= (DDD - today) mod 1000 <= lifetime. Exim compares the hex with case and
+treats DDD >= today mod 1000 as unexpired, which accepts tags hundreds of days stale after the 999 -> 000
+wrap (see docs/interop.md). The outcome is a `PrvsResult`, never an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import re
+from dataclasses import dataclass
+
+from .addresses import (
+    MAX_ADDRESS,
+    MAX_LOCAL,
+    PLAIN_DOMAIN,
+    PLAIN_LOCAL,
+    Address,
+    parse_path,
+    plain_lengths_ok,
+    quote_local,
+)
+from .errors import AddressError, KeyringError, PrvsError
+from .keyring import Keyring
+
+DEFAULT_LIFETIME = 7  # days; Exim's ${prvs} always uses 7
+_DAYS = 1000  # DDD wraps every 1000 days
+_TAG_LENGTH = len("prvs=KDDDHHHHHH=")
+
+# The whole local part of a tagged address: tag type, key digit, day stamp, 6 hex digits, original local.
+_TAGGED_LOCAL = re.compile(r"prvs=([0-9])([0-9]{3})([0-9a-fA-F]{6})=(.+)", re.IGNORECASE | re.DOTALL)
+# The cheap test behind is_prvs: the same shape at the start of a local part or an address.
+_TAG_PREFIX = re.compile(r'<?"?prvs=[0-9]{4}[0-9a-fA-F]{6}=.', re.IGNORECASE | re.DOTALL)
+_SRS_PREFIX = re.compile(r"srs[01][=+-]", re.IGNORECASE)
+# Hot paths: a whole plain ASCII address in one match, so the common case never builds an Address.
+_PLAIN_TAGGED = re.compile(
+    rf"<?(?i:prvs)=([0-9])([0-9]{{3}})([0-9a-fA-F]{{6}})=({PLAIN_LOCAL})@({PLAIN_DOMAIN})>?"
+)
+# A plain address to sign; a local part that starts like a prvs or SRS tag goes to the slow path, which
+# tells a real tag (refused) from a look-alike.
+_PLAIN_SIGNABLE = re.compile(rf"<?(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})>?")
+# Day stamps and key digits as text, computed once: formatting them per call costs more than a lookup.
+_STAMPS = tuple(f"{day:03d}" for day in range(_DAYS))
+_DAY_OF = {stamp: day for day, stamp in enumerate(_STAMPS)}
+_SHORT = 64  # an address this long or shorter is within every RFC 5321 limit, tagged or not
+
+
+class PrvsVerdict(enum.Enum):
+    VALID = "valid"
+    UNSIGNED = "unsigned"
+    MALFORMED = "malformed"
+    BAD_HASH = "bad-hash"
+    EXPIRED = "expired"
+    UNKNOWN_KEY = "unknown-key"
+
+
+@dataclass(frozen=True)
+class PrvsResult:
+    """What a check found. key_id, expiry_day and address are set whenever the tag could be read.
+
+    expiry_day is a UTC day number: the day stamp DDD resolved to the day within 1000 days that is nearest
+    to today on the valid side, i.e. in (today + lifetime - 1000, today + lifetime].
+    address is the original (untagged) address, for VALID and also for a tag that failed a check.
+    """
+
+    verdict: PrvsVerdict
+    reason: str
+    key_id: int | None = None
+    expiry_day: int | None = None
+    address: str | None = None
+
+
+_new_object = object.__new__
+
+
+def _result(
+    verdict: PrvsVerdict,
+    reason: str,
+    key_id: int | None = None,
+    expiry_day: int | None = None,
+    address: str | None = None,
+) -> PrvsResult:
+    """A PrvsResult, built without the frozen dataclass's __init__.
+
+    That __init__ pays one object.__setattr__ per field, which on the verify hot path cost as much as the
+    HMAC itself. Filling the instance dict directly gives the same object (equality, repr, hash and
+    immutability all work as for one made by __init__).
+    """
+    result: PrvsResult = _new_object(PrvsResult)
+    result.__dict__.update(
+        verdict=verdict, reason=reason, key_id=key_id, expiry_day=expiry_day, address=address
+    )
+    return result
+
+
+def is_prvs(address: str) -> bool:
+    """True when a local part or an address starts with a well-formed prvs tag (`prvs=KDDDHHHHHH=`)."""
+    return _TAG_PREFIX.match(address) is not None
+
+
+def sign(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIFETIME) -> str:
+    """The address with a prvs tag made with the keyring's active key, expiring at today + lifetime.
+
+    Raises PrvsError for the null sender, an address that is already prvs-tagged or SRS, an address that
+    does not parse, a keyring without an active key, or a result over RFC 5321's path limit.
+    """
+    if not 0 <= lifetime < _DAYS:
+        _check_lifetime(lifetime)
+    m = _PLAIN_SIGNABLE.fullmatch(address)
+    if (
+        m is not None
+        and (address[0] == "<") == (address[-1] == ">")
+        and (len(address) <= _SHORT or (len(m[1]) <= MAX_LOCAL and plain_lengths_ok(m[1], m[2], _TAG_LENGTH)))
+    ):
+        # The common case: a plain address that is its own RFC 5321 form, so it is hashed as given.
+        local, domain = m.group(1, 2)
+        original = f"{local}@{domain}"
+    else:
+        local, domain = _signable(address)
+        original = f"{quote_local(local)}@{domain}"
+    try:
+        key_id = keyring.active_id
+    except KeyringError as exc:
+        raise PrvsError(f"cannot sign: {exc}") from exc
+    stamp = str(key_id) + _STAMPS[(today + lifetime) % _DAYS]
+    # The keyring's cached HMAC state for the key (never hmac.new per call): see Keyring.mac.
+    digest = keyring.mac(key_id, f"{stamp}{original}".encode())
+    if digest is None:  # cannot happen: the active key always verifies, so it has a cached state
+        raise PrvsError(f"cannot sign: key {key_id} has no cached HMAC state")
+    tagged_local = f"prvs={stamp}{digest[:3].hex()}={local}"
+    if m is not None:
+        return f"{tagged_local}@{domain}"
+    tagged = str(Address(tagged_local, domain))
+    if len(tagged.encode()) > MAX_ADDRESS:
+        raise PrvsError(
+            f"{_short(address)}: the signed address would be over RFC 5321's "
+            f"{MAX_ADDRESS + 2}-octet path limit"
+        )
+    return tagged
+
+
+def _signable(address: str) -> tuple[str, str]:
+    """The slow path of sign: parse any address and refuse what must not be signed."""
+    try:
+        parsed = parse_path(address)
+    except AddressError as exc:
+        raise PrvsError(f"cannot sign: {exc}") from exc
+    if parsed is None:
+        raise PrvsError("the null sender <> is never signed: bounces must keep an empty return path")
+    if _TAGGED_LOCAL.match(parsed.local):
+        raise PrvsError(f"{_short(address)} already carries a prvs tag; it is never signed twice")
+    if _SRS_PREFIX.match(parsed.local):
+        raise PrvsError(f"{_short(address)} is an SRS address; its forwarder must get its bounces untagged")
+    return parsed.local, parsed.domain
+
+
+def verify(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIFETIME) -> PrvsResult:
+    """Check a prvs-tagged address by the draft's rule. Never raises for any input string."""
+    if not 0 <= lifetime < _DAYS:
+        _check_lifetime(lifetime)
+    m = _PLAIN_TAGGED.fullmatch(address)
+    if (
+        m is not None
+        and (address[0] == "<") == (address[-1] == ">")
+        and (len(address) <= _SHORT or plain_lengths_ok(m[4], m[5], _TAG_LENGTH))
+    ):
+        key_digit, ddd, given, local, domain = m.groups()
+        original = f"{local}@{domain}"
+    else:
+        read = _read_slow(address)
+        if isinstance(read, PrvsResult):
+            return read
+        key_digit, ddd, given, original = read
+    key_id = ord(key_digit) - 48  # one ASCII digit, matched above
+    days_left = (_DAY_OF[ddd] - today) % _DAYS
+    # The day with this stamp nearest to today on the valid side: today + days_left, or 1000 days earlier.
+    expiry_day = today + days_left if days_left <= lifetime else today + days_left - _DAYS
+    digest = keyring.mac(key_id, f"{key_digit}{ddd}{original}".encode())
+    if digest is None:
+        return _result(
+            PrvsVerdict.UNKNOWN_KEY,
+            f"tag made with key {key_id}, which this keyring does not hold (or has retired)",
+            key_id,
+            expiry_day,
+            original,
+        )
+    # Constant time, and without regard to case: the draft lets a relay change the case of the hex.
+    if not hmac.compare_digest(digest[:3].hex(), given.lower()):
+        return _result(
+            PrvsVerdict.BAD_HASH,
+            f"tag hash does not match key {key_id}: forged, altered in transit, or made with another secret",
+            key_id,
+            expiry_day,
+            original,
+        )
+    if days_left > lifetime:
+        return _result(
+            PrvsVerdict.EXPIRED,
+            f"tag expired {_DAYS - days_left} day(s) ago (day stamp {ddd}, today's is {today % _DAYS:03d}, "
+            f"lifetime {lifetime} days)",
+            key_id,
+            expiry_day,
+            original,
+        )
+    return _result(PrvsVerdict.VALID, "valid tag", key_id, expiry_day, original)
+
+
+def _read_slow(address: str) -> PrvsResult | tuple[str, str, str, str]:
+    """The slow path of verify: any address. The tag's parts and the original address, or a verdict."""
+    try:
+        parsed = parse_path(address)
+    except AddressError as exc:
+        return _result(PrvsVerdict.MALFORMED, f"not a usable address: {exc}")
+    if parsed is None:
+        return _result(PrvsVerdict.UNSIGNED, "the null sender <> carries no tag")
+    m = _TAGGED_LOCAL.fullmatch(parsed.local)
+    if m is None:
+        if parsed.local[:5].lower() == "prvs=":
+            return _result(
+                PrvsVerdict.MALFORMED,
+                f"{_short(address)}: a prvs tag must be prvs=KDDDHHHHHH= "
+                "(key digit, 3-digit day stamp, 6 hex digits)",
+            )
+        return _result(PrvsVerdict.UNSIGNED, f"{_short(address)} carries no prvs tag")
+    key_digit, ddd, given, local = m.group(1, 2, 3, 4)
+    return key_digit, ddd, given, f"{quote_local(local)}@{parsed.domain}"
+
+
+def _check_lifetime(lifetime: int) -> None:
+    if not 0 <= lifetime < _DAYS:
+        raise PrvsError(f"lifetime {lifetime} is out of range: a prvs day stamp covers 0 to 999 days")
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")

@@ -1,0 +1,277 @@
+"""SRS, the Guarded scheme (SRS0 and SRS1), byte for byte as Mail::SRS 0.31 and postsrsd 1.10 write it.
+
+    SRS0: user@host                 -> SRS0<s>HHHH=TT=host=user@alias
+    SRS1: SRS0<t>rest@h1            -> SRS1<s>HHHH=h1=<t>rest@alias      (the SRS0 separator is kept)
+          SRS1<t>XXXX=h1=rest@hN    -> SRS1<s>HHHH=h1=rest@alias         (only the hash and alias change)
+
+TT is today mod 1024 in two base32 characters; HHHH the first hash_length characters of the base64
+HMAC-SHA1 of the ASCII-lowercased fields, concatenated (TT, host, user for SRS0; h1, rest for SRS1).
+Reversing SRS0 gives user@host after checking the hash and that TT is at most max_age days old; reversing
+SRS1 gives the SRS0 address at h1 after checking the hash only (h1 checks the timestamp).
+
+Where the implementations disagree this module chooses, and docs/interop.md explains why:
+- a quoted local part is hashed unquoted and the whole SRS local part is quoted when it needs to be
+  (`"a b"@x` -> `"SRS0=HHHH=TT=x=a b"@alias`), like pysrs; Mail::SRS and postsrsd put the quotes inside;
+- `"a@b"@x` is split at the last `@` and rewritten like any other quoted local part, like pysrs;
+  Mail::SRS refuses it and postsrsd splits at the first `@`;
+- an SRS0 address is always wrapped in SRS1, even one we could verify (Mail::SRS; postsrsd leaves a
+  verifiable one alone; nobody here reverses and re-forwards);
+- a hash of any length from hash_min to 27 characters is accepted when every character matches the
+  full HMAC (Mail::SRS); postsrsd compares only the first hash_length characters.
+- hashes are accepted in both base64 alphabets, whichever `base64url` selects for writing.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import functools
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .addresses import MAX_ADDRESS, Address, parse_domain, parse_path
+from .errors import AddressError, SrsError
+
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_BASE32_VALUE = {c: i for i, c in enumerate(_BASE32)} | {c.lower(): i for i, c in enumerate(_BASE32)}
+_SLOTS = 1024  # two base32 characters of day number
+_FULL_HASH = 27  # base64 characters of a 20-byte HMAC-SHA1, without padding
+_SEPARATORS = ("=", "+", "-")
+_TO_URLSAFE = str.maketrans("+/", "-_")
+_FROM_URLSAFE = str.maketrans("-_", "+/")
+
+
+@dataclass(frozen=True)
+class SrsOptions:
+    """The SRS parameters; the defaults are those of Mail::SRS, postsrsd and pysrs.
+
+    hash_min below hash_length accepts shorter prefixes of the hash (Mail::SRS's HashMin); keep them equal
+    unless you mean that. base64url writes hashes with '-' and '_' instead of '+' and '/' (postsrsd 2.2.6
+    moved to that because some receivers refuse '/' and '+'); reading accepts both alphabets either way.
+    """
+
+    separator: str = "="
+    hash_length: int = 4
+    hash_min: int = 4
+    max_age: int = 21
+    always_rewrite: bool = False
+    base64url: bool = False
+
+    def __post_init__(self) -> None:
+        if self.separator not in _SEPARATORS:
+            raise SrsError(f"SRS separator {self.separator!r} is not one of = + -")
+        if not 1 <= self.hash_length <= _FULL_HASH:
+            raise SrsError(f"SRS hash_length {self.hash_length} is out of range: 1 to {_FULL_HASH}")
+        if not 1 <= self.hash_min <= self.hash_length:
+            raise SrsError(
+                f"SRS hash_min {self.hash_min} is out of range: 1 to hash_length ({self.hash_length})"
+            )
+        if not 0 <= self.max_age < _SLOTS:
+            raise SrsError(f"SRS max_age {self.max_age} is out of range: 0 to {_SLOTS - 1} days")
+
+
+DEFAULT_OPTIONS = SrsOptions()
+
+
+class SrsVerdict(enum.Enum):
+    VALID = "valid"
+    NOT_SRS = "not-srs"
+    MALFORMED = "malformed"
+    BAD_HASH = "bad-hash"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class SrsResult:
+    """What reverse found. address is the decoded address, and is set only when the verdict is VALID."""
+
+    verdict: SrsVerdict
+    reason: str
+    address: str | None = None
+
+
+def is_srs(address: str) -> bool:
+    """True when a local part or an address starts with SRS0 or SRS1 and a separator (any case)."""
+    text = address.lstrip('<"')
+    return text[:4].upper() in ("SRS0", "SRS1") and text[4:5] in _SEPARATORS
+
+
+def timestamp(today: int) -> str:
+    """The SRS0 timestamp for a UTC day number: today mod 1024 as two base32 characters."""
+    return _BASE32[(today >> 5) & 31] + _BASE32[today & 31]
+
+
+def forward(
+    sender: str, alias: str, secrets: Sequence[bytes], today: int, options: SrsOptions = DEFAULT_OPTIONS
+) -> str:
+    """The sender rewritten into the alias domain (a domain, or an address at it).
+
+    Returned unchanged (in its RFC 5321 form) when it is already in the alias domain, unless
+    always_rewrite. Raises SrsError for the null sender, an unusable address or alias, no secret, or a
+    result over RFC 5321's path limit.
+    """
+    if not secrets:
+        raise SrsError("no SRS secret: the keyring has no key that signs")
+    alias_host = _alias_host(alias)
+    try:
+        parsed = parse_path(sender)
+    except AddressError as exc:
+        raise SrsError(f"cannot rewrite the sender: {exc}") from exc
+    if parsed is None:
+        raise SrsError("the null sender <> is never rewritten: bounces must keep an empty return path")
+    local, host = parsed.local, parsed.domain
+    if not options.always_rewrite and host.lower() == alias_host.lower():
+        return str(parsed)
+    tag, sep = local[:4].upper(), local[4:5]
+    if tag == "SRS1" and sep in _SEPARATORS:
+        # Guarded: keep the original SRS0 host and its opaque part; only the hash and the alias change.
+        fields = local[5:].split("=", 2)
+        if len(fields) < 3 or not fields[1] or not fields[2]:
+            raise SrsError(f"{_short(sender)}: an SRS1 address must be SRS1=HASH=host=rest@domain")
+        h1, rest = fields[1], fields[2]
+        new_local = f"SRS1{options.separator}{_hash(secrets[0], options, h1, rest)}={h1}={rest}"
+    elif tag == "SRS0" and sep in _SEPARATORS:
+        # Guarded: wrap the SRS0 address, keeping its separator: SRS1=HHHH=host==HHHH=TT=...
+        rest = local[4:]
+        new_local = f"SRS1{options.separator}{_hash(secrets[0], options, host, rest)}={host}={rest}"
+    else:
+        stamp = timestamp(today)
+        new_local = (
+            f"SRS0{options.separator}{_hash(secrets[0], options, stamp, host, local)}={stamp}={host}={local}"
+        )
+    rewritten = str(Address(new_local, alias_host))
+    if len(rewritten.encode()) > MAX_ADDRESS:
+        raise SrsError(
+            f"{_short(sender)}: the SRS address would be over RFC 5321's {MAX_ADDRESS + 2}-octet path limit"
+        )
+    return rewritten
+
+
+def reverse(
+    address: str, secrets: Sequence[bytes], today: int, options: SrsOptions = DEFAULT_OPTIONS
+) -> SrsResult:
+    """Decode an SRS0 or SRS1 address after checking it. Never raises for any input string."""
+    try:
+        parsed = parse_path(address)
+    except AddressError as exc:
+        return SrsResult(SrsVerdict.MALFORMED, f"not a usable address: {exc}")
+    if parsed is None:
+        return SrsResult(SrsVerdict.NOT_SRS, "the null sender <> is not an SRS address")
+    local = parsed.local
+    tag, sep = local[:4].upper(), local[4:5]
+    if tag not in ("SRS0", "SRS1") or sep not in _SEPARATORS:
+        return SrsResult(
+            SrsVerdict.NOT_SRS, f"{_short(address)} does not start with SRS0 or SRS1 and = + or -"
+        )
+    if not secrets:
+        return SrsResult(SrsVerdict.BAD_HASH, "no SRS secret to check the hash with: the keyring is empty")
+    if tag == "SRS1":
+        fields = local[5:].split("=", 2)
+        if len(fields) < 3 or not fields[1] or not fields[2]:
+            return SrsResult(
+                SrsVerdict.MALFORMED, f"{_short(address)}: an SRS1 address is SRS1=HASH=host=rest@domain"
+            )
+        given, h1, rest = fields
+        if not _is_domain(h1):
+            return SrsResult(SrsVerdict.MALFORMED, f"{_short(address)}: {h1!r} is not a host name")
+        match = _check_hash(given, secrets, options, h1, rest)
+        if match is None:
+            return SrsResult(SrsVerdict.BAD_HASH, _bad_hash_reason(given, options))
+        return SrsResult(
+            SrsVerdict.VALID,
+            f"valid SRS1{match}: handed back to the SRS0 host {h1} (it checks the timestamp)",
+            str(Address("SRS0" + rest, h1)),
+        )
+    fields = local[5:].split("=", 3)
+    if len(fields) < 4 or not fields[2] or not fields[3]:
+        return SrsResult(
+            SrsVerdict.MALFORMED, f"{_short(address)}: an SRS0 address is SRS0=HASH=TT=host=user@domain"
+        )
+    given, stamp, host, user = fields
+    if len(stamp) != 2 or stamp[0] not in _BASE32_VALUE or stamp[1] not in _BASE32_VALUE:
+        return SrsResult(
+            SrsVerdict.MALFORMED, f"{_short(address)}: timestamp {stamp!r} is not two base32 characters"
+        )
+    if not _is_domain(host):
+        return SrsResult(SrsVerdict.MALFORMED, f"{_short(address)}: {host!r} is not a host name")
+    # The hash first: a forged address must be reported as forged, never as merely expired.
+    match = _check_hash(given, secrets, options, stamp, host, user)
+    if match is None:
+        return SrsResult(SrsVerdict.BAD_HASH, _bad_hash_reason(given, options))
+    age = (today - (_BASE32_VALUE[stamp[0]] << 5 | _BASE32_VALUE[stamp[1]])) % _SLOTS
+    if age > options.max_age:
+        when = f"{age} days old" if age < _SLOTS // 2 else f"from the future or {age} days old"
+        return SrsResult(
+            SrsVerdict.EXPIRED, f"SRS0 timestamp {stamp} is {when}; max_age is {options.max_age} days"
+        )
+    return SrsResult(SrsVerdict.VALID, f"valid SRS0{match}, {age} day(s) old", str(Address(user, host)))
+
+
+def _hash(secret: bytes, options: SrsOptions, *fields: str) -> str:
+    full = _full_hash(secret, fields)[: options.hash_length]
+    return full.translate(_TO_URLSAFE) if options.base64url else full
+
+
+def _full_hash(secret: bytes, fields: Sequence[str]) -> str:
+    """All 27 base64 characters of HMAC-SHA1 over the fields, each lowercased in ASCII only.
+
+    bytes.lower() touches A-Z only, like Perl's lc on bytes and libsrs2's tolower in the C locale; UTF-8
+    multi-byte sequences never contain A-Z bytes, so lowering the encoded field is exact.
+    """
+    mac = _keyed(secret).copy()
+    for item in fields:
+        mac.update(item.encode("utf-8").lower())
+    return base64.b64encode(mac.digest())[:_FULL_HASH].decode("ascii")
+
+
+@functools.lru_cache(maxsize=32)
+def _keyed(secret: bytes) -> hmac.HMAC:
+    """A keyed HMAC-SHA1 per secret, cached: copying it is cheaper than keying a new one per address."""
+    return hmac.new(secret, digestmod=hashlib.sha1)
+
+
+def _check_hash(given: str, secrets: Sequence[bytes], options: SrsOptions, *fields: str) -> str | None:
+    """None when no secret made this hash; else "" or a note that it matched only without case."""
+    n = len(given)
+    if n < options.hash_min or n > _FULL_HASH or not given.isascii():
+        return None
+    wanted = given.translate(_FROM_URLSAFE)
+    wanted_folded = wanted.lower().encode("ascii")
+    for secret in secrets:
+        full = _full_hash(secret, fields)[:n]
+        # Constant time, and without regard to case (Mail::SRS, libsrs2): relays do smash case.
+        if hmac.compare_digest(full.lower().encode("ascii"), wanted_folded):
+            return "" if full == wanted else " (the hash matched only without regard to case)"
+    return None
+
+
+def _bad_hash_reason(given: str, options: SrsOptions) -> str:
+    if len(given) < options.hash_min:
+        return f"SRS hash {given!r} is shorter than hash_min ({options.hash_min}): forged or truncated"
+    return (
+        "SRS hash does not match any of our secrets: forged, altered in transit, or made with another secret"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _alias_host(alias: str) -> str:
+    """The alias domain from a domain or an address at it (the part after the last '@')."""
+    host = alias.rpartition("@")[2]
+    try:
+        return parse_domain(host)
+    except AddressError as exc:
+        raise SrsError(f"SRS alias {alias!r} is not a domain or an address at one: {exc}") from exc
+
+
+def _is_domain(text: str) -> bool:
+    try:
+        parse_domain(text)
+    except AddressError:
+        return False
+    return True
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
