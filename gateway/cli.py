@@ -11,17 +11,24 @@ reverse), 2 a usage error or a file (keyring, config) that cannot be used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import GatewayError, UsageError
 from .keystore import DEFAULT_PATH
+
+if TYPE_CHECKING:
+    from .srs import SrsOptions
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -34,7 +41,7 @@ DEFAULT_SRS_MAX_AGE_DAYS = 21  # Mail::SRS, postsrsd and pysrs all default to 21
 # One line per command module; each exposes register(subparsers).
 COMMAND_MODULES: Sequence[str] = (
     "gateway.cli_keys",
-    # "gateway.cli_tags",  (enabled once prvs.py and srs.py land)
+    "gateway.cli_tags",
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -57,6 +64,8 @@ class Settings:
     keyring_path: Path = DEFAULT_KEYRING
     lifetime_days: int = DEFAULT_LIFETIME_DAYS
     srs_max_age_days: int = DEFAULT_SRS_MAX_AGE_DAYS
+    # The config's whole [srs] table, so `srs forward|reverse --config` matches the running gateway.
+    srs_options: SrsOptions | None = None
 
 
 def settings_from_config(path: Path | None) -> Settings:
@@ -71,6 +80,7 @@ def settings_from_config(path: Path | None) -> Settings:
         keyring_path=Path(config.keyring_path),
         lifetime_days=int(config.lifetime_days),
         srs_max_age_days=int(config.srs_max_age_days),
+        srs_options=config.policy.srs_options,
     )
 
 
@@ -146,5 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batv-gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
-        # `batv-gateway verify - | head`: the reader left; nothing more to say.
-        return EXIT_OK
+        # `batv-gateway verify - | head`: the reader left. Point stdout at /dev/null so that the
+        # interpreter's final flush does not fail a second time; not every answer was delivered: 1.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_NO

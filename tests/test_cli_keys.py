@@ -290,3 +290,51 @@ def test_keys_subprocess_end_to_end(tmp_path: Path) -> None:
     refused = gateway("list")
     assert refused.returncode == 2
     assert f"chmod 600 {keyring}" in refused.stderr
+
+
+def test_rotation_scenario_with_an_injected_clock(run: Run) -> None:
+    """A tag signed before `rotate` verifies after it; once the lifetime has passed and `prune` has run it
+    no longer does; tags of the new key verify throughout. prvs and SRS both."""
+    lifetime = ["--lifetime", "30"]  # longer than SRS's 21 days, so prune waits 30 + 1 days
+
+    def tag(verb: str, now: str, *argv: str) -> tuple[int, str]:
+        code = main([*verb.split(), "--keyring", str(run.keyring), "--now", now, *argv])
+        out, err = run.capsys.readouterr()
+        assert len(out.splitlines()) == 1, err
+        return code, out.strip()
+
+    run("init", "--now", "2024-01-01T12:00:00Z")
+    _, old_tag = tag("sign", "2024-01-01T12:00:00Z", *lifetime, "user@example.com")
+    _, old_srs = tag("srs forward", "2024-01-01T12:00:00Z", "--alias", "fwd.example.net", "user@example.com")
+    assert old_tag.startswith("prvs=0")
+
+    assert run("rotate", "--now", "2024-01-02T12:00:00Z", *lifetime)[0] == 0
+    _, new_tag = tag("sign", "2024-01-02T12:00:00Z", *lifetime, "user@example.com")
+    assert new_tag.startswith("prvs=1")
+
+    # After the rotation, before and after prune runs: both keys' tags verify, the old SRS address too.
+    for now in ("2024-01-02T12:00:00Z", "2024-01-20T00:00:00Z", "2024-01-30T00:00:00Z"):
+        assert run("prune", "--now", now, *lifetime)[1] == "nothing to prune\n"
+        assert tag("verify", now, *lifetime, old_tag) == (0, "user@example.com"), now
+        assert tag("verify", now, *lifetime, new_tag) == (0, "user@example.com"), now
+        if now < "2024-01-22":
+            assert tag("srs reverse", now, old_srs) == (0, "user@example.com"), now
+
+    # Key 0 stopped signing on Jan 2: its last tags live through Jan 2 + 30 + 1 (margin) = Feb 2.
+    assert run("prune", "--now", "2024-02-02T23:59:59Z", *lifetime)[1] == "nothing to prune\n"
+    assert run("prune", "--now", "2024-02-03T00:00:00Z", *lifetime)[1] == (
+        "retired key 0: every tag it signed has expired\n"
+    )
+    code, answer = tag("verify", "2024-02-03T00:00:00Z", *lifetime, old_tag)
+    assert code == 1 and not answer.startswith("user@")
+    # Not only expired: with the clock turned back, the old tag is refused because key 0 no longer verifies.
+    code, answer = tag("verify", "2024-01-20T00:00:00Z", *lifetime, old_tag)
+    assert code == 1 and answer.startswith("unknown-key: ")
+    code, answer = tag("srs reverse", "2024-01-10T00:00:00Z", old_srs)
+    assert code == 1 and answer.startswith("bad-hash: ")
+
+    # The new key signs and verifies throughout, and after prune.
+    assert tag("verify", "2024-02-01T00:00:00Z", *lifetime, new_tag) == (0, "user@example.com")
+    _, fresh = tag("sign", "2024-02-03T00:00:00Z", *lifetime, "user@example.com")
+    assert fresh.startswith("prvs=1")
+    assert tag("verify", "2024-02-03T00:00:00Z", *lifetime, fresh) == (0, "user@example.com")
