@@ -42,6 +42,7 @@ DEFAULT_SRS_MAX_AGE_DAYS = 21  # Mail::SRS, postsrsd and pysrs all default to 21
 COMMAND_MODULES: Sequence[str] = (
     "gateway.cli_keys",
     "gateway.cli_tags",
+    "gateway.cli_check",
 )
 
 Handler = Callable[[argparse.Namespace], int]
