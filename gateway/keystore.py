@@ -443,7 +443,7 @@ def lock_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
     """Hold an exclusive flock on `path`.lock so that two `keys` commands do not interleave.
 
     A separate lock file, because the keyring itself is replaced by rename and a lock on the old inode
@@ -455,7 +455,7 @@ def locked(path: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
     except OSError as exc:
         raise KeyringError(f"{lock_file}: cannot open the lock file: {exc.strerror}") from None
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (DEFAULT_LOCK_TIMEOUT if timeout is None else timeout)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,14 @@ def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> Non
     lines = out.splitlines()
     assert lines[0] == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
     assert lines[1].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
-    assert lines[2].split() == ["0", "active", "10d", kf.keyring.get(0).fingerprint,  # type: ignore[union-attr]
-                                T0, T0]
+    assert lines[2].split() == [
+        "0",
+        "active",
+        "10d",
+        kf.keyring.get(0).fingerprint,  # type: ignore[union-attr]
+        T0,
+        T0,
+    ]
     assert lines[3].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
     code, out, _ = run("list", "--json", "--now", "2024-01-11T12:00:00Z")
     document = json.loads(out)
@@ -275,7 +282,12 @@ def test_keys_subprocess_end_to_end(tmp_path: Path) -> None:
     def gateway(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "gateway", "keys", *argv, "--keyring", str(keyring)],
-            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+            check=False,
         )
 
     assert gateway("init", "--now", T0).returncode == 0
@@ -338,3 +350,58 @@ def test_rotation_scenario_with_an_injected_clock(run: Run) -> None:
     _, fresh = tag("sign", "2024-02-03T00:00:00Z", *lifetime, "user@example.com")
     assert fresh.startswith("prvs=1")
     assert tag("verify", "2024-02-03T00:00:00Z", *lifetime, fresh) == (0, "user@example.com")
+
+
+def test_a_second_keys_command_waits_for_the_lock_and_gives_up_clearly(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("init", "--now", T0)
+    before = run.keyring.read_bytes()
+    monkeypatch.setattr(keystore, "DEFAULT_LOCK_TIMEOUT", 0.0)
+    with keystore.locked(run.keyring):
+        code, _, err = run("add")
+    assert code == 2 and "another batv-gateway keys command holds the lock; try again" in err
+    assert run.keyring.read_bytes() == before
+    assert run("add")[0] == 0
+
+
+def test_concurrent_keys_commands_do_not_lose_updates(tmp_path: Path) -> None:
+    keyring = tmp_path / "keyring.toml"
+    keystore.save(keyring, keystore.new_keyring(datetime.now(UTC)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", "keys", "add", "--keyring", str(keyring)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=tmp_path,
+        )
+        for _ in range(4)
+    ]
+    results = [(*proc.communicate(timeout=60), proc.returncode) for proc in procs]
+    assert [code for _, _, code in results] == [0, 0, 0, 0], results
+    kf = keystore.load(keyring)
+    # Each read-modify-write saw the one before it: four new keys, four new generations.
+    assert kf.generation == 5
+    assert sorted(k.id for k in kf.keyring.keys) == [0, 1, 2, 3, 4]
+
+
+def test_keys_take_the_keyring_path_and_lifetimes_from_the_config(run: Run, tmp_path: Path) -> None:
+    keyring = tmp_path / "etc" / "keyring.toml"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{keyring}"\n\n[batv]\nlifetime_days = 3\n\n[srs]\nmax_age_days = 4\n'
+    )
+    code, out, err = run("init", "--config", str(config), "--now", T0, keyring=False)
+    assert code == 0, err
+    assert keystore.load(keyring).keyring.active.id == 0
+    run("rotate", "--config", str(config), "--now", T0, keyring=False)
+    # max(3, 4) + 1 margin: key 0's tags live through Jan 6.
+    assert run("prune", "--config", str(config), "--now", "2024-01-06T23:00:00Z", keyring=False)[1] == (
+        "nothing to prune\n"
+    )
+    code, out, _ = run("prune", "--config", str(config), "--now", "2024-01-07T00:00:00Z", keyring=False)
+    assert out == "retired key 0: every tag it signed has expired\n"
+    code, _, err = run("list", "--config", str(tmp_path / "missing.toml"), keyring=False)
+    assert code == 2 and "missing.toml" in err
