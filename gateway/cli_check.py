@@ -12,6 +12,7 @@ Exit codes: 0 when everything loads, 2 with one line naming the file and the key
 from __future__ import annotations
 
 import argparse
+import os
 import ssl
 import sys
 from pathlib import Path
@@ -53,21 +54,22 @@ def check(
 
 
 def _check_tls(config_path: Path, name: str, cert: Path, key: Path) -> None:
+    where = f"{config_path}: listener {name}"
+    # ssl's own errors do not say which of the two files is missing: look first.
+    for setting, path in (("tls_cert", cert), ("tls_key", key)):
+        if not path.is_file():
+            raise ConfigError(f"{where}: {setting}: {path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"{where}: {setting}: {path}: permission denied (the gateway's user must read it)"
+            )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{config_path}: listener {name}: {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise ConfigError(
-            f"{config_path}: listener {name}: {exc.filename}: permission denied"
-            " (the gateway's user must be able to read it)"
-        ) from None
-    except ssl.SSLError as exc:
+    except (OSError, ssl.SSLError) as exc:
         # The reason only (for example KEY_VALUES_MISMATCH): never the content of the key file.
-        raise ConfigError(
-            f"{config_path}: listener {name}: tls_cert {cert} and tls_key {key} do not load: {exc.reason}"
-        ) from None
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigError(f"{where}: tls_cert {cert} and tls_key {key} do not load: {reason}") from None
 
 
 def run(args: argparse.Namespace) -> int:

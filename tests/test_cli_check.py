@@ -1,0 +1,174 @@
+"""gateway/cli_check.py: `batv-gateway check-config` validates without starting anything."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway import keystore
+from gateway.cli import main
+
+NOW = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(folder: Path, extra_listener: str = "", lifetime: str = "7") -> Path:
+    path = folder / "gateway.toml"
+    path.write_text(
+        f"""
+[gateway]
+hostname = "mx.example.com"
+keyring = "{folder / "keyring.toml"}"
+local_domains = ["example.com"]
+
+[batv]
+lifetime_days = {lifetime}
+
+[[listener]]
+name = "mx"
+role = "inbound"
+listen = "127.0.0.1:2525"
+next_hop = "127.0.0.1:10025"
+{extra_listener}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, keystore.KeyringFile]:
+    kf = keystore.new_keyring(NOW)
+    keystore.save(tmp_path / "keyring.toml", kf)
+    return write_config(tmp_path), kf
+
+
+def test_good_config_and_keyring(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, kf = setup
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{config}: ok" in out and "mx (inbound 127.0.0.1:2525 -> 127.0.0.1:10025)" in out
+    assert f"active key 0 (fingerprint {kf.keyring.active.fingerprint})" in out
+    secret = kf.keyring.active.secret
+    assert base64.b64encode(secret).decode() not in out and secret.hex() not in out
+
+
+def test_quiet(setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]) -> None:
+    config, _ = setup
+    assert main(["check-config", "--config", str(config), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_broken_config_names_file_and_key(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    write_config(config.parent, lifetime='"seven"')
+    assert main(["check-config", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "lifetime_days" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_loose_keyring_is_refused(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    os.chmod(config.parent / "keyring.toml", 0o644)
+    assert main(["check-config", "--config", str(config)]) == 2
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_keyring_option_overrides(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    other = config.parent / "other.toml"
+    assert main(["check-config", "--config", str(config), "--keyring", str(other)]) == 2
+    assert str(other) in capsys.readouterr().err
+
+
+def test_config_option_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config"]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def make_cert(folder: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.com")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW)
+        .not_valid_after(NOW + dt.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_certificates_are_loaded(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    cert, key = make_cert(config.parent, "a")
+    write_config(config.parent, f'tls_cert = "{cert}"\ntls_key = "{key}"')
+    assert main(["check-config", "--config", str(config), "-q"]) == 0
+    # A key that does not belong to the certificate.
+    _, other_key = make_cert(config.parent, "b")
+    write_config(config.parent, f'tls_cert = "{cert}"\ntls_key = "{other_key}"')
+    assert main(["check-config", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "listener mx" in err and "do not load" in err
+    assert "PRIVATE KEY" not in err
+    write_config(config.parent, f'tls_cert = "{cert}"\ntls_key = "{config.parent / "gone.key"}"')
+    assert main(["check-config", "--config", str(config)]) == 2
+    assert "gone.key: no such file" in capsys.readouterr().err
+
+
+def test_as_a_subprocess(setup: tuple[Path, keystore.KeyringFile]) -> None:
+    config, _ = setup
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0 and ": ok" in ok.stdout, ok.stderr
+    write_config(config.parent, lifetime="0")
+    bad = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "lifetime_days" in bad.stderr
