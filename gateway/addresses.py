@@ -30,7 +30,7 @@ MAX_PATH = 256  # octets including "<" and ">", section 4.5.3.1.3
 MAX_ADDRESS = MAX_PATH - 2  # local@domain without the angle brackets
 MAX_LABEL = 63  # octets per domain label (RFC 1035)
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"  # the hyphen escaped: other ranges follow it in classes
 # Regular-expression sources for the fast path, shared with prvs.py and srs.py so that their hot paths
 # need one match per address: a plain ASCII dot-string, and an ASCII host name.
 PLAIN_LOCAL = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
