@@ -87,7 +87,10 @@ def settings_from_config(path: Path | None) -> Settings:
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", type=Path, help="take the keyring path and tag lifetimes from this config"
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="take the keyring path, tag lifetimes and SRS options from this config",
     )
 
 
