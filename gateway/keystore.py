@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -353,12 +352,18 @@ def prune(
 
 
 def check_permissions(path: Path, st: os.stat_result) -> None:
-    """Refuse a keyring that anyone but its owner may read or write, as ssh refuses a loose private key."""
+    """Refuse a keyring that anyone but its owner may read or write, as ssh refuses a loose private key.
+
+    One exception, PostgreSQL's rule for its TLS key: a root-owned file may also be read by its group
+    (0640, 0440), because only root chose that group. A Kubernetes Secret volume with fsGroup looks like
+    that (root:fsGroup, 0440), and so does the Debian ssl-cert pattern.
+    """
     if not stat.S_ISREG(st.st_mode):
         raise KeyringError(f"{path}: not a regular file")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        what = "readable" if mode & 0o044 else "writable" if mode & 0o022 else "accessible"
+    allowed = 0o040 if st.st_uid == 0 else 0
+    if mode & 0o077 & ~allowed:
+        what = "readable" if mode & 0o044 & ~allowed else "writable" if mode & 0o022 else "accessible"
         raise KeyringError(
             f"{path}: keyring is {what} by group or others (mode {mode:04o}); it is refused, as ssh refuses"
             f" a loose private key: fix it with 'chmod 600 {path}'"
@@ -368,12 +373,12 @@ def check_permissions(path: Path, st: os.stat_result) -> None:
 def _read(path: Path) -> tuple[bytes, os.stat_result]:
     """The whole file and the stat of the very file read (fstat, so a rename in between cannot mix them)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        # Symbolic links are followed: a Kubernetes Secret volume is made of them. The mode checked is
+        # the file's own (fstat of what was opened).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise KeyringError(f"{path}: no keyring here: create one with 'batv-gateway keys init'") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise KeyringError(f"{path}: is a symbolic link; give the real path of the keyring") from None
         raise KeyringError(f"{path}: cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -414,6 +419,7 @@ def write_atomic(path: Path, text: str) -> None:
     0600 from the start (mkstemp), and fsynced before the rename; the folder is fsynced after it, so the
     rename itself survives a power cut.
     """
+    path = _real(path)
     folder = path.parent
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
@@ -438,8 +444,14 @@ def save(path: Path, kf: KeyringFile) -> None:
     write_atomic(path, text)
 
 
+def _real(path: Path) -> Path:
+    """The file behind any symbolic links: a write must replace it, not the link."""
+    return Path(os.path.realpath(path))
+
+
 def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    real = _real(path)
+    return real.with_name(real.name + ".lock")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -81,10 +82,14 @@ def test_new_secrets_come_from_the_secrets_module_and_differ() -> None:
 
 
 def test_a_valid_hand_written_keyring_loads(tmp_path: Path) -> None:
-    path = write(tmp_path / "k.toml", keyring_text(
-        entry(3, "active"), entry(4, "verify", base64.b64encode(b"v" * 40).decode(),
-                                  "signed_until = 2024-01-02T00:00:00Z\n"),
-        entry(5, "retired", base64.b64encode(b"r" * 32).decode())))
+    path = write(
+        tmp_path / "k.toml",
+        keyring_text(
+            entry(3, "active"),
+            entry(4, "verify", base64.b64encode(b"v" * 40).decode(), "signed_until = 2024-01-02T00:00:00Z\n"),
+            entry(5, "retired", base64.b64encode(b"r" * 32).decode()),
+        ),
+    )
     kf = keystore.load(path)
     assert kf.keyring.active.id == 3
     assert kf.keyring.get(4) == Key(4, b"v" * 40, KeyState.VERIFY, T0, T0, datetime(2024, 1, 2, tzinfo=UTC))
@@ -95,8 +100,10 @@ def test_a_valid_hand_written_keyring_loads(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         (keyring_text(entry(0, secret="not*base64!")), "key 0: secret is not valid base64"),
-        (keyring_text(entry(2, secret=base64.b64encode(b"short").decode())),
-         "key 2: secret is 5 bytes; at least 32"),
+        (
+            keyring_text(entry(2, secret=base64.b64encode(b"short").decode())),
+            "key 2: secret is 5 bytes; at least 32",
+        ),
         (keyring_text(entry(1), entry(1, "verify")), "key 1: the id appears twice"),
         (keyring_text(entry(0, "verify")), "no key is active"),
         (keyring_text(entry(0), entry(1)), "keys 0, 1 are all active"),
@@ -106,8 +113,10 @@ def test_a_valid_hand_written_keyring_loads(tmp_path: Path) -> None:
         (keyring_text(entry(0)) + "extra = 1\n", "unknown setting 'extra'"),
         (keyring_text(entry(0)).replace("version = 1", "version = 2"), "version must be 1"),
         (keyring_text(entry(0)).replace("generation = 1", "generation = 0"), "generation must be"),
-        (keyring_text(entry(0)).replace("created = 2024-01-01T12:00:00Z", "created = 2024-01-01T12:00:00"),
-         "key 0: created must be a UTC date and time"),
+        (
+            keyring_text(entry(0)).replace("created = 2024-01-01T12:00:00Z", "created = 2024-01-01T12:00:00"),
+            "key 0: created must be a UTC date and time",
+        ),
         (keyring_text(), "no [[key]] entries"),
         ("version = [", "not valid TOML"),
     ],
@@ -142,11 +151,49 @@ def test_a_missing_keyring_says_how_to_create_one(tmp_path: Path) -> None:
         keystore.load(tmp_path / "none.toml")
 
 
-def test_a_symlinked_keyring_is_refused(saved: Path) -> None:
+def test_a_symlinked_keyring_loads_and_writes_go_to_the_real_file(saved: Path) -> None:
+    # A Kubernetes Secret volume is a tree of symbolic links.
     link = saved.with_name("link.toml")
     link.symlink_to(saved)
-    with pytest.raises(KeyringError, match="symbolic link"):
+    kf = keystore.load(link)
+    new, _ = keystore.add_key(kf, T0 + DAY, counter_token(60))
+    with keystore.locked(link):
+        keystore.save(link, new)
+    assert link.is_symlink() and keystore.load(saved) == new
+    assert keystore.lock_path(link) == keystore.lock_path(saved)
+    saved.chmod(0o644)
+    with pytest.raises(KeyringError, match=f"chmod 600 {link}"):
         keystore.load(link)
+
+
+def fake_stat(mode: int, uid: int) -> os.stat_result:
+    return os.stat_result((stat.S_IFREG | mode, 1, 1, 1, uid, 0, 10, 0, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "refused"),
+    [
+        (0o600, 1000, False),
+        (0o400, 1000, False),
+        (0o640, 1000, True),  # group-readable and not root's: refused, as ssh does
+        (0o604, 1000, True),
+        (
+            0o640,
+            0,
+            False,
+        ),  # root-owned, group-readable: PostgreSQL's exception (Kubernetes fsGroup, ssl-cert)
+        (0o440, 0, False),
+        (0o644, 0, True),  # others may read: always refused
+        (0o660, 0, True),  # group may write: always refused
+    ],
+)
+def test_permission_rule(mode: int, uid: int, refused: bool) -> None:
+    path = Path("/etc/batv-gateway/keyring.toml")
+    if refused:
+        with pytest.raises(KeyringError, match=f"mode {mode:04o}.*'chmod 600 {path}'"):
+            keystore.check_permissions(path, fake_stat(mode, uid))
+    else:
+        keystore.check_permissions(path, fake_stat(mode, uid))
 
 
 def test_no_secret_in_reprs() -> None:
@@ -341,7 +388,7 @@ def test_loader_reports_changes_and_never_hands_out_a_bad_keyring(saved: Path) -
 
     # Loose permissions are an error too; fixing the file brings the new keyring in.
     keystore.save(saved, first.keyring)  # type: ignore[arg-type]
-    saved.chmod(0o640)
+    saved.chmod(0o604)
     loose = loader.poll()
     assert loose.keyring == new and loose.error is not None and "chmod 600" in str(loose.error)
     saved.chmod(0o600)
