@@ -166,3 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_NO
+    except OSError as exc:
+        # A file or socket the command could not use (a folder that does not exist, no permission):
+        # one line naming it, not a traceback. OSError messages carry the file name, never its content.
+        print(f"batv-gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

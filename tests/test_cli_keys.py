@@ -405,3 +405,11 @@ def test_keys_take_the_keyring_path_and_lifetimes_from_the_config(run: Run, tmp_
     assert out == "retired key 0: every tag it signed has expired\n"
     code, _, err = run("list", "--config", str(tmp_path / "missing.toml"), keyring=False)
     assert code == 2 and "missing.toml" in err
+
+
+def test_an_unwritable_place_is_one_line_and_exit_2(run: Run, tmp_path: Path) -> None:
+    run("init", "--now", T0)
+    code, _, err = run("export", "--output", str(tmp_path / "no" / "such" / "folder" / "x.toml"))
+    assert code == 2
+    assert err.startswith("batv-gateway: error: ") and "No such file or directory" in err
+    assert "Traceback" not in err
