@@ -1,0 +1,140 @@
+"""The operations side of one running gateway: decision logs, metrics and health, sd_notify, live reload.
+
+`serve.run` has three seams and this class fills them, so that `cli_serve` wires everything in a few lines:
+- `observers`: the decision callbacks (one log line per decision; the counters);
+- `on_reload(gateway)`: called once the listeners are up; starts the reloader (SIGHUP and the keyring-file
+  watch) and returns the SIGHUP handler;
+- `ready(gateway)`: every listener is bound: /readyz turns 200 and systemd gets READY=1.
+`start()` (before `run`) opens the metrics endpoint, so a probe sees 503 rather than a refused connection
+while the gateway starts; `stopping()` (when the drain begins) turns /readyz back to 503 and tells systemd
+STOPPING=1; `close()` stops the watcher and the endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import keystore
+from .config import Config
+from .logs import DecisionLog, log_fields
+from .metrics import Metrics, MetricsServer
+from .reload import DEFAULT_POLL_INTERVAL, Reloader
+from .sdnotify import Notifier
+
+_log = logging.getLogger("gateway.ops")
+
+
+class Operations:
+    def __init__(
+        self,
+        config: Config,
+        keyring: keystore.KeyringFile,
+        *,
+        load_config: Callable[[], Config],
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        self.config = config
+        self.keyring = keyring
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.set_keyring(keyring.keyring, keyring.generation)
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.decision_log = DecisionLog()
+        self.reloader: Reloader | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.gateway: Any = None
+        self._load_config = load_config
+        self._poll_interval = poll_interval
+        self._ready = False
+
+    @property
+    def observers(self) -> Sequence[Callable[[Any], None]]:
+        return (self.decision_log, self.metrics.on_decision)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        listen = self.config.metrics.listen
+        if listen is not None:
+            self.metrics_server = MetricsServer(self.metrics, ready=lambda: self._ready)
+            await self.metrics_server.start(listen.host, listen.port)
+            log_fields(
+                _log,
+                logging.INFO,
+                "metrics endpoint up",
+                event="start",
+                metrics=f"{listen.host}:{self.metrics_server.port}",
+            )
+
+    def on_reload(self, gateway: Any) -> Callable[[], None]:
+        """serve.run's reload seam: the gateway exists and listens; start the reloader."""
+        self.gateway = gateway
+        self._watch_sessions(gateway)
+        self.reloader = Reloader(
+            self.config,
+            self.keyring,
+            load_config=self._load_config,
+            apply=gateway.apply,
+            metrics=self.metrics,
+            notifier=self.notifier,
+            poll_interval=self._poll_interval,
+        )
+        self.reloader.start_watching()
+        loop = asyncio.get_running_loop()
+        reloader, metrics = self.reloader, self.metrics
+
+        def on_sighup() -> None:
+            # The reload runs as a loop callback, not inside the signal handler.
+            loop.call_soon(_reload_safely, reloader, metrics)
+
+        return on_sighup
+
+    def ready(self, gateway: Any) -> None:
+        self._ready = True
+        listeners = ", ".join(
+            f"{lst.config.name} {lst.address[0]}:{lst.address[1]}" for lst in gateway.listeners
+        )
+        self.notifier.ready(status=f"serving: {listeners}")
+        log_fields(_log, logging.INFO, "ready", event="start", listeners=listeners)
+
+    def stopping(self, gateway: Any = None) -> None:
+        """The drain begins: new clients should go elsewhere."""
+        if self._ready:
+            self._ready = False
+            self.notifier.stopping()
+
+    async def close(self) -> None:
+        self.stopping()
+        if self.reloader is not None:
+            await self.reloader.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+
+    def _watch_sessions(self, gateway: Any) -> None:
+        """The open-sessions gauge reads the listeners' own session sets at scrape time: no counting twice."""
+        roles: dict[str, list[Any]] = {}
+        for lst in gateway.listeners:
+            roles.setdefault(lst.config.role.value, []).append(lst)
+        for role, listeners in roles.items():
+            self.metrics.open_sessions.labels(role).set_function(_session_counter(listeners))
+
+
+def _session_counter(listeners: Sequence[Any]) -> Callable[[], float]:
+    def count() -> float:
+        return float(sum(len(lst.sessions) for lst in listeners))
+
+    return count
+
+
+def _reload_safely(reloader: Reloader, metrics: Metrics) -> None:
+    try:
+        reloader.reload()
+    except Exception:
+        _log.exception("reload failed")
+        metrics.reload_done(False)

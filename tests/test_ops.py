@@ -1,0 +1,331 @@
+"""gateway/ops.py with a real gateway: metrics scraped while bounces pass, SIGHUP, a keyring change, logs.
+
+Each test runs `serve.run` (the code `batv-gateway serve` runs) on 127.0.0.1 port 0 in front of a fake next
+hop, with the metrics endpoint on another port 0, and stops it with SIGTERM, which the running gateway
+handles itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import config as config_mod
+from gateway import keystore, logs, prvs, serve
+from gateway.ops import Operations
+from tests.smtp_peers import FakeNextHop, RawClient
+
+NOW = datetime.now(UTC)
+
+CONFIG = """
+[gateway]
+hostname = "mx.test"
+keyring = "{keyring}"
+local_domains = ["example.com"]
+
+[policy]
+observe_domains = {observe}
+
+[[listener]]
+name = "mx"
+role = "inbound"
+listen = "127.0.0.1:0"
+next_hop = "127.0.0.1:{next_hop}"
+
+[limits]
+shutdown_deadline = 10
+guess_rate = 0
+
+[metrics]
+listen = "127.0.0.1:0"
+"""
+
+
+def today() -> int:
+    return int(time.time()) // 86400
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    logs.setup(logs.LogFormat.LOGFMT, stream=stream)
+    yield stream
+    logger = logging.getLogger("gateway")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+class Running:
+    def __init__(self, tmp_path: Path, hop: FakeNextHop) -> None:
+        self.dir = tmp_path
+        self.hop = hop
+        self.config_path = tmp_path / "gateway.toml"
+        self.keyring_path = tmp_path / "keyring.toml"
+        self.kf = keystore.new_keyring(NOW)
+        keystore.save(self.keyring_path, self.kf)
+        self.write_config()
+        self.ops: Operations | None = None
+        self.gateway: serve.Gateway | None = None
+
+    def write_config(self, observe: str = "[]", text: str | None = None) -> None:
+        self.config_path.write_text(
+            text
+            if text is not None
+            else CONFIG.format(keyring=self.keyring_path, observe=observe, next_hop=self.hop.port)
+        )
+
+    @property
+    def smtp_port(self) -> int:
+        assert self.gateway is not None
+        return self.gateway.listeners[0].address[1]
+
+    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        assert self.ops is not None and self.ops.metrics_server is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.ops.metrics_server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        return samples
+
+    async def value(self, name: str, **labels: str) -> float:
+        return (await self.scrape()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    async def wait_for(self, condition: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not await condition():
+                await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    async with FakeNextHop() as hop:
+        r = Running(tmp_path, hop)
+        config = config_mod.load(r.config_path)
+        ops = Operations(
+            config,
+            keystore.load(r.keyring_path),
+            load_config=lambda: config_mod.load(r.config_path),
+            poll_interval=0.05,
+        )
+        r.ops = ops
+        await ops.start()
+        up = asyncio.Event()
+
+        def ready(gateway: serve.Gateway) -> None:
+            r.gateway = gateway
+            ops.ready(gateway)
+            up.set()
+
+        task = asyncio.create_task(
+            serve.run(config, r.kf.keyring, observers=ops.observers, on_reload=ops.on_reload, ready=ready)
+        )
+        try:
+            async with asyncio.timeout(10):
+                await up.wait()
+            yield r
+        finally:
+            if not task.done():
+                # What systemd and Kubernetes send; serve.run's own handler drains and returns.
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert await asyncio.wait_for(task, 20) == 0
+            await ops.close()
+
+
+async def bounce(port: int, rcpt: str, body: bool = True) -> list[int]:
+    """A null-sender message to `rcpt`: the codes of RCPT and, if it was accepted, DATA and the dot."""
+    client = await RawClient.connect(port)
+    try:
+        assert (await client.ehlo())[0] == 250
+        assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+        codes = [(await client.cmd(f"RCPT TO:<{rcpt}>"))[0]]
+        if codes[0] == 250 and body:
+            codes.append((await client.cmd("DATA"))[0])
+            codes.append((await client.cmd("Subject: bounce\r\n\r\nDelivery failed.\r\n."))[0])
+        await client.cmd("QUIT")
+        return codes
+    finally:
+        await client.close()
+
+
+def test_metrics_move_as_forged_and_genuine_bounces_pass(tmp_path: Path, log_stream: io.StringIO) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            genuine = prvs.sign("bob@example.com", r.kf.keyring, today())
+            forged = "prvs=0" + "999" + "abcdef=bob@example.com"
+            assert await bounce(r.smtp_port, genuine) == [250, 354, 250]
+            assert await bounce(r.smtp_port, forged) == [550]
+            assert await bounce(r.smtp_port, "bob@example.com") == [550]
+            assert await bounce(r.smtp_port, genuine) == [250, 354, 250]
+            m = await r.scrape()
+            key = lambda **labels: tuple(sorted(labels.items()))  # noqa: E731
+            assert m[("batv_decisions_total", key(role="inbound", verdict="relay", reason="valid-prvs"))] == 2
+            assert m[("batv_decisions_total", key(role="inbound", verdict="reject", reason="bad-hash"))] == 1
+            assert m[("batv_decisions_total", key(role="inbound", verdict="reject", reason="unsigned"))] == 1
+            assert m[("batv_keyring_active_key_id", ())] == r.kf.keyring.active.id
+            assert m[("batv_keyring_generation", ())] == r.kf.generation
+            assert m[("batv_last_reload_success", ())] == 1
+            assert len(r.hop.messages) == 2
+            # A session counts while it is open.
+            client = await RawClient.connect(r.smtp_port)
+            await client.ehlo()
+            assert await r.value("batv_open_sessions", role="inbound") == 1
+            await client.cmd("QUIT")
+            await client.close()
+            await r.wait_for(lambda: _is(r.value("batv_open_sessions", role="inbound"), 0))
+
+    asyncio.run(scenario())
+    lines = log_stream.getvalue().splitlines()
+    decisions = [line for line in lines if "event=decision" in line]
+    assert len(decisions) == 4
+    assert any("verdict=reject reason=bad-hash" in line and "sender=<>" in line for line in decisions)
+    assert any(
+        "verdict=relay reason=valid-prvs key_id=0" in line and 'next_hop="250' in line for line in decisions
+    )
+
+
+async def _is(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
+
+
+def secret_forms(secret: bytes) -> list[str]:
+    return [
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode(),
+        secret.hex(),
+        secret.hex().upper(),
+        repr(secret)[2:-1],
+        secret.decode("latin-1"),
+    ]
+
+
+def test_log_lines_hold_no_secret(tmp_path: Path, log_stream: io.StringIO) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            genuine = prvs.sign("carol@example.com", r.kf.keyring, today())
+            await bounce(r.smtp_port, genuine)
+            await bounce(r.smtp_port, "prvs=0123abcdef=carol@example.com")
+            # A reload, a refused one, and a keyring change: all log.
+            r.write_config(text="broken [")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await r.wait_for(lambda: _is(r.value("batv_last_reload_success"), 0))
+            kf, _ = keystore.add_key(r.kf, NOW)
+            keystore.save(r.keyring_path, kf)
+            await r.wait_for(lambda: _is(r.value("batv_keyring_generation"), kf.generation))
+            r.kf = kf
+
+    asyncio.run(scenario())
+    text = log_stream.getvalue()
+    assert "event=decision" in text and "outcome=refused" in text and "reload applied" in text
+    for key in keystore.load(tmp_path / "keyring.toml").keyring.keys:
+        for form in secret_forms(key.secret):
+            assert form not in text
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one_and_sessions_in_flight_finish(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            genuine = prvs.sign("dave@example.com", r.kf.keyring, today())
+            # A transaction in flight: the client is in the middle of its message.
+            client = await RawClient.connect(r.smtp_port)
+            await client.ehlo()
+            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+            assert (await client.cmd(f"RCPT TO:<{genuine}>"))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            client.send("Subject: in flight\r\n\r\nfirst half")
+            await client.writer.drain()
+
+            r.write_config(text='[gateway]\nhostnme = "typo"\n')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await r.wait_for(lambda: _is(r.value("batv_last_reload_success"), 0))
+            assert await r.value("batv_reloads_total", result="refused") == 1
+
+            # The session was not dropped: it finishes its message and gets the next hop's 250.
+            assert (await client.cmd("second half\r\n."))[0] == 250
+            assert (await client.cmd("QUIT"))[0] == 221
+            await client.close()
+            assert len(r.hop.messages) == 1 and b"second half" in r.hop.messages[0].data
+            # The old config still rules: a forged bounce is refused.
+            assert await bounce(r.smtp_port, "prvs=0123abcdef=dave@example.com") == [550]
+
+            # A good config is applied on the next SIGHUP, without a restart: observe mode for the domain.
+            r.write_config(observe='["example.com"]')
+            os.kill(os.getpid(), signal.SIGHUP)
+            await r.wait_for(lambda: _is(r.value("batv_last_reload_success"), 1))
+            assert await bounce(r.smtp_port, "prvs=0123abcdef=dave@example.com", body=False) == [250]
+            assert await r.value("batv_would_reject_total", role="inbound", reason="bad-hash") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_keyring_file_change_is_picked_up_without_a_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            # A new key, pushed to this host as `verify` (phase 1 of a fleet rotation), signs elsewhere.
+            kf, new_key = keystore.add_key(r.kf, NOW)
+            elsewhere = keystore.activate(kf, new_key.id, NOW).keyring
+            tag = prvs.sign("erin@example.com", elsewhere, today())
+            assert await bounce(r.smtp_port, tag, body=False) == [550]  # unknown-key here, for now
+            keystore.save(r.keyring_path, kf)
+            await r.wait_for(lambda: _is(r.value("batv_keyring_generation"), kf.generation))
+            assert await bounce(r.smtp_port, tag) == [250, 354, 250]
+            m = await r.scrape()
+            assert (
+                m[
+                    (
+                        "batv_decisions_total",
+                        (("reason", "unknown-key"), ("role", "inbound"), ("verdict", "reject")),
+                    )
+                ]
+                == 1
+            )
+            assert m[("batv_keyring_keys", (("state", "verify"),))] == 1
+
+    asyncio.run(scenario())
+
+
+def test_readiness_follows_the_lifecycle(tmp_path: Path) -> None:
+    async def get(port: int, path: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        match = re.match(rb"HTTP/1.1 (\d+)", data)
+        assert match is not None
+        return int(match.group(1))
+
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            assert r.ops is not None and r.ops.metrics_server is not None
+            port = r.ops.metrics_server.port
+            assert await get(port, "/readyz") == 200
+            assert await get(port, "/healthz") == 200
+            r.ops.stopping()
+            assert await get(port, "/readyz") == 503
+            assert await get(port, "/healthz") == 200
+
+    asyncio.run(scenario())
