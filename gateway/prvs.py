@@ -118,12 +118,14 @@ def sign(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIF
     if not 0 <= lifetime < _DAYS:
         _check_lifetime(lifetime)
     m = _PLAIN_SIGNABLE.fullmatch(address)
-    if (
+    fast = (
         m is not None
         and (address[0] == "<") == (address[-1] == ">")
         and (len(address) <= _SHORT or (len(m[1]) <= MAX_LOCAL and plain_lengths_ok(m[1], m[2], _TAG_LENGTH)))
-    ):
-        # The common case: a plain address that is its own RFC 5321 form, so it is hashed as given.
+    )
+    if fast and m is not None:
+        # The common case: a plain address that is its own RFC 5321 form, so it is hashed as given, and
+        # short enough that the tagged address is within every limit.
         local, domain = m.group(1, 2)
         original = f"{local}@{domain}"
     else:
@@ -139,7 +141,7 @@ def sign(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIF
     if digest is None:  # cannot happen: the active key always verifies, so it has a cached state
         raise PrvsError(f"cannot sign: key {key_id} has no cached HMAC state")
     tagged_local = f"prvs={stamp}{digest[:3].hex()}={local}"
-    if m is not None:
+    if fast:
         return f"{tagged_local}@{domain}"
     tagged = str(Address(tagged_local, domain))
     if len(tagged.encode()) > MAX_ADDRESS:
