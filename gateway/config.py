@@ -58,6 +58,9 @@ class Limits:
     message_size_limit: int = 10_240_000  # Postfix message_size_limit; 552 5.3.4 past it
     recipient_limit: int = 1000  # Postfix smtpd_recipient_limit; 452 4.5.3 past it
     command_line_limit: int = 2048  # Postfix line_length_limit; RFC 3461 parameters make 512 too few
+    # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF (Exim 4.95+ refuses longer
+    # ones too). Past it: 500 5.5.2 after DATA, the next-hop transaction dropped. 0 = no limit.
+    line_length_limit: int = 1000
     command_timeout: float = 300.0  # Postfix smtpd_timeout; RFC 5321 4.5.3.2.7 gives 5 minutes
     data_timeout: float = 300.0  # between DATA chunks from the client
     next_hop_connect_timeout: float = 30.0  # Postfix smtp_connect_timeout
@@ -222,7 +225,9 @@ class _Table:
             try:
                 out.append(ipaddress.ip_network(text, strict=False))
             except ValueError:
-                raise self.error(key, f"{text!r} is not a network in CIDR form (for example 10.0.0.0/8)") from None
+                raise self.error(
+                    key, f"{text!r} is not a network in CIDR form (for example 10.0.0.0/8)"
+                ) from None
         return tuple(out)
 
     def table(self, key: str) -> _Table:
@@ -233,7 +238,10 @@ class _Table:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             known = ", ".join(sorted(self.used)) or "none read here"
-            raise self.error(unknown[0], f"unknown key (known keys in this table: {known}; see deploy/gateway.example.toml)")
+            raise self.error(
+                unknown[0],
+                f"unknown key (known keys in this table: {known}; see deploy/gateway.example.toml)",
+            )
 
 
 _TOP = ("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd")
@@ -257,7 +265,9 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
     root = _Table(origin, "", data)
     for key in data:
         if key not in _TOP:
-            raise root.error(key, f"unknown table (known tables: {', '.join(_TOP)}; see deploy/gateway.example.toml)")
+            raise root.error(
+                key, f"unknown table (known tables: {', '.join(_TOP)}; see deploy/gateway.example.toml)"
+            )
 
     gw = root.table("gateway")
     hostname = gw.string("hostname", "") or socket.getfqdn()
@@ -301,7 +311,9 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
         exempt_recipients=frozenset(po.strings("exempt_recipients")),
         exempt_senders=frozenset(po.strings("exempt_senders")),
         observe_domains=frozenset(po.strings("observe_domains")),
-        invalid_tag_with_sender=po.choice("invalid_tag_with_sender", InvalidTagAction, InvalidTagAction.ACCEPT),
+        invalid_tag_with_sender=po.choice(
+            "invalid_tag_with_sender", InvalidTagAction, InvalidTagAction.ACCEPT
+        ),
         skip_local_recipients=po.boolean("skip_local_recipients", False),
     )
     po.done()
@@ -321,9 +333,9 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
         if listen is None or next_hop is None:
             missing = "listen" if listen is None else "next_hop"
             raise lt.error(missing, "is required (HOST:PORT)")
-        cert, key = lt.path("tls_cert", None), lt.path("tls_key", None)
-        if (cert is None) != (key is None):
-            raise lt.error("tls_cert" if cert is None else "tls_key", "tls_cert and tls_key go together")
+        tls_cert, tls_key = lt.path("tls_cert", None), lt.path("tls_key", None)
+        if (tls_cert is None) != (tls_key is None):
+            raise lt.error("tls_cert" if tls_cert is None else "tls_key", "tls_cert and tls_key go together")
         listeners.append(
             ListenerConfig(
                 name=lt.string("name", f"{role.value}-{n + 1}"),
@@ -332,8 +344,8 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
                 next_hop=next_hop,
                 observe=lt.boolean("observe", False),
                 trusted=lt.networks("trusted", LOOPBACK),
-                tls_cert=cert,
-                tls_key=key,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
                 limits=_limits(lt.table("limits"), limits),
             )
         )
@@ -393,7 +405,9 @@ def load(path: Path) -> Config:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (give --config FILE, or copy deploy/gateway.example.toml)") from None
+        raise ConfigError(
+            f"{path}: no such file (give --config FILE, or copy deploy/gateway.example.toml)"
+        ) from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied (the gateway's user must be able to read it)") from None
     except tomllib.TOMLDecodeError as exc:
@@ -435,11 +449,20 @@ def with_flags(
         return config
     role = role or (config.listeners[0].role if config.listeners else Role.INBOUND)
     base = next((lc for lc in config.listeners if lc.role is role), None)
-    defaults = {Role.INBOUND: ("127.0.0.1:2525", "127.0.0.1:2526"), Role.OUTBOUND: ("127.0.0.1:2587", "127.0.0.1:2526")}
+    defaults = {
+        Role.INBOUND: ("127.0.0.1:2525", "127.0.0.1:2526"),
+        Role.OUTBOUND: ("127.0.0.1:2587", "127.0.0.1:2526"),
+    }
     try:
-        listen_hp = HostPort.parse(listen, "--listen") if listen else (base.listen if base else HostPort.parse(defaults[role][0]))
+        listen_hp = (
+            HostPort.parse(listen, "--listen")
+            if listen
+            else (base.listen if base else HostPort.parse(defaults[role][0]))
+        )
         hop_hp = (
-            HostPort.parse(next_hop, "--next-hop") if next_hop else (base.next_hop if base else HostPort.parse(defaults[role][1]))
+            HostPort.parse(next_hop, "--next-hop")
+            if next_hop
+            else (base.next_hop if base else HostPort.parse(defaults[role][1]))
         )
         nets = tuple(ipaddress.ip_network(t, strict=False) for t in trusted) if trusted else None
     except ValueError as exc:

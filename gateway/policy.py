@@ -109,7 +109,13 @@ class PolicySettings:
 
     def __post_init__(self) -> None:
         # Normalise once here so that every comparison below is a plain set lookup.
-        for name in ("local_domains", "signed_domains", "exempt_recipients", "exempt_senders", "observe_domains"):
+        for name in (
+            "local_domains",
+            "signed_domains",
+            "exempt_recipients",
+            "exempt_senders",
+            "observe_domains",
+        ):
             object.__setattr__(self, name, frozenset(d.lower().rstrip(".") for d in getattr(self, name)))
         object.__setattr__(self, "exempt_local_parts", frozenset(p.lower() for p in self.exempt_local_parts))
         if self.srs_alias is not None:

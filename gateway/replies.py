@@ -88,6 +88,7 @@ def tag_refused(address: str, why: str) -> Reply:
 def bad_address(address: str, why: str, status: str = "5.1.3") -> Reply:
     return Reply(501 if status.startswith("5.5") else 553, status, f"<{address}>: {why}")
 
+
 # --- the SMTP edge (relay.py, smtpd.py) ---------------------------------------------------------------
 # RFC 3463 X.3.3 "system not capable of selected features": the next hop lost an extension (8BITMIME,
 # SMTPUTF8, DSN) since we offered it; transient, as it may come back.
