@@ -85,6 +85,15 @@ def settings_from_config(path: Path | None) -> Settings:
     )
 
 
+def settings_of(args: argparse.Namespace) -> Settings:
+    """settings_from_config(args.config), read once per command however many options need it."""
+    cached: Settings | None = getattr(args, "_settings", None)
+    if cached is None:
+        cached = settings_from_config(getattr(args, "config", None))
+        args._settings = cached
+    return cached
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",

@@ -25,7 +25,7 @@ from .cli import (
     add_config_option,
     add_now_option,
     now_of,
-    settings_from_config,
+    settings_of,
 )
 from .errors import KeyringError, UsageError
 from .keyring import Key
@@ -123,7 +123,7 @@ def _days(text: str) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return settings_from_config(args.config)
+    return settings_of(args)
 
 
 def _path(args: argparse.Namespace) -> Path:

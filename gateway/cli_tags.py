@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keystore, prvs, srs
-from .cli import EXIT_NO, EXIT_OK, add_config_option, add_now_option, now_of, settings_from_config
+from .cli import EXIT_NO, EXIT_OK, add_config_option, add_now_option, now_of, settings_of
 from .errors import GatewayError, KeyringError, UsageError
 from .keyring import Keyring
 
@@ -200,17 +200,17 @@ def _srs_secrets(args: argparse.Namespace) -> tuple[bytes, ...]:
 
 def _keyring_path(args: argparse.Namespace) -> Path:
     explicit: Path | None = args.keyring
-    return explicit if explicit is not None else settings_from_config(args.config).keyring_path
+    return explicit if explicit is not None else settings_of(args).keyring_path
 
 
 def _lifetime_days(args: argparse.Namespace) -> int:
     given: int | None = args.lifetime
-    return given if given is not None else settings_from_config(args.config).lifetime_days
+    return given if given is not None else settings_of(args).lifetime_days
 
 
 def _srs_options_of(args: argparse.Namespace) -> srs.SrsOptions:
     """The SRS options: the config's [srs] table (or the defaults), then each flag given on top."""
-    settings = settings_from_config(args.config)
+    settings = settings_of(args)
     base = settings.srs_options or srs.SrsOptions(max_age=settings.srs_max_age_days)
     chosen: dict[str, Any] = {}
     for name in ("separator", "hash_length", "hash_min", "max_age", "always_rewrite"):
