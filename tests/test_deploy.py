@@ -10,19 +10,26 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gateway import config as config_mod
+from gateway import keystore
+from gateway.errors import KeyringError
 from gateway.metrics import Metrics
+from gateway.reload import Outcome, Reloader
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 KUBERNETES = DEPLOY / "kubernetes"
 BIN = Path(sys.executable).parent
+NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def tool(name: str) -> str:
@@ -347,3 +354,88 @@ def test_alert_rules_name_metrics_the_gateway_exports() -> None:
         assert rule["annotations"]["summary"]
     assert 'reason=~"bad-hash|unknown-key"' in alerts["BatvForgedTagBurst"]["expr"]
     assert alerts["BatvReloadFailed"]["expr"].strip() == "batv_last_reload_success == 0"
+
+
+def secret_volume(folder: Path, version: str, kf: keystore.KeyringFile, gid: int) -> None:
+    """Lay out a keyring the way the kubelet mounts a Secret: files in a timestamped folder, made current
+    by atomically replacing the `..data` link, and top-level names that link through `..data`. With fsGroup
+    the file is root-owned, group fsGroup, mode 0440."""
+    data = folder / version
+    data.mkdir()
+    target = data / "keyring.toml"
+    target.write_text(keystore.dump(kf))
+    os.chown(target, 0, gid)
+    target.chmod(0o440)
+    link = folder / "..data_tmp"
+    link.symlink_to(version)
+    os.replace(link, folder / "..data")
+    if not (folder / "keyring.toml").is_symlink():
+        (folder / "keyring.toml").symlink_to("..data/keyring.toml")
+
+
+def test_keyring_from_a_kubernetes_secret_volume_loads_and_reloads(tmp_path: Path) -> None:
+    """The ConfigMap's keyring path works with a Secret volume, and an update is picked up by polling."""
+    cfg = configmap_config()
+    volume = tmp_path / "keyring"
+    volume.mkdir()
+    first = keystore.new_keyring(NOW)
+    secret_volume(volume, "..2024_03_01_12_00_00.1", first, gid=10025)
+    path = volume / Path(cfg.keyring_path).name
+    assert path.is_symlink() and keystore.load(path) == first
+    config = replace(cfg, keyring_path=path)
+    applied: list[int] = []
+    reloader = Reloader(
+        config,
+        first,
+        load_config=lambda: config,
+        apply=lambda c, k: applied.append(k.active.id),
+        poll_interval=0,
+    )
+    assert reloader.poll_keyring() is None
+    second, key = keystore.add_key(first, NOW)
+    second = keystore.activate(second, key.id, NOW)
+    secret_volume(volume, "..2024_03_02_12_00_00.2", second, gid=10025)
+    result = reloader.poll_keyring()
+    assert result is not None and result.outcome is Outcome.APPLIED and applied == [key.id]
+
+
+def _load_as(uid: int, gid: int, path: Path) -> int:
+    """Load the keyring in a forked child that has dropped to uid/gid: 0 loaded, 1 refused, 2 unreadable.
+
+    A fork, not a new interpreter: the interpreter may live where another uid cannot run it."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            keystore.load(path)
+            code = 0
+        except KeyringError as exc:
+            code = 2 if "Permission denied" in str(exc) or "cannot open" in str(exc) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_the_gateway_user_reads_a_kubernetes_secret_volume() -> None:
+    """As the container's uid 10025 (not root), with the file root:10025 0440 as fsGroup makes it."""
+    if os.geteuid() != 0:
+        # Only root can lay out a root-owned file for another uid; the in-process test above covers
+        # the layout and the reload.
+        return
+    root = Path(tempfile.mkdtemp(prefix="batv-k8s-"))
+    try:
+        root.chmod(0o755)
+        volume = root / "keyring"
+        volume.mkdir()
+        kf = keystore.new_keyring(NOW)
+        secret_volume(volume, "..2024_03_01_12_00_00.1", kf, gid=10025)
+        (volume / "..2024_03_01_12_00_00.1").chmod(0o755)
+        assert _load_as(10025, 10025, volume / "keyring.toml") == 0
+        # Another uid, not in the group, cannot read it at all.
+        assert _load_as(10026, 10026, volume / "keyring.toml") == 2
+    finally:
+        shutil.rmtree(root)
