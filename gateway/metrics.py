@@ -152,28 +152,22 @@ class Metrics:
     # --- the edge's callbacks ---------------------------------------------------------------------
 
     def on_decision(self, event: Any) -> None:
-        """Counts one decision event (the same event the log line is made from)."""
+        """Counts one decision event (the same event the log line is made from: logs.DecisionEvent)."""
         role = _label(getattr(event, "role", None))
-        self.decisions.labels(role, _label(event.action), _label(event.reason)).inc()
-        would_reject = getattr(event, "would_reject", None)
-        if would_reject is not None:
-            self.would_reject.labels(role, _label(event.reason)).inc()
         reason = _label(event.reason)
         verdict = _label(event.action)
+        self.decisions.labels(role, verdict, reason).inc()
+        if getattr(event, "would_reject", None) is not None:
+            self.would_reject.labels(role, reason).inc()
         # An SRS address reversed at RCPT, or a sender SRS-rewritten on the way out.
         if verdict == "relay" and reason == "valid-srs":
             self.srs.labels("reverse").inc()
         elif verdict == "relay" and reason in ("srs0", "srs1"):
             self.srs.labels("forward").inc()
-        duration = getattr(event, "duration", None)
-        if isinstance(duration, int | float) and getattr(event, "transaction_end", False):
-            self.transaction_seconds.labels(role).observe(duration)
 
-    def session_opened(self, role: object) -> None:
-        self.open_sessions.labels(_label(role)).inc()
-
-    def session_closed(self, role: object) -> None:
-        self.open_sessions.labels(_label(role)).dec()
+    def count_sessions(self, role: object, count: Callable[[], float]) -> None:
+        """The open-sessions gauge of a role reads `count()` at scrape time (the listeners' own sets)."""
+        self.open_sessions.labels(_label(role)).set_function(count)
 
     def next_hop_error(self, kind: object) -> None:
         self.next_hop_errors.labels(_label(kind)).inc()

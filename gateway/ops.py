@@ -122,7 +122,7 @@ class Operations:
         for lst in gateway.listeners:
             roles.setdefault(lst.config.role.value, []).append(lst)
         for role, listeners in roles.items():
-            self.metrics.open_sessions.labels(role).set_function(_session_counter(listeners))
+            self.metrics.count_sessions(role, _session_counter(listeners))
 
 
 def _session_counter(listeners: Sequence[Any]) -> Callable[[], float]:

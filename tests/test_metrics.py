@@ -81,9 +81,9 @@ def test_decisions_would_rejects_and_srs() -> None:
 
 def test_sessions_next_hop_and_histograms() -> None:
     m = Metrics()
-    m.session_opened(Role.INBOUND)
-    m.session_opened(Role.INBOUND)
-    m.session_closed(Role.INBOUND)
+    sessions = [object(), object()]
+    m.count_sessions(Role.INBOUND, lambda: float(len(sessions)))
+    sessions.pop()
     m.next_hop_error("timeout")
     m.next_hop_reply("rcpt", 0.002)
     m.transaction_done(Role.OUTBOUND, 0.3)
