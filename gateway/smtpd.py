@@ -102,7 +102,9 @@ class DataDecoder:
 
     def __init__(self, size_limit: int | None, line_limit: int, mode: BareNewline = BareNewline.NORMALIZE):
         self._size_limit = size_limit or None
-        self._line_limit = line_limit  # octets, the CRLF included (RFC 5321 §4.5.3.1.6: 1000)
+        # octets, the CRLF included (RFC 5321 §4.5.3.1.6: 1000); 0: none but the message size (a line
+        # is only ever held whole while it is incomplete, so some bound is needed)
+        self._line_limit = line_limit or size_limit or 1 << 26
         self._mode = mode
         self._carry = b""
         self._after_crlf = True  # the previous line ended in CRLF (DATA's own line did)

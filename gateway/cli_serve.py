@@ -1,0 +1,114 @@
+"""`batv-gateway serve`: run the SMTP gateway from a config file, or from flags alone for a quick start.
+
+Flags override the file (config.with_flags). SIGTERM/SIGINT shut down cleanly (serve.py); SIGHUP reloads
+the config and the keyring (reload.py), and a changed keyring file is picked up without a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import GatewayError
+
+if TYPE_CHECKING:
+    from . import keystore
+    from .config import Config
+
+log = logging.getLogger("gateway.serve")
+ROLES = ("inbound", "outbound")  # config.Role's values; config is imported only when serve runs
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the SMTP gateway",
+        description="Run the SMTP gateway: every listener of the config, or one built from the flags.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path, help="the TOML config (deploy/gateway.example.toml)"
+    )
+    parser.add_argument("--role", choices=ROLES, help="the listener's role")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="where to listen")
+    parser.add_argument("--next-hop", metavar="HOST:PORT", help="where mail goes on to")
+    parser.add_argument("--keyring", metavar="PATH", help="the keyring file")
+    parser.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        action="append",
+        default=[],
+        help="a local and signed domain (repeatable)",
+    )
+    parser.add_argument("--srs-alias", metavar="DOMAIN", help="the SRS alias domain for forwarded mail")
+    parser.add_argument(
+        "--trusted",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a network allowed to relay (repeatable)",
+    )
+    parser.set_defaults(handler=handle, help_parser=parser)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    from . import config as config_module
+    from .config import Role
+
+    base = config_module.load(args.config) if args.config is not None else config_module.default()
+    return config_module.with_flags(
+        base,
+        role=Role(args.role) if args.role else None,
+        listen=args.listen,
+        next_hop=args.next_hop,
+        keyring=args.keyring,
+        domains=tuple(args.domain),
+        srs_alias=args.srs_alias,
+        trusted=tuple(args.trusted),
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    from . import keystore, logs
+
+    config = load_config(args)
+    if not config.listeners:
+        raise GatewayError("no listener: add a [[listener]] to the config, or give --listen and --next-hop")
+    kf = keystore.load(config.keyring_path)
+    try:
+        fmt = logs.LogFormat(config.log.format)
+    except ValueError:
+        fmt = logs.LogFormat.LOGFMT
+    logs.setup(fmt, config.log.level.upper())
+    return asyncio.run(_serve(args, config, kf))
+
+
+async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
+    # Imported here: the other sub-commands do not need the SMTP stack loaded.
+    from . import logs
+    from .reload import Reloader
+    from .serve import run
+
+    reloader: Reloader | None = None
+
+    def on_reload(gateway: Any) -> Any:
+        nonlocal reloader
+        reloader = Reloader(config, kf, load_config=lambda: load_config(args), apply=gateway.apply)
+        reloader.start_watching()
+        loop = asyncio.get_running_loop()
+        return lambda: loop.call_soon(_reload, reloader)
+
+    try:
+        return await run(config, kf.keyring, observers=[logs.DecisionLog()], on_reload=on_reload)
+    finally:
+        if reloader is not None:
+            await reloader.close()
+
+
+def _reload(reloader: Any) -> None:
+    try:
+        reloader.reload()
+    except Exception:
+        log.exception("reload failed")

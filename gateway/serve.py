@@ -1,0 +1,252 @@
+"""`serve`: listeners from the config, run until SIGTERM, a clean shutdown, and the reload seam.
+
+Shutdown (SIGTERM, SIGINT), as Postfix's `postfix stop` would like it and a mail client expects:
+1. stop accepting: the listening sockets close at once, so a load balancer or the MX's peers go elsewhere;
+2. every idle session is told `421 4.3.2` and closed; a session in a transaction finishes it (its DATA, its
+   pipelined QUIT), and is then told 421 at its next command;
+3. at `shutdown_deadline` whatever is left is cut. A client cut before our reply to its final dot keeps
+   the message and tries again (RFC 5321 §4.1.1.4 and §6.1: no 250, no responsibility taken).
+
+SIGHUP calls `on_reload` (the reloader fills it: config and keyring read afresh, then `apply`), which swaps
+the policy that new decisions read; nothing in flight is disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, Limits, ListenerConfig, Role
+from .errors import ConfigError
+from .guard import GuardSettings, GuessLimiter
+from .keyring import Keyring
+from .nexthop import NextHopPool, NextHopTimeouts
+from .policy import Policy
+from .relay import DecisionObserver, InboundRules, PolicyHolder, Relay, RoleRules
+from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
+
+log = logging.getLogger("gateway.serve")
+
+# Role -> the rules of that role. The outbound role (issue 6) registers itself here; the engine is shared.
+RulesFactory = Callable[[ListenerConfig, PolicyHolder], RoleRules]
+ROLE_RULES: dict[Role, RulesFactory] = {
+    Role.INBOUND: lambda listener, holder: InboundRules(holder, observe=listener.observe),
+}
+
+
+def edge_limits(limits: Limits) -> EdgeLimits:
+    return EdgeLimits(
+        message_size_limit=limits.message_size_limit,
+        recipient_limit=limits.recipient_limit,
+        line_length_limit=limits.line_length_limit,
+        command_line_limit=limits.command_line_limit,
+        command_timeout=limits.command_timeout,
+        data_timeout=limits.data_timeout,
+        max_sessions=limits.max_sessions,
+        max_sessions_per_client=limits.max_sessions_per_client,
+    )
+
+
+def guard_settings(limits: Limits) -> GuardSettings:
+    return GuardSettings(
+        soft_error_limit=limits.soft_error_limit,
+        hard_error_limit=limits.hard_error_limit,
+        error_sleep_time=limits.error_sleep_time,
+        guess_rate=limits.guess_rate,
+        guess_burst=max(1, limits.guess_burst),
+    )
+
+
+def next_hop_timeouts(limits: Limits) -> NextHopTimeouts:
+    command = limits.next_hop_command_timeout
+    return NextHopTimeouts(
+        connect=limits.next_hop_connect_timeout,
+        greeting=command,
+        command=command,
+        # RFC 5321 §4.5.3.2.4: our client waits 2 minutes for 354; answer before that.
+        data_init=min(command, 110.0),
+        data_block=limits.next_hop_data_block_timeout,
+        data_term=limits.next_hop_data_done_timeout,
+    )
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for STARTTLS (RFC 3207). Opportunistic: clients are not asked for certificates."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"tls_cert {cert} / tls_key {key}: cannot load: {error}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclass
+class Listener:
+    config: ListenerConfig
+    relay: Relay
+    context: EdgeContext
+    server: asyncio.Server | None = None
+    sessions: set[EdgeProtocol] = field(default_factory=set)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it actually listens (port 0 in the config: the port the kernel chose)."""
+        assert self.server is not None
+        sockname = self.server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+
+class Gateway:
+    """Every listener of one process, the policy they share, and their lifecycle."""
+
+    def __init__(
+        self,
+        config: Config,
+        keyring: Keyring,
+        observers: Sequence[DecisionObserver] = (),
+        guess_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.holder = PolicyHolder(Policy(config.policy, keyring))
+        self.observers = tuple(observers)
+        # One guess limiter for the process: a client's guesses count across all its sessions and ports.
+        self.guesses = GuessLimiter(guard_settings(config.limits), clock=guess_clock)
+        self.listeners: list[Listener] = [self._listener(lc) for lc in config.listeners]
+        self._stopping = False
+
+    def _listener(self, lc: ListenerConfig) -> Listener:
+        factory = ROLE_RULES.get(lc.role)
+        if factory is None:
+            raise ConfigError(f"listener {lc.name}: role {lc.role.value} is not available in this version")
+        limits = lc.limits
+        pool = NextHopPool(
+            lc.next_hop.host,
+            lc.next_hop.port,
+            self.config.hostname,
+            next_hop_timeouts(limits),
+            max_idle=limits.next_hop_pool_size,
+        )
+        relay = Relay(lc.name, factory(lc, self.holder), pool, limits.message_size_limit, self.observers)
+        tls = tls_context(lc.tls_cert, lc.tls_key) if lc.tls_cert and lc.tls_key else None
+        sessions: set[EdgeProtocol] = set()
+        context = EdgeContext(
+            hostname=self.config.hostname,
+            limits=edge_limits(limits),
+            guard=guard_settings(limits),
+            guesses=self.guesses,
+            gate=SessionGate(limits.max_sessions, limits.max_sessions_per_client),
+            new_relay=relay.session,
+            offer=lambda: relay.offer(tls is not None),
+            tls_context=tls,
+            sessions=sessions,
+        )
+        return Listener(lc, relay, context, sessions=sessions)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Learn what each next hop can carry before the first EHLO (a hop that is down now is asked again
+        # with the first transaction; until then EHLO offers only what any SMTP server can carry).
+        await asyncio.gather(*(lst.relay.pool.probe() for lst in self.listeners))
+        try:
+            for lst in self.listeners:
+                context = lst.context
+                lst.server = await loop.create_server(
+                    lambda context=context: EdgeProtocol(context),  # type: ignore[misc]
+                    lst.config.listen.host,
+                    lst.config.listen.port,
+                    reuse_address=True,
+                )
+                host, port = lst.address
+                log.info("listener %s (%s) on %s:%d", lst.config.name, lst.config.role.value, host, port)
+        except OSError as error:
+            await self.stop(0)
+            raise ConfigError(f"cannot listen: {error}") from None
+
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop accepting, let transactions in flight finish within `deadline` seconds, then cut."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if deadline is None:
+            deadline = self.config.limits.shutdown_deadline
+        for lst in self.listeners:
+            lst.context.shutting_down = True
+            if lst.server is not None:
+                lst.server.close()
+        for lst in self.listeners:
+            for session in list(lst.sessions):
+                session.shutdown()
+        end = time.monotonic() + deadline
+        while any(lst.sessions for lst in self.listeners) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        for lst in self.listeners:
+            for session in list(lst.sessions):
+                session.abort()
+        # Let the cut sessions run their cleanup (next-hop transactions dropped without the dot).
+        for _ in range(50):
+            if not any(lst.sessions for lst in self.listeners):
+                break
+            await asyncio.sleep(0.01)
+        for lst in self.listeners:
+            if lst.server is not None:
+                await lst.server.wait_closed()
+            await lst.relay.pool.close()
+
+    # ------------------------------------------------------------------ reload
+
+    def apply(self, config: Config, keyring: Keyring) -> None:
+        """The reloader's `apply`: new decisions use the new policy and keys. Listener addresses, TLS
+        files and limits are bound at start; the reloader reports those as needing a restart."""
+        self.holder.replace(Policy(config.policy, keyring))
+        self.config = config
+
+
+def install_signals(
+    loop: asyncio.AbstractEventLoop,
+    stop: Callable[[], None],
+    on_reload: Callable[[], None] | None,
+) -> Iterable[signal.Signals]:
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+        installed.append(sig)
+    if on_reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
+        installed.append(signal.SIGHUP)
+    return installed
+
+
+async def run(
+    config: Config,
+    keyring: Keyring,
+    *,
+    observers: Sequence[DecisionObserver] = (),
+    on_reload: Callable[[Gateway], Callable[[], None]] | None = None,
+    ready: Callable[[Gateway], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
+    `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests)."""
+    gateway = Gateway(config, keyring, observers)
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    await gateway.start()
+    installed = install_signals(loop, stopped.set, on_reload(gateway) if on_reload is not None else None)
+    try:
+        if ready is not None:
+            ready(gateway)
+        await stopped.wait()
+        log.info("shutting down: %g s for transactions in flight", config.limits.shutdown_deadline)
+        await gateway.stop()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0

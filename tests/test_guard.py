@@ -1,0 +1,96 @@
+"""guard.py: the error tally (Postfix soft/hard error limits) and the per-client failed-guess limiter."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_network
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_errors_below_the_soft_limit_cost_nothing() -> None:
+    tally = ErrorTally(GuardSettings(soft_error_limit=3, hard_error_limit=6, error_sleep_time=2.0))
+    assert [tally.error() for _ in range(3)] == [Penalty()] * 3
+
+
+def test_errors_past_the_soft_limit_sleep_and_the_hard_limit_disconnects() -> None:
+    tally = ErrorTally(GuardSettings(soft_error_limit=3, hard_error_limit=6, error_sleep_time=2.0))
+    penalties = [tally.error() for _ in range(6)]
+    # Postfix: sleep when errors > soft limit; disconnect when errors >= hard limit.
+    assert penalties[3] == Penalty(2.0) and penalties[4] == Penalty(2.0)
+    assert penalties[5] == Penalty(0.0, disconnect=True)
+
+
+def test_guesses_within_the_burst_are_answered_at_once_then_one_per_interval() -> None:
+    clock = FakeClock()
+    limiter = GuessLimiter(GuardSettings(guess_rate=1.0, guess_burst=3, max_guess_delay=100), clock)
+    delays = [limiter.failed_guess("192.0.2.1").delay for _ in range(6)]
+    assert delays == [0.0, 0.0, 0.0, 1.0, 2.0, 3.0]
+
+
+def test_guess_slots_come_back_with_time() -> None:
+    clock = FakeClock()
+    limiter = GuessLimiter(GuardSettings(guess_rate=2.0, guess_burst=1, max_guess_delay=100), clock)
+    assert limiter.failed_guess("192.0.2.1").delay == 0.0
+    assert limiter.failed_guess("192.0.2.1").delay == 0.5
+    clock.now += 10
+    assert limiter.failed_guess("192.0.2.1").delay == 0.0
+
+
+def test_a_client_that_would_wait_too_long_is_disconnected_and_not_scheduled() -> None:
+    clock = FakeClock()
+    limiter = GuessLimiter(GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=2.0), clock)
+    assert [limiter.failed_guess("192.0.2.1").delay for _ in range(3)] == [0.0, 1.0, 2.0]
+    assert limiter.failed_guess("192.0.2.1") == Penalty(0.0, disconnect=True)
+    # The refused guess took no slot: after one interval the client waits 2 s again, not 3.
+    clock.now += 1.0
+    assert limiter.failed_guess("192.0.2.1").delay == 2.0
+
+
+def test_clients_are_limited_separately_and_ipv6_by_its_64() -> None:
+    clock = FakeClock()
+    limiter = GuessLimiter(GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=100), clock)
+    assert limiter.failed_guess("192.0.2.1").delay == 0.0
+    assert limiter.failed_guess("192.0.2.2").delay == 0.0
+    assert limiter.failed_guess("2001:db8:1:2::1").delay == 0.0
+    assert limiter.failed_guess("2001:db8:1:2:ffff::9").delay == 1.0  # same /64
+    assert limiter.failed_guess("2001:db8:1:3::1").delay == 0.0
+
+
+def test_client_network() -> None:
+    assert client_network("192.0.2.7") == "192.0.2.7"
+    assert client_network("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_network("2001:db8::1") == "2001:db8::/64"
+    assert client_network("not-an-ip") == "not-an-ip"
+
+
+def test_rate_zero_turns_the_limiter_off() -> None:
+    limiter = GuessLimiter(GuardSettings(guess_rate=0.0), FakeClock())
+    assert not limiter.enabled
+    assert all(limiter.failed_guess("192.0.2.1") == Penalty() for _ in range(1000))
+
+
+def test_the_table_forgets_clients_whose_schedule_has_run_out() -> None:
+    clock = FakeClock()
+    limiter = GuessLimiter(GuardSettings(guess_rate=1000.0, guess_burst=1), clock)
+    for n in range(GuessLimiter._PRUNE_EVERY - 1):
+        limiter.failed_guess(f"10.0.{n // 256}.{n % 256}")
+    assert len(limiter) == GuessLimiter._PRUNE_EVERY - 1
+    clock.now += 10
+    limiter.failed_guess("192.0.2.1")
+    assert len(limiter) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"hard_error_limit": 0}, {"error_sleep_time": -1}, {"guess_rate": -1}, {"guess_burst": 0}]
+)
+def test_impossible_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        GuardSettings(**kwargs)  # type: ignore[arg-type]

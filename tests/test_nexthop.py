@@ -1,0 +1,256 @@
+"""nexthop.py: the asyncio SMTP client to the next hop, against real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway import replies
+from gateway.nexthop import (
+    Capabilities,
+    NextHopConnection,
+    NextHopError,
+    NextHopErrorKind,
+    NextHopPool,
+    NextHopReply,
+    NextHopTimeouts,
+)
+from tests.smtp_peers import LOCALHOST, AiosmtpdSink, FakeNextHop, Script, free_port, run
+
+FAST = NextHopTimeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_term=2, quit=1)
+
+
+async def connect(port: int, timeouts: NextHopTimeouts = FAST) -> NextHopConnection:
+    return await NextHopConnection.connect(LOCALHOST, port, "gw.test", timeouts)
+
+
+def test_ehlo_capabilities_are_parsed() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            conn = await connect(hop.port)
+            caps = conn.capabilities
+            assert caps.pipelining and caps.has("DSN") and caps.has("8BITMIME") and caps.size == 52428800
+            await conn.quit()
+            assert hop.lines == [b"EHLO gw.test", b"QUIT"]
+
+    run(body())
+
+
+def test_a_next_hop_without_ehlo_gets_helo_and_no_extensions() -> None:
+    async def body() -> None:
+        async with FakeNextHop(Script(ehlo_reply="502 5.5.2 what?")) as hop:
+            conn = await connect(hop.port)
+            assert conn.capabilities == Capabilities(frozenset(), None, esmtp=False)
+            assert hop.lines == [b"EHLO gw.test", b"HELO gw.test"]
+            conn.abort()
+
+    run(body())
+
+
+def test_pipelined_commands_get_their_own_replies_in_order() -> None:
+    async def body() -> None:
+        script = Script(rcpt_replies={"no@example.com": "550 5.1.1 <no@example.com>: unknown"})
+        async with FakeNextHop(script) as hop:
+            conn = await connect(hop.port)
+            mail = conn.send("MAIL FROM:<a@example.org> ENVID=Q+2Bx", 2)
+            yes = conn.send("RCPT TO:<yes@example.com> NOTIFY=SUCCESS,FAILURE", 2)
+            no = conn.send("RCPT TO:<no@example.com>", 2)
+            # Awaiting the last reads the ones before it, in order.
+            assert (await no).code == 550
+            assert (await mail).code == 250 and (await yes).code == 250
+            assert (await no).lines == ("5.1.1 <no@example.com>: unknown",)
+            assert hop.lines[1:] == [
+                b"MAIL FROM:<a@example.org> ENVID=Q+2Bx",
+                b"RCPT TO:<yes@example.com> NOTIFY=SUCCESS,FAILURE",
+                b"RCPT TO:<no@example.com>",
+            ]
+            conn.abort()
+
+    run(body())
+
+
+def test_a_streamed_body_arrives_exactly() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            conn = await connect(hop.port)
+            await conn.command("MAIL FROM:<>", 2)
+            await conn.command("RCPT TO:<b@example.com>", 2)
+            assert (await conn.command("DATA", 2)).code == 354
+            payload = b"".join(b"line %d ..x\r\n" % n for n in range(20000))
+            for start in range(0, len(payload), 7000):
+                await conn.send_data(payload[start : start + 7000])
+            final = await conn.end_data()
+            assert final.code == 250
+            assert hop.messages[0].data == payload
+            assert conn.usable
+            await conn.quit()
+
+    run(body())
+
+
+def test_a_multiline_reply_keeps_its_lines_for_the_client() -> None:
+    reply = NextHopReply(550, ("5.1.1 first", "5.1.1 second"))
+    assert reply.wire() == "550-5.1.1 first\r\n550 5.1.1 second"
+    assert NextHopReply(250, ("",)).wire() == "250"
+
+
+def test_a_down_next_hop_is_refused_and_maps_to_451_4_4_1() -> None:
+    async def body() -> None:
+        with pytest.raises(NextHopError) as caught:
+            await connect(free_port())
+        assert caught.value.kind is NextHopErrorKind.REFUSED
+        assert caught.value.reply == replies.NEXT_HOP_DOWN
+        assert caught.value.reply.code == 451 and caught.value.reply.status == "4.4.1"
+
+    run(body())
+
+
+def test_a_refusing_greeting_is_refused() -> None:
+    async def body() -> None:
+        async with FakeNextHop(Script(greeting="554 5.3.2 not now")) as hop:
+            with pytest.raises(NextHopError) as caught:
+                await connect(hop.port)
+            assert caught.value.kind is NextHopErrorKind.REFUSED
+
+    run(body())
+
+
+def test_a_slow_next_hop_times_out() -> None:
+    async def body() -> None:
+        async with FakeNextHop(Script(delays={"MAIL": 5})) as hop:
+            conn = await connect(hop.port, NextHopTimeouts(connect=2, greeting=2, command=0.2))
+            pending = conn.send("MAIL FROM:<>", 0.2)
+            with pytest.raises(NextHopError) as caught:
+                await pending
+            assert caught.value.kind is NextHopErrorKind.TIMEOUT
+            assert caught.value.reply.code == 451
+            assert not conn.usable
+            # Every later command fails at once with the same error; nothing is sent any more.
+            with pytest.raises(NextHopError):
+                conn.send("RCPT TO:<b@example.com>", 1)
+
+    run(body())
+
+
+def test_a_connection_dropped_mid_data_is_broken() -> None:
+    async def body() -> None:
+        async with FakeNextHop(Script(drop_after_bytes=1000)) as hop:
+            conn = await connect(hop.port)
+            await conn.command("MAIL FROM:<>", 2)
+            await conn.command("RCPT TO:<b@example.com>", 2)
+            await conn.command("DATA", 2)
+            with pytest.raises(NextHopError) as caught:
+                for _ in range(1000):
+                    await conn.send_data(b"x" * 100 + b"\r\n")
+                    await asyncio.sleep(0)
+                await conn.end_data()
+            assert caught.value.kind is NextHopErrorKind.BROKEN
+            assert caught.value.reply.code == 451
+            assert hop.messages == []
+
+    run(body())
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    async def body() -> None:
+        done = asyncio.Event()
+
+        async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HELLO I AM NOT SMTP\r\n")
+            await writer.drain()
+            await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            done.set()
+
+        server = await asyncio.start_server(garbage, LOCALHOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(NextHopError) as caught:
+                await connect(port)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            await done.wait()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(body())
+
+
+def test_commands_with_cr_or_lf_are_never_sent() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            conn = await connect(hop.port)
+            with pytest.raises(ValueError):
+                conn.send("MAIL FROM:<a@b>\r\nRCPT TO:<c@d>", 1)
+            conn.abort()
+
+    run(body())
+
+
+def test_the_pool_reuses_a_clean_connection_and_resets_an_abandoned_one() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            learned: list[Capabilities] = []
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST, on_capabilities=learned.append)
+            conn, reused = await pool.acquire()
+            assert not reused and learned and pool.capabilities is learned[0]
+            await conn.command("MAIL FROM:<>", 2)
+            await pool.reset_and_release(conn)
+            again, reused = await pool.acquire()
+            assert reused and again is conn
+            pool.release(again)
+            await pool.close()
+            assert hop.connections == 1
+            assert hop.commands == ["EHLO", "MAIL", "RSET", "QUIT"]
+
+    run(body())
+
+
+def test_the_pool_does_not_hand_out_a_connection_the_next_hop_closed() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST)
+            conn, _ = await pool.acquire()
+            pool.release(conn)
+            for writer in list(hop._writers):
+                writer.close()
+            await asyncio.sleep(0.1)
+            fresh, reused = await pool.acquire()
+            assert not reused and fresh is not conn
+            fresh.abort()
+            await pool.close()
+            assert hop.connections == 2
+
+    run(body())
+
+
+def test_idle_connections_expire() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST, idle_time=0.05)
+            conn, _ = await pool.acquire()
+            pool.release(conn)
+            await asyncio.sleep(0.1)
+            fresh, reused = await pool.acquire()
+            assert not reused
+            fresh.abort()
+            await pool.close()
+
+    run(body())
+
+
+def test_against_aiosmtpd() -> None:
+    async def body() -> None:
+        async with AiosmtpdSink() as sink:
+            conn = await connect(sink.port)
+            assert (await conn.command("MAIL FROM:<a@example.org>", 2)).code == 250
+            assert (await conn.command("RCPT TO:<b@example.com>", 2)).code == 250
+            assert (await conn.command("DATA", 2)).code == 354
+            await conn.send_data(b"Subject: x\r\n\r\nhello\r\n")
+            assert (await conn.end_data()).code == 250
+            await conn.quit()
+            assert sink.messages[0].content == b"Subject: x\r\n\r\nhello\r\n"
+
+    run(body())
