@@ -80,13 +80,13 @@ FULL_CASES = (
     Case("1 KiB, 100 sessions", 1024, 100, 4000),
     Case("100 KiB, 20 sessions", 100 * 1024, 20, 1500),
     Case("10 MiB, 20 sessions", 10 * 1024 * 1024, 20, 60),
-    Case("forged-bounce flood, 20 sessions", 0, 20, 4000, flood=True),
+    Case("forged-bounce flood, 20 sessions", 100, 20, 4000, flood=True),
 )
 SMOKE_CASES = (
     Case("1 KiB, 20 sessions", 1024, 20, 200),
     Case("100 KiB, 20 sessions", 100 * 1024, 20, 40),
     Case("1 MiB, 5 sessions", 1024 * 1024, 5, 10),
-    Case("forged-bounce flood, 20 sessions", 0, 20, 100, flood=True),
+    Case("forged-bounce flood, 20 sessions", 100, 20, 100, flood=True),
 )
 
 RELAY_SYSTEMS = ("limit", "naive", "outbound", "inbound")
@@ -485,7 +485,9 @@ def run_case(
             if dump and not case.flood:
                 dump_dir = bench.workdir / "dumps"
                 dump_dir.mkdir(exist_ok=True)
-                dump_dir.chmod(0o777)  # smtp-sink writes as nobody when started as root
+                # smtp-sink writes as nobody when started as root: it must reach and write the directory.
+                bench.workdir.chmod(0o711)
+                dump_dir.chmod(0o777)
                 dump_path = dump_dir / f"{slug(case.name)}-{system}"
             sink = Sink(
                 f"{slug(case.name)}-{system}-sink",
