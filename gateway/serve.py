@@ -18,7 +18,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,10 +112,12 @@ class Gateway:
         keyring: Keyring,
         observers: Sequence[DecisionObserver] = (),
         guess_clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self.holder = PolicyHolder(Policy(config.policy, keyring))
         self.observers = tuple(observers)
+        self._sleep = sleep
         # One guess limiter for the process: a client's guesses count across all its sessions and ports.
         self.guesses = GuessLimiter(guard_settings(config.limits), clock=guess_clock)
         self.listeners: list[Listener] = [self._listener(lc) for lc in config.listeners]
@@ -146,6 +148,7 @@ class Gateway:
             offer=lambda: relay.offer(tls is not None),
             tls_context=tls,
             sessions=sessions,
+            sleep=self._sleep,
         )
         return Listener(lc, relay, context, sessions=sessions)
 

@@ -327,6 +327,8 @@ class EdgeContext:
     tls_context: ssl.SSLContext | None = None
     sessions: set[EdgeProtocol] | None = None  # live sessions, for shutdown
     shutting_down: bool = False
+    # How the tarpit waits; tests inject a recorder so they never sleep.
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 def _wire(reply: ReplyLike) -> str:
@@ -476,7 +478,7 @@ class EdgeProtocol(SMTP):
         if reply.code >= 400 and reply.code != 421:
             penalty = penalty.then(self.errors.error())
         if penalty.delay:
-            await asyncio.sleep(penalty.delay)
+            await self.ctx.sleep(penalty.delay)
         await self.push(_wire(reply))
         if penalty.disconnect or outcome.close:
             if penalty.disconnect:
@@ -675,7 +677,8 @@ class EdgeProtocol(SMTP):
                 if not value.isdigit():
                     raise CommandError(Reply(501, "5.5.4", "Bad SIZE parameter"))
                 size = int(value)
-                if self.ctx.limits.message_size_limit and size > self.ctx.limits.message_size_limit:
+                # RFC 1870: refuse at MAIL what we (or the next hop, per the SIZE we offered) cannot take.
+                if offer.size and size > offer.size:
                     raise CommandError(replies.MESSAGE_TOO_BIG)
             elif keyword == "BODY" and offer and offer.eight_bit:
                 if value.upper() not in ("7BIT", "8BITMIME"):

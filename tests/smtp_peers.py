@@ -19,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -403,3 +403,62 @@ class RawClient:
         """Everything the server still sends until it closes the connection (a timeout fails the test)."""
         async with asyncio.timeout(timeout):
             return await self.reader.read()
+
+
+# ------------------------------------------------------------------------------------------------ gateway
+
+SECRET = b"s3cret-for-tests-only-0123456789abcdef"
+
+
+def make_keyring() -> Any:
+    from gateway.keyring import Key, Keyring
+
+    return Keyring((Key(1, SECRET),))
+
+
+def gateway_config(
+    next_hop_port: int,
+    *,
+    observe: bool = False,
+    domains: tuple[str, ...] = ("example.com",),
+    limits: dict[str, Any] | None = None,
+    listener: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
+) -> Any:
+    """A Config as the loader builds it from TOML: one inbound listener on 127.0.0.1 port 0."""
+    from gateway import config
+
+    data: dict[str, Any] = {
+        "gateway": {"hostname": "gw.test", "keyring": "unused.toml", "local_domains": list(domains)},
+        "listener": [
+            {
+                "name": "mx",
+                "role": "inbound",
+                "listen": f"{LOCALHOST}:0",
+                "next_hop": f"{LOCALHOST}:{next_hop_port}",
+                "observe": observe,
+                **(listener or {}),
+            }
+        ],
+        "limits": {"shutdown_deadline": 5, **(limits or {})},
+    }
+    if policy:
+        data["policy"] = policy
+    return config.parse(data, "<test>")
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(cfg: Any, keyring: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
+    """A started gateway.serve.Gateway; stopped (and every session and port closed) on the way out."""
+    from gateway.serve import Gateway
+
+    gw = Gateway(cfg, keyring if keyring is not None else make_keyring(), **kwargs)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop(5)
+
+
+def gateway_port(gw: Any, index: int = 0) -> int:
+    return int(gw.listeners[index].address[1])

@@ -1,0 +1,402 @@
+"""relay.py end to end: a real client, the gateway and a real (fault-injecting) next hop, over 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway import prvs, replies
+from gateway.policy import Action, Reason
+from gateway.relay import DecisionEvent
+from tests.smtp_peers import (
+    AiosmtpdSink,
+    FakeNextHop,
+    RawClient,
+    Script,
+    free_port,
+    gateway_config,
+    gateway_port,
+    make_keyring,
+    run,
+    running_gateway,
+)
+
+TODAY = int(time.time()) // 86400
+
+
+def tag(address: str, today: int = TODAY) -> str:
+    return prvs.sign(address, make_keyring(), today)
+
+
+def forged(address: str) -> str:
+    good = tag(address)
+    head, _, rest = good.partition("=")
+    code, _, local = rest.partition("=")
+    flipped = code[:-1] + ("0" if code[-1] != "0" else "1")
+    return f"{head}={flipped}={local}"
+
+
+def transactions(hop: FakeNextHop) -> list[str]:
+    """The next hop's commands, without the EHLO/QUIT of connection set-up and the start-up probe."""
+    return [c for c in hop.commands if c not in ("EHLO", "QUIT", "RSET")]
+
+
+async def send_message(client: RawClient, body: bytes = b"Subject: test\r\n\r\nhello\r\n") -> tuple[int, str]:
+    code, text = await client.cmd("DATA")
+    assert code == 354, (code, text)
+    client.send(body + b".\r\n")
+    await client.writer.drain()
+    return await client.reply()
+
+
+def test_a_valid_bounce_is_relayed_with_the_tag_stripped() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            assert (await client.ehlo())[0] == 250
+            assert await client.cmd("MAIL FROM:<>") == (250, "2.1.0 Sender OK")
+            assert (await client.cmd(f"RCPT TO:<{tag('bob@example.com')}>"))[0] == 250
+            # The next hop's own verdict on the message is what the client hears.
+            assert await send_message(client) == (250, "2.0.0 Ok: queued as FAKE")
+            assert (await client.cmd("QUIT"))[0] == 221
+            await client.close()
+            (message,) = hop.messages
+            assert message.mail == b"MAIL FROM:<>"
+            assert message.rcpts == [b"RCPT TO:<bob@example.com>"]
+            assert message.data == b"Subject: test\r\n\r\nhello\r\n"
+
+    run(body())
+
+
+def test_forged_expired_and_unsigned_bounces_are_refused_at_rcpt_and_the_next_hop_sees_nothing() -> None:
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(gateway_config(hop.port), observers=[events.append]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+            for rcpt, why in [
+                (forged("bob@example.com"), "bad-hash"),
+                (tag("bob@example.com", TODAY - 30), "expired"),
+                ("bob@example.com", "unsigned"),
+            ]:
+                code, text = await client.cmd(f"RCPT TO:<{rcpt}>")
+                assert code == 550 and text.startswith("5.7.1 "), (rcpt, code, text)
+                assert why in text
+            assert await client.cmd("DATA") == (554, "5.5.1 Error: no valid recipients")
+            await client.cmd("QUIT")
+            await client.close()
+            assert transactions(hop) == []
+            assert hop.messages == []
+            assert [e.action for e in events] == [Action.REJECT] * 3
+            assert [e.reason for e in events] == [Reason.BAD_HASH, Reason.EXPIRED, Reason.UNSIGNED]
+            assert all(e.next_hop_reply is None for e in events)
+
+    run(body())
+
+
+def test_postmaster_is_exempt() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<>")
+            assert (await client.cmd("RCPT TO:<postmaster@example.com>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<abuse@example.com>"))[0] == 250
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            assert hop.messages[0].rcpts == [
+                b"RCPT TO:<postmaster@example.com>",
+                b"RCPT TO:<abuse@example.com>",
+            ]
+
+    run(body())
+
+
+def test_observe_mode_accepts_and_reports_the_would_reject() -> None:
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, observe=True)
+            async with running_gateway(cfg, observers=[events.append]) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<>")
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await send_message(client))[0] == 250
+                await client.close()
+            assert hop.messages[0].rcpts == [b"RCPT TO:<bob@example.com>"]
+            (event,) = events
+            assert event.action is Action.RELAY
+            assert event.would_reject is not None and event.would_reject.code == 550
+            assert event.next_hop_reply is not None and event.next_hop_reply.startswith("250")
+
+    run(body())
+
+
+def test_dsn_and_other_parameters_arrive_at_the_next_hop_byte_for_byte() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            _, ehlo = await client.ehlo()
+            assert (
+                "DSN" in ehlo.split("\n")
+                and "8BITMIME" in ehlo.split("\n")
+                and "SMTPUTF8" in ehlo.split("\n")
+            )
+            mail_params = "SIZE=1234 BODY=8BITMIME RET=HDRS ENVID=QQ314159+2Bx SMTPUTF8"
+            rcpt_params = "NOTIFY=SUCCESS,DELAY ORCPT=rfc822;Bob+2BTag@Example.COM"
+            assert (await client.cmd(f"MAIL FROM:<alice@example.org> {mail_params}"))[0] == 250
+            assert (await client.cmd(f"RCPT TO:<bob@example.com> {rcpt_params}"))[0] == 250
+            assert (await client.cmd("RCPT TO:<carol@example.com> notify=never"))[0] == 250
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            message = hop.messages[0]
+            assert message.mail == f"MAIL FROM:<alice@example.org> {mail_params}".encode()
+            assert message.rcpts == [
+                f"RCPT TO:<bob@example.com> {rcpt_params}".encode(),
+                b"RCPT TO:<carol@example.com> notify=never",
+            ]
+
+    run(body())
+
+
+def test_extensions_the_next_hop_cannot_carry_are_not_offered_and_their_parameters_refused() -> None:
+    async def body() -> None:
+        script = Script(extensions=("PIPELINING", "SIZE 1000000"))
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            _, ehlo = await client.ehlo()
+            offered = ehlo.split("\n")
+            assert "DSN" not in offered and "8BITMIME" not in offered and "SMTPUTF8" not in offered
+            # SIZE is the smaller of ours and the next hop's.
+            assert "SIZE 1000000" in offered
+            code, _ = await client.cmd("MAIL FROM:<a@example.org> RET=FULL")
+            assert code == 555
+            code, _ = await client.cmd("MAIL FROM:<a@example.org> BODY=8BITMIME")
+            assert code == 555
+            code, text = await client.cmd("MAIL FROM:<a@example.org> SIZE=2000000")
+            assert (code, text) == (552, "5.3.4 Message size exceeds fixed maximum message size")
+            await client.close()
+
+    run(body())
+
+
+def test_a_next_hop_that_refuses_one_recipient_of_two_is_reported_per_recipient() -> None:
+    async def body() -> None:
+        script = Script(rcpt_replies={"nobody@example.com": "550 5.1.1 <nobody@example.com>: User unknown"})
+        events: list[DecisionEvent] = []
+        async with (
+            FakeNextHop(script) as hop,
+            running_gateway(gateway_config(hop.port), observers=[events.append]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<alice@example.org>")
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert await client.cmd("RCPT TO:<nobody@example.com>") == (
+                550,
+                "5.1.1 <nobody@example.com>: User unknown",
+            )
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            assert hop.messages[0].rcpts == [b"RCPT TO:<bob@example.com>"]
+            assert [e.next_hop_reply for e in events] == [
+                "250 2.1.5 Ok",
+                "550 5.1.1 <nobody@example.com>: User unknown",
+            ]
+
+    run(body())
+
+
+def test_pipelined_commands_are_answered_in_order() -> None:
+    async def body() -> None:
+        script = Script(rcpt_replies={"nobody@example.com": "450 4.2.0 try later"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            client.send(
+                "MAIL FROM:<>\r\n"
+                f"RCPT TO:<{tag('bob@example.com')}>\r\n"
+                "RCPT TO:<bob@example.com>\r\n"
+                "RCPT TO:<postmaster@example.com>\r\n"
+                f"RCPT TO:<{tag('nobody@example.com')}>\r\n"
+                "DATA"
+            )
+            codes = [(await client.reply())[0] for _ in range(6)]
+            assert codes == [250, 250, 550, 250, 450, 354]
+            client.send(b"hi\r\n.\r\nQUIT\r\n")
+            assert (await client.reply())[0] == 250
+            assert (await client.reply())[0] == 221
+            await client.close()
+            assert hop.messages[0].rcpts == [
+                b"RCPT TO:<bob@example.com>",
+                b"RCPT TO:<postmaster@example.com>",
+            ]
+
+    run(body())
+
+
+def test_a_dead_next_hop_gives_a_4xx_and_never_a_250() -> None:
+    async def body() -> None:
+        async with running_gateway(gateway_config(free_port())) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+            assert await client.cmd(f"RCPT TO:<{tag('bob@example.com')}>") == (
+                451,
+                "4.4.1 " + replies.NEXT_HOP_DOWN.text,
+            )
+            code, _ = await client.cmd("DATA")
+            assert 400 <= code < 500
+            await client.close()
+
+    run(body())
+
+
+def test_a_next_hop_that_drops_the_connection_mid_data_gives_a_4xx() -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop(Script(drop_after_bytes=5000)) as hop,
+            running_gateway(gateway_config(hop.port)) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            code, text = await send_message(client, b"x" * 70 + b"\r\n" * 1 + (b"y" * 70 + b"\r\n") * 2000)
+            assert (code, text) == (451, "4.4.2 " + replies.NEXT_HOP_BROKEN.text)
+            assert hop.messages == []
+            # The session goes on: the next transaction gets a fresh next-hop connection.
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            hop.script.drop_after_bytes = None
+            assert (await send_message(client))[0] == 250
+            await client.close()
+
+    run(body())
+
+
+def test_a_next_hop_too_slow_with_its_verdict_gives_a_4xx() -> None:
+    async def body() -> None:
+        limits = {"next_hop_data_done_timeout": 0.3}
+        async with (
+            FakeNextHop(Script(delays={"DOT": 5})) as hop,
+            running_gateway(gateway_config(hop.port, limits=limits)) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            assert await send_message(client) == (451, "4.4.2 " + replies.NEXT_HOP_TIMEOUT.text)
+            await client.close()
+
+    run(body())
+
+
+def test_a_next_hop_refusing_the_sender_is_reported_at_rcpt() -> None:
+    async def body() -> None:
+        script = Script(mail_reply="451 4.3.0 sender check failed, try later")
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            assert await client.cmd("RCPT TO:<bob@example.com>") == (
+                451,
+                "4.3.0 sender check failed, try later",
+            )
+            assert await client.cmd("RCPT TO:<carol@example.com>") == (
+                451,
+                "4.3.0 sender check failed, try later",
+            )
+            assert (await client.cmd("DATA"))[0] in (451, 554)
+            await client.close()
+
+    run(body())
+
+
+def test_a_421_from_the_next_hop_is_not_passed_on_as_421() -> None:
+    async def body() -> None:
+        script = Script(rcpt_replies={"bob@example.com": "421 4.3.2 shutting down"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            assert await client.cmd("RCPT TO:<bob@example.com>") == (451, "4.3.2 shutting down")
+            await client.close()
+
+    run(body())
+
+
+def test_relaying_is_refused_and_the_next_hop_sees_nothing() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            for rcpt in [
+                "someone@elsewhere.test",
+                "bob%elsewhere.test@example.com",
+                '"bob@elsewhere.test"@example.com',
+            ]:
+                code, text = await client.cmd(f"RCPT TO:<{rcpt}>")
+                assert code == 554 and text.startswith("5.7.1"), (rcpt, code, text)
+            await client.close()
+            assert transactions(hop) == []
+
+    run(body())
+
+
+def test_the_next_hop_connection_is_reused_across_messages() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            for _ in range(3):
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<a@example.org>")
+                await client.cmd("RCPT TO:<bob@example.com>")
+                assert (await send_message(client))[0] == 250
+                await client.cmd("QUIT")
+                await client.close()
+            assert len(hop.messages) == 3
+            assert hop.connections == 1  # the start-up probe's connection, reused for all three
+
+    run(body())
+
+
+def test_an_internal_error_never_leaks_to_the_client() -> None:
+    class BrokenPolicy:
+        def inbound_rcpt(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("secret internal detail")
+
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            gw.holder.replace(BrokenPolicy())
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<>")
+            code, text = await client.cmd("RCPT TO:<bob@example.com>")
+            assert (code, text) == (451, "4.3.0 " + replies.LOCAL_ERROR.text)
+            assert "secret" not in text
+            await client.close()
+
+    run(body())
+
+
+def test_relaying_through_aiosmtpd() -> None:
+    async def body() -> None:
+        async with AiosmtpdSink() as sink, running_gateway(gateway_config(sink.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<>")
+            await client.cmd(f"RCPT TO:<{tag('bob@example.com')}>")
+            assert (await send_message(client, b"Subject: x\r\n\r\n..dot\r\n"))[0] == 250
+            await client.close()
+            (message,) = sink.messages
+            assert message.rcpt_tos == ["bob@example.com"]
+            assert message.content == b"Subject: x\r\n\r\n.dot\r\n"
+
+    run(body())
