@@ -122,7 +122,8 @@ def forward(
     if parsed is None:
         raise SrsError("the null sender <> is never rewritten: bounces must keep an empty return path")
     local, host = parsed.local, parsed.domain
-    if not options.always_rewrite and host.lower() == alias_host.lower():
+    # Compared in ASCII case only, like Perl's lc and C's strcasecmp in Mail::SRS and postsrsd.
+    if not options.always_rewrite and host.encode().lower() == alias_host.encode().lower():
         return str(parsed)
     tag, sep = local[:4].upper(), local[4:5]
     if tag == "SRS1" and sep in _SEPARATORS:
