@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import ssl
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway import replies
 from gateway.smtpd import BareNewline, DataDecoder, DataFailure
+from tests.smtp_peers import (
+    FakeNextHop,
+    RawClient,
+    gateway_config,
+    gateway_port,
+    make_cert,
+    run,
+    running_gateway,
+)
 
 
 def decode(
@@ -161,3 +174,237 @@ def test_nothing_the_next_hop_gets_is_bare_or_ends_data_early(junk: bytes, cuts:
         assert not _BARE.search(out)
         assert b"\r\n.\r\n" not in out and not out.startswith(b".\r\n")
         assert out == b"" or out.endswith(b"\r\n")
+
+
+# ------------------------------------------------------------------------------------------------ the edge
+
+
+async def start_transaction(client: RawClient, rcpt: str = "bob@example.com") -> None:
+    await client.ehlo()
+    assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+    assert (await client.cmd(f"RCPT TO:<{rcpt}>"))[0] == 250
+
+
+def test_past_the_size_limit_the_next_hop_transaction_is_dropped_without_the_final_dot() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, limits={"message_size_limit": 10_000})
+            async with running_gateway(cfg) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await start_transaction(client)
+                assert (await client.cmd("DATA"))[0] == 354
+                client.send((b"z" * 98 + b"\r\n") * 300 + b".\r\n")
+                assert await client.reply() == (552, "5.3.4 " + replies.MESSAGE_TOO_BIG.text)
+                # The session goes on, and a message within the limit is relayed.
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await client.cmd("DATA"))[0] == 354
+                assert await client.cmd("small\r\n.") == (250, "2.0.0 Ok: queued as FAKE")
+                await client.close()
+            assert len(hop.messages) == 1 and hop.messages[0].data == b"small\r\n"
+            assert hop.commands.count("DATA") == 2
+
+    run(body())
+
+
+def test_smuggling_with_bare_newlines_does_not_make_a_second_message() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await start_transaction(client)
+            assert (await client.cmd("DATA"))[0] == 354
+            client.send(
+                b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<bob@example.com>\n"
+                b"DATA\nSubject: two\r\n.\r\n"
+            )
+            assert (await client.reply())[0] == 250
+            await client.close()
+            (message,) = hop.messages
+            assert message.data == (
+                b"Subject: one\r\n\r\nfirst\r\n\r\nMAIL FROM:<evil@example.org>\r\n"
+                b"RCPT TO:<bob@example.com>\r\nDATA\r\nSubject: two\r\n"
+            )
+            assert hop.commands.count("MAIL") == 1
+
+    run(body())
+
+
+def test_a_line_over_the_limit_is_refused() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port, limits={"line_length_limit": 100})) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await start_transaction(client)
+                assert (await client.cmd("DATA"))[0] == 354
+                client.send(b"a" * 200 + b"\r\n.\r\n")
+                assert await client.reply() == (500, "5.5.2 Line too long")
+                await client.close()
+            assert hop.messages == []
+
+    run(body())
+
+
+def test_too_many_recipients() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port, limits={"recipient_limit": 2})) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await start_transaction(client)
+                assert (await client.cmd("RCPT TO:<carol@example.com>"))[0] == 250
+                assert await client.cmd("RCPT TO:<dave@example.com>") == (452, "4.5.3 Too many recipients")
+                assert (await client.cmd("DATA"))[0] == 354
+                assert (await client.cmd("x\r\n."))[0] == 250
+                await client.close()
+            assert len(hop.messages[0].rcpts) == 2
+
+    run(body())
+
+
+def test_command_syntax_and_sequence() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            assert (await client.reply())[0] == 220
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 503
+            assert (await client.cmd("HELO client.test"))[0] == 250
+            assert (await client.cmd("MAIL FROM:<a@example.org> SIZE=10"))[0] == 501  # no EHLO, no parameters
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 503
+            assert (await client.cmd("EHLO client.test"))[0] == 250
+            assert (await client.cmd("MAIL FROM:a@example.org"))[0] == 501
+            assert (await client.cmd("MAIL FROM:<a@example.org> FOO=BAR"))[0] == 555
+            assert (await client.cmd("MAIL FROM:<a@example.org> SIZE=1 SIZE=2"))[0] == 501
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 503
+            assert (await client.cmd("DATA"))[0] == 503
+            assert (await client.cmd("RCPT TO:<>"))[0] == 501
+            assert (await client.cmd("RCPT TO:<bob@example.com> NOTIFY=SOMETIMES"))[0] == 501
+            assert (await client.cmd("RSET"))[0] == 250
+            assert (await client.cmd("VRFY bob"))[0] == 252
+            assert (await client.cmd("EXPN list"))[0] == 502
+            assert (await client.cmd("NOOP"))[0] == 250
+            assert (await client.cmd("HELP"))[0] == 214
+            assert (await client.cmd("AUTH PLAIN AGFAYg=="))[0] == 500  # not offered, not known
+            assert (await client.cmd("QUIT"))[0] == 221
+            assert await client.rest() == b""
+            await client.close()
+
+    run(body())
+
+
+def test_odd_but_valid_addresses_take_the_slow_path_and_pass_unchanged() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert (await client.cmd('MAIL FROM:<"odd sender"@example.org>'))[0] == 250
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            assert (await client.cmd("x\r\n."))[0] == 250
+            # UTF-8 needs SMTPUTF8 (RFC 6531 §3.4).
+            assert (await client.cmd("MAIL FROM:<jörg@example.org>"))[0] == 553
+            assert (await client.cmd("MAIL FROM:<jörg@example.org> SMTPUTF8"))[0] == 250
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            await client.close()
+            assert hop.messages[0].mail == b'MAIL FROM:<"odd sender"@example.org>'
+
+    run(body())
+
+
+def test_an_over_long_command_line_is_refused_and_the_session_goes_on() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert await client.cmd("NOOP " + "x" * 5000) == (500, "5.5.2 Line too long")
+            assert (await client.cmd("NOOP"))[0] == 250
+            await client.close()
+
+    run(body())
+
+
+def test_an_idle_client_is_told_421_and_disconnected() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port, limits={"command_timeout": 0.3})) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                assert await client.rest() == f"{replies.TIMEOUT}\r\n".encode()
+                await client.close()
+
+    run(body())
+
+
+def test_sessions_per_client_are_limited() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port, limits={"max_sessions_per_client": 1})) as gw:
+                first = await RawClient.connect(gateway_port(gw))
+                await first.ehlo()
+                second = await RawClient.connect(gateway_port(gw))
+                assert await second.rest() == f"{replies.TOO_MANY_FROM_CLIENT}\r\n".encode()
+                await second.close()
+                await first.cmd("QUIT")
+                await first.close()
+                for _ in range(100):  # the server notices the first session's end
+                    if not gw.listeners[0].sessions:
+                        break
+                    await asyncio.sleep(0.01)
+                third = await RawClient.connect(gateway_port(gw))
+                assert (await third.ehlo())[0] == 250
+                await third.close()
+
+    run(body())
+
+
+def test_too_many_errors_end_the_session() -> None:
+    async def body() -> None:
+        limits = {"soft_error_limit": 1, "hard_error_limit": 3, "error_sleep_time": 0.0}
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port, limits=limits)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 503
+            assert (await client.cmd("DATA"))[0] == 503
+            assert (await client.cmd("BOGUS"))[0] == 500
+            assert await client.rest() == f"{replies.TOO_MANY_ERRORS}\r\n".encode()
+            await client.close()
+
+    run(body())
+
+
+def test_starttls_when_the_listener_has_a_certificate(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+
+    async def body() -> None:
+        listener = {"tls_cert": str(cert), "tls_key": str(key)}
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port, listener=listener)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            _, ehlo = await client.ehlo()
+            assert "STARTTLS" in ehlo.split("\n")
+            assert (await client.cmd("STARTTLS"))[0] == 220
+            context = ssl.create_default_context(cafile=str(cert))
+            await client.writer.start_tls(context, server_hostname="gw.test")
+            # RFC 3207 §4.2: the client starts over, and STARTTLS is not offered again.
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 503
+            code, ehlo = await client.cmd("EHLO client.test")
+            assert code == 250 and "STARTTLS" not in ehlo.split("\n")
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            assert (await client.cmd("DATA"))[0] == 354
+            assert (await client.cmd("secret\r\n."))[0] == 250
+            assert (await client.cmd("QUIT"))[0] == 221
+            await client.close()
+            assert hop.messages[0].data == b"secret\r\n"
+
+    run(body())
+
+
+def test_no_starttls_without_a_certificate() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            _, ehlo = await client.ehlo()
+            assert "STARTTLS" not in ehlo.split("\n")
+            assert (await client.cmd("STARTTLS"))[0] == 502
+            await client.close()
+
+    run(body())
