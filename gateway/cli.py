@@ -43,6 +43,8 @@ COMMAND_MODULES: Sequence[str] = (
     "gateway.cli_keys",
     "gateway.cli_tags",
     "gateway.cli_check",
+    "gateway.cli_demo",
+    "gateway.cli_serve",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -87,28 +87,16 @@ def handle(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
     # Imported here: the other sub-commands do not need the SMTP stack loaded.
-    from . import logs
-    from .reload import Reloader
+    from .ops import Operations
     from .serve import run
 
-    reloader: Reloader | None = None
-
-    def on_reload(gateway: Any) -> Any:
-        nonlocal reloader
-        reloader = Reloader(config, kf, load_config=lambda: load_config(args), apply=gateway.apply)
-        reloader.start_watching()
-        loop = asyncio.get_running_loop()
-        return lambda: loop.call_soon(_reload, reloader)
-
+    # The decision log and metrics, the reloader (SIGHUP and the keyring-file watch), sd_notify and the
+    # /metrics, /healthz, /readyz endpoint: ops.py fills serve.run's seams.
+    ops = Operations(config, kf, load_config=lambda: load_config(args))
+    await ops.start()
     try:
-        return await run(config, kf.keyring, observers=[logs.DecisionLog()], on_reload=on_reload)
+        return await run(
+            config, kf.keyring, observers=ops.observers, on_reload=ops.on_reload, ready=ops.ready
+        )
     finally:
-        if reloader is not None:
-            await reloader.close()
-
-
-def _reload(reloader: Any) -> None:
-    try:
-        reloader.reload()
-    except Exception:
-        log.exception("reload failed")
+        await ops.close()

@@ -6,8 +6,9 @@
   watch) and returns the SIGHUP handler;
 - `ready(gateway)`: every listener is bound: /readyz turns 200 and systemd gets READY=1.
 `start()` (before `run`) opens the metrics endpoint, so a probe sees 503 rather than a refused connection
-while the gateway starts; `stopping()` (when the drain begins) turns /readyz back to 503 and tells systemd
-STOPPING=1; `close()` stops the watcher and the endpoint.
+while the gateway starts. /readyz turns 503 again as soon as serve's stop() marks the listeners as shutting
+down (the drain). `close()`, once `run` returns, tells systemd STOPPING=1 and stops the watcher and the
+endpoint.
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ class Operations:
 
     @property
     def is_ready(self) -> bool:
-        return self._ready
+        """Every listener is up and the gateway is not draining (serve's stop() marks each listener)."""
+        if not self._ready:
+            return False
+        listeners = getattr(self.gateway, "listeners", ())
+        return not any(lst.context.shutting_down for lst in listeners)
 
     async def start(self) -> None:
         listen = self.config.metrics.listen
         if listen is not None:
-            self.metrics_server = MetricsServer(self.metrics, ready=lambda: self._ready)
+            self.metrics_server = MetricsServer(self.metrics, ready=lambda: self.is_ready)
             await self.metrics_server.start(listen.host, listen.port)
             log_fields(
                 _log,
@@ -96,6 +101,7 @@ class Operations:
         return on_sighup
 
     def ready(self, gateway: Any) -> None:
+        self.gateway = gateway
         self._ready = True
         listeners = ", ".join(
             f"{lst.config.name} {lst.address[0]}:{lst.address[1]}" for lst in gateway.listeners

@@ -81,6 +81,7 @@ class Running:
         self.write_config()
         self.ops: Operations | None = None
         self.gateway: serve.Gateway | None = None
+        self.task: asyncio.Task[int] | None = None
 
     def write_config(self, observe: str = "[]", text: str | None = None) -> None:
         self.config_path.write_text(
@@ -142,6 +143,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
         task = asyncio.create_task(
             serve.run(config, r.kf.keyring, observers=ops.observers, on_reload=ops.on_reload, ready=ready)
         )
+        r.task = task
         try:
             async with asyncio.timeout(10):
                 await up.wait()
@@ -320,12 +322,103 @@ def test_readiness_follows_the_lifecycle(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         async with running(tmp_path) as r:
-            assert r.ops is not None and r.ops.metrics_server is not None
+            assert r.ops is not None and r.ops.metrics_server is not None and r.task is not None
             port = r.ops.metrics_server.port
             assert await get(port, "/readyz") == 200
             assert await get(port, "/healthz") == 200
-            r.ops.stopping()
-            assert await get(port, "/readyz") == 503
+            genuine = prvs.sign("frank@example.com", r.kf.keyring, today())
+            client = await RawClient.connect(r.smtp_port)
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<>")
+            assert (await client.cmd(f"RCPT TO:<{genuine}>"))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            # SIGTERM: the drain starts; the load balancer must stop sending new clients at once.
+            os.kill(os.getpid(), signal.SIGTERM)
+            await r.wait_for(lambda: _is(_status(get(port, "/readyz")), 503))
             assert await get(port, "/healthz") == 200
+            # The transaction in flight still finishes during the drain.
+            assert (await client.cmd("Subject: drain\r\n\r\nstill delivered\r\n."))[0] == 250
+            await client.close()
+            assert await asyncio.wait_for(r.task, 20) == 0
+            assert len(r.hop.messages) == 1
 
     asyncio.run(scenario())
+
+
+async def _status(value: Awaitable[int]) -> float:
+    return float(await value)
+
+
+def test_batv_gateway_serve_speaks_sd_notify_and_serves_metrics(tmp_path: Path) -> None:
+    """The real command, as systemd runs it: READY=1, RELOADING=1/READY=1 on SIGHUP, STOPPING=1 on SIGTERM."""
+    import json
+    import select
+    import socket
+    import subprocess
+    import sys
+
+    keystore.save(tmp_path / "keyring.toml", keystore.new_keyring(NOW))
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        CONFIG.format(keyring=tmp_path / "keyring.toml", observe="[]", next_hop=1)
+        + '\n[log]\nformat = "json"\n'
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # Unbuffered: select() below must see every line that has not been read yet.
+        bufsize=0,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stderr is not None
+
+    def message() -> dict[str, str]:
+        data = notify.recv(4096).decode()
+        return dict(line.split("=", 1) for line in data.split("\n"))
+
+    def log_line(event_field: str, value: str) -> dict[str, object]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            raw = proc.stderr.readline()
+            if not raw:
+                break
+            record = json.loads(raw)
+            if record.get(event_field) == value:
+                return dict(record)
+        raise AssertionError(f"no log line with {event_field}={value}")
+
+    def http_status(port: int, path: str) -> int:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            head = conn.recv(64)
+        return int(head.split()[1])
+
+    try:
+        metrics = log_line("msg", "metrics endpoint up")
+        port = int(str(metrics["metrics"]).rsplit(":", 1)[1])
+        ready = message()
+        assert ready["READY"] == "1" and ready["STATUS"].startswith("serving: mx 127.0.0.1:")
+        assert http_status(port, "/readyz") == 200
+        proc.send_signal(signal.SIGHUP)
+        reloading = message()
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert message()["READY"] == "1"
+        assert log_line("msg", "reload: nothing changed")["trigger"] == "sighup"
+        proc.send_signal(signal.SIGTERM)
+        assert message() == {"STOPPING": "1"}
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        notify.close()
