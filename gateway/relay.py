@@ -13,10 +13,11 @@ nothing and is never seen by it. A next hop's refusal of the sender is then repo
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,14 @@ class DecisionEvent:
 DecisionObserver = Callable[[DecisionEvent], None]
 
 
+class RelayWatch(Protocol):
+    """What the metrics hear from the engine besides decisions (metrics.Metrics is one)."""
+
+    def next_hop_error(self, kind: object) -> None: ...
+
+    def transaction_done(self, role: object, seconds: float) -> None: ...
+
+
 # ------------------------------------------------------------------------------------------------ roles
 
 
@@ -82,23 +91,25 @@ class RcptDecision:
     sender: str | None = None
 
 
+class Transaction(Protocol):
+    """One client transaction as a role sees it: a decision per recipient."""
+
+    def rcpt(self, rcpt: RcptCommand) -> RcptDecision: ...
+
+
 class RoleRules(Protocol):
     """What a listener's role decides. The engine (this module) is the same for every role."""
 
     role: str
 
-    def mail(self, info: SessionInfo, mail: MailCommand) -> Reply | None:
-        """None to go on, or the refusal (an untrusted client, no signing key, ...)."""
-        ...
-
-    def rcpt(self, info: SessionInfo, mail: MailCommand, rcpt: RcptCommand, first: bool) -> RcptDecision:
-        """`first`: no recipient of this transaction has been relayed yet."""
+    def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction | Reply:
+        """At the client's MAIL: the transaction's rules, or the refusal (an untrusted client, ...)."""
         ...
 
 
 class PolicyHolder:
-    """The policy that new decisions read. A reload swaps it; a decision takes it once, so a
-    transaction in flight is never judged half by one policy and half by another within one RCPT."""
+    """The policy that new transactions read. A reload swaps it; a transaction takes it once at MAIL, so
+    it is never judged half by one policy and half by another."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -121,12 +132,20 @@ class InboundRules:
         self.observe = observe
         self.clock = clock
 
-    def mail(self, info: SessionInfo, mail: MailCommand) -> Reply | None:
-        return None
+    def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction:
+        return _InboundTransaction(self.holder.policy, mail, self.observe, self.clock)
 
-    def rcpt(self, info: SessionInfo, mail: MailCommand, rcpt: RcptCommand, first: bool) -> RcptDecision:
-        verdict = self.holder.policy.inbound_rcpt(
-            mail.sender, rcpt.recipient, utc_today(self.clock), observe=self.observe
+
+@dataclass
+class _InboundTransaction:
+    policy: Policy
+    mail: MailCommand
+    observe: bool
+    clock: Callable[[], float]
+
+    def rcpt(self, rcpt: RcptCommand) -> RcptDecision:
+        verdict = self.policy.inbound_rcpt(
+            self.mail.sender, rcpt.recipient, utc_today(self.clock), observe=self.observe
         )
         relay = verdict.action is Action.RELAY
         reply = verdict.reply
@@ -141,6 +160,81 @@ class InboundRules:
             would_reject=verdict.would_reject,
             key_id=verdict.key_id,
             action=verdict.action,
+        )
+
+
+class OutboundRules:
+    """The relay hop: only trusted clients; the sender rewritten once per transaction (prvs for our
+    domains, SRS for forwarded mail), the recipients and the content untouched."""
+
+    role = "outbound"
+
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.holder = holder
+        self.trusted = tuple(trusted)
+        self.clock = clock
+
+    def _trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction | Reply:
+        # Never an open relay: anyone outside the trusted networks is refused at MAIL.
+        if not self._trusted(info.client_ip):
+            return replies.client_not_trusted(info.client_ip)
+        return _OutboundTransaction(self.holder.policy, mail, self.clock)
+
+
+@dataclass
+class _OutboundTransaction:
+    policy: Policy
+    mail: MailCommand
+    clock: Callable[[], float]
+    exempt: bool | None = None  # decided at the first recipient: is this transaction left alone?
+    sender: str | None = None
+    sender_reason: object = None
+    key_id: int | None = None
+
+    def rcpt(self, rcpt: RcptCommand) -> RcptDecision:
+        exemption = self.policy.rewrite_exemption(self.mail.sender, rcpt.recipient)
+        if self.exempt is not None and self.exempt != (exemption is not None):
+            # One transaction is never half rewritten: the other class goes in a transaction of its own.
+            return RcptDecision(
+                relay=False,
+                address=rcpt.path,
+                reason=exemption or self.sender_reason,
+                reply=replies.SEPARATE_TRANSACTION,
+                action=Action.TEMPFAIL,
+            )
+        if self.sender is None:
+            verdict = self.policy.outbound_sender(self.mail.sender, utc_today(self.clock), exemption)
+            if verdict.action is not Action.RELAY:
+                return RcptDecision(
+                    relay=False,
+                    address=rcpt.path,
+                    reason=verdict.reason,
+                    reply=verdict.reply or replies.KEYRING_UNAVAILABLE,
+                    action=verdict.action,
+                )
+            self.exempt = exemption is not None
+            self.sender, self.sender_reason, self.key_id = verdict.address, verdict.reason, verdict.key_id
+        return RcptDecision(
+            relay=True,
+            address=rcpt.path,
+            reason=self.sender_reason,
+            key_id=self.key_id,
+            action=Action.RELAY,
+            sender=self.sender,
         )
 
 
@@ -171,6 +265,7 @@ class Relay:
     pool: NextHopPool
     message_size_limit: int = 0
     observers: tuple[DecisionObserver, ...] = ()
+    watch: RelayWatch | None = None
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -225,6 +320,7 @@ class RelaySession:
 
     def _clear(self) -> None:
         self._mail: MailCommand | None = None
+        self._rules: Transaction | None = None
         self._conn: NextHopConnection | None = None
         self._mail_reply: Awaitable[NextHopReply] | None = None
         self._failure: NextHopError | None = None
@@ -237,11 +333,12 @@ class RelaySession:
     # ------------------------------------------------------------------ MAIL
 
     def mail(self, mail: MailCommand) -> Reply:
-        refusal = self.relay.rules.mail(self.info, mail)
-        if refusal is not None:
-            return refusal
+        rules = self.relay.rules.transaction(self.info, mail)
+        if isinstance(rules, Reply):
+            return rules
         self._clear()
         self._mail = mail
+        self._rules = rules
         return replies.SENDER_OK
 
     async def _open(self, sender_path: str) -> NextHopConnection:
@@ -267,7 +364,8 @@ class RelaySession:
         mail = self._mail
         assert mail is not None
         began = time.monotonic()
-        decision = self.relay.rules.rcpt(self.info, mail, rcpt, first=self._relayed == 0)
+        assert self._rules is not None
+        decision = self._rules.rcpt(rcpt)
         if not decision.relay:
             reply = decision.reply or replies.LOCAL_ERROR
             self._event(rcpt, decision, None, began)
@@ -427,6 +525,8 @@ class RelaySession:
             conn.transactions += 1
             return client_reply(final)
         finally:
+            if self.relay.watch is not None:
+                self.relay.watch.transaction_done(self.info.role, time.monotonic() - self._started)
             self._end()
 
     # ------------------------------------------------------------------ the end of a transaction
@@ -435,6 +535,8 @@ class RelaySession:
         if self._failure is None:
             self._failure = error
             log.warning("session %s: next hop %s", self.info.session, error.detail)
+            if self.relay.watch is not None:
+                self.relay.watch.next_hop_error(error.kind)
         if self._conn is not None:
             self._conn.abort()
             self._conn = None
@@ -510,10 +612,12 @@ class _CannotCarry(Exception):
 __all__ = [
     "DecisionEvent",
     "InboundRules",
+    "OutboundRules",
     "PolicyHolder",
     "RcptDecision",
     "Relay",
     "RelaySession",
     "RoleRules",
     "SessionInfo",
+    "Transaction",
 ]

@@ -28,7 +28,7 @@ from .guard import GuardSettings, GuessLimiter
 from .keyring import Keyring
 from .nexthop import NextHopPool, NextHopTimeouts
 from .policy import Policy
-from .relay import DecisionObserver, InboundRules, PolicyHolder, Relay, RoleRules
+from .relay import DecisionObserver, InboundRules, OutboundRules, PolicyHolder, Relay, RoleRules
 from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
 
 log = logging.getLogger("gateway.serve")
@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.serve")
 RulesFactory = Callable[[ListenerConfig, PolicyHolder], RoleRules]
 ROLE_RULES: dict[Role, RulesFactory] = {
     Role.INBOUND: lambda listener, holder: InboundRules(holder, observe=listener.observe),
+    Role.OUTBOUND: lambda listener, holder: OutboundRules(holder, listener.trusted),
 }
 
 

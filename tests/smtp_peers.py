@@ -424,6 +424,7 @@ def gateway_config(
     limits: dict[str, Any] | None = None,
     listener: dict[str, Any] | None = None,
     policy: dict[str, Any] | None = None,
+    srs_alias: str | None = None,
 ) -> Any:
     """A Config as the loader builds it from TOML: one inbound listener on 127.0.0.1 port 0."""
     from gateway import config
@@ -444,6 +445,8 @@ def gateway_config(
     }
     if policy:
         data["policy"] = policy
+    if srs_alias:
+        data["srs"] = {"alias": srs_alias}
     return config.parse(data, "<test>")
 
 

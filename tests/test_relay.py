@@ -400,3 +400,72 @@ def test_relaying_through_aiosmtpd() -> None:
             assert message.content == b"Subject: x\r\n\r\n.dot\r\n"
 
     run(body())
+
+
+# ------------------------------------------------------------------------------------------------ outbound
+# The outbound role shares this engine; its full story is issue 6's. These show the seam works.
+
+OUTBOUND = {"role": "outbound"}
+
+
+def test_outbound_signs_our_sender_and_srs_rewrites_a_foreign_one() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, listener=OUTBOUND, srs_alias="fwd.example.com")
+            async with running_gateway(cfg) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                for sender in ["alice@example.com", "someone@elsewhere.test"]:
+                    assert (await client.cmd(f"MAIL FROM:<{sender}> ENVID=x1"))[0] == 250
+                    assert (await client.cmd("RCPT TO:<friend@elsewhere.test> NOTIFY=FAILURE"))[0] == 250
+                    assert (await send_message(client))[0] == 250
+                await client.close()
+            signed, forwarded = hop.messages
+            assert signed.mail.startswith(b"MAIL FROM:<prvs=1") and signed.mail.endswith(
+                b"=alice@example.com> ENVID=x1"
+            )
+            assert (
+                forwarded.mail.startswith(b"MAIL FROM:<SRS0=")
+                and b"@fwd.example.com> ENVID=x1" in forwarded.mail
+            )
+            assert signed.rcpts == [b"RCPT TO:<friend@elsewhere.test> NOTIFY=FAILURE"]
+            # The signed return path comes back in as a bounce through the inbound policy.
+            returned = signed.mail.split(b"<", 1)[1].split(b">", 1)[0].decode()
+            assert prvs.verify(returned, make_keyring(), TODAY).verdict is prvs.PrvsVerdict.VALID
+
+    run(body())
+
+
+def test_outbound_refuses_untrusted_clients_at_mail() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, listener={**OUTBOUND, "trusted": ["192.0.2.0/24"]})
+            async with running_gateway(cfg) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                code, text = await client.cmd("MAIL FROM:<alice@example.com>")
+                assert code == 554 and text.startswith("5.7.1")
+                await client.close()
+            assert transactions(hop) == []
+
+    run(body())
+
+
+def test_outbound_never_half_rewrites_a_transaction() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(
+                hop.port, listener=OUTBOUND, policy={"exempt_recipients": ["list.example.net"]}
+            )
+            async with running_gateway(cfg) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<alice@example.com>")
+                assert (await client.cmd("RCPT TO:<friend@elsewhere.test>"))[0] == 250
+                code, text = await client.cmd("RCPT TO:<members@list.example.net>")
+                assert (code, text) == (452, "4.5.3 " + replies.SEPARATE_TRANSACTION.text)
+                assert (await send_message(client))[0] == 250
+                await client.close()
+            assert hop.messages[0].rcpts == [b"RCPT TO:<friend@elsewhere.test>"]
+
+    run(body())
