@@ -173,7 +173,10 @@ class Metrics:
         self.next_hop_errors.labels(_label(kind)).inc()
 
     def next_hop_reply(self, command: str, seconds: float) -> None:
-        self.next_hop_reply_seconds.labels(command.upper()).observe(seconds)
+        # The commands are the gateway's own (MAIL, RCPT, DATA, ...), so the label set stays small;
+        # the reply to the final dot is "DOT".
+        label = "DOT" if command == "end of data" else command.upper()
+        self.next_hop_reply_seconds.labels(label).observe(seconds)
 
     def transaction_done(self, role: object, seconds: float) -> None:
         self.transaction_seconds.labels(_label(role)).observe(seconds)

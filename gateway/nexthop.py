@@ -157,6 +157,7 @@ class _Waiter:
     future: asyncio.Future[NextHopReply]
     timeout: float
     what: str
+    sent: float = field(default_factory=time.monotonic)  # for the reply-time metric
 
 
 class PendingReply:
@@ -191,6 +192,7 @@ class NextHopConnection:
         self._read_lock = asyncio.Lock()
         self._failure: NextHopError | None = None
         self.transactions = 0  # completed on this connection; for pool policy and tests
+        self.on_reply: Callable[[str, float], None] | None = None  # (command, seconds): the metrics
         self.idle_since = time.monotonic()
 
     # ------------------------------------------------------------------ setup
@@ -294,6 +296,8 @@ class NextHopConnection:
                         break
                     self._waiting.popleft()
                     head.future.set_result(reply)
+                    if self.on_reply is not None:
+                        self.on_reply(head.what, time.monotonic() - head.sent)
         return waiter.future.result()
 
     def _fail_waiters(self, error: NextHopError) -> None:
@@ -385,6 +389,8 @@ class NextHopPool:
     idle_time: float = 5.0
     # Called with each fresh connection's capabilities (the edge advertises only what the hop can carry).
     on_capabilities: Callable[[Capabilities], None] | None = None
+    # Given to every connection handed out: (command, seconds) for each reply (the metrics).
+    on_reply: Callable[[str, float], None] | None = None
     capabilities: Capabilities | None = None  # as of the last fresh connection
     _idle: collections.deque[NextHopConnection] = field(default_factory=collections.deque)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -407,10 +413,12 @@ class NextHopPool:
         while self._idle:
             conn = self._idle.pop()  # the most recently used: the least likely to be stale
             if conn.usable and now - conn.idle_since < self.idle_time:
+                conn.on_reply = self.on_reply
                 return conn, True
             conn.abort()
         conn = await NextHopConnection.connect(self.host, self.port, self.helo_name, self.timeouts)
         self._learn(conn.capabilities)
+        conn.on_reply = self.on_reply
         return conn, False
 
     def release(self, conn: NextHopConnection) -> None:

@@ -81,6 +81,10 @@ class Operations:
         """serve.run's reload seam: the gateway exists and listens; start the reloader."""
         self.gateway = gateway
         self._watch_sessions(gateway)
+        for lst in gateway.listeners:
+            # Next-hop errors by kind, transaction times, and the next hop's reply times.
+            lst.relay.watch = self.metrics
+            lst.relay.pool.on_reply = self.metrics.next_hop_reply
         self.reloader = Reloader(
             self.config,
             self.keyring,

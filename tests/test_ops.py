@@ -190,6 +190,14 @@ def test_metrics_move_as_forged_and_genuine_bounces_pass(tmp_path: Path, log_str
             assert m[("batv_keyring_generation", ())] == r.kf.generation
             assert m[("batv_last_reload_success", ())] == 1
             assert len(r.hop.messages) == 2
+            # Two transactions reached the next hop: their times, and each command's reply time.
+            assert m[("batv_transaction_seconds_count", key(role="inbound"))] == 2
+            assert m[("batv_next_hop_reply_seconds_count", key(command="DOT"))] == 2
+            assert m[("batv_next_hop_reply_seconds_count", key(command="RCPT"))] == 2
+            # The next hop goes away: the client gets a 4xx and the error is counted by kind.
+            await r.hop.close()
+            assert await bounce(r.smtp_port, genuine, body=False) == [451]
+            assert await r.value("batv_next_hop_errors_total", kind="refused") == 1
             # A session counts while it is open.
             client = await RawClient.connect(r.smtp_port)
             await client.ehlo()
@@ -201,7 +209,7 @@ def test_metrics_move_as_forged_and_genuine_bounces_pass(tmp_path: Path, log_str
     asyncio.run(scenario())
     lines = log_stream.getvalue().splitlines()
     decisions = [line for line in lines if "event=decision" in line]
-    assert len(decisions) == 4
+    assert len(decisions) == 5
     assert any("verdict=reject reason=bad-hash" in line and "sender=<>" in line for line in decisions)
     assert any(
         "verdict=relay reason=valid-prvs key_id=0" in line and 'next_hop="250' in line for line in decisions
