@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from gateway import prvs, replies
 from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_network
+from tests.smtp_peers import (
+    FakeNextHop,
+    RawClient,
+    gateway_config,
+    gateway_port,
+    make_keyring,
+    run,
+    running_gateway,
+)
 
 
 class FakeClock:
@@ -94,3 +106,71 @@ def test_the_table_forgets_clients_whose_schedule_has_run_out() -> None:
 def test_impossible_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         GuardSettings(**kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def forged_tags(address: str, count: int) -> list[str]:
+    today = int(time.time()) // 86400
+    good = prvs.sign(address, make_keyring(), today)
+    head, code, local = good.split("=", 2)
+    return [f"{head}={code[:4]}{n:06x}={local}" for n in range(count) if f"{code[:4]}{n:06x}" != code]
+
+
+def test_a_client_that_keeps_guessing_tags_is_slowed_and_then_disconnected() -> None:
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def body() -> None:
+        limits = {
+            "soft_error_limit": 2,
+            "hard_error_limit": 6,
+            "error_sleep_time": 0.5,
+            "guess_rate": 1.0,
+            "guess_burst": 2,
+        }
+        clock = FakeClock()  # frozen: the limiter sees every guess at the same instant
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, limits=limits)
+            async with running_gateway(cfg, guess_clock=clock, sleep=record) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<>")
+                answers = [await client.cmd(f"RCPT TO:<{tag}>") for tag in forged_tags("bob@example.com", 6)]
+                assert [code for code, _ in answers] == [550] * 6
+                assert all("bad-hash" in text for _, text in answers)
+                assert await client.rest() == f"{replies.TOO_MANY_ERRORS}\r\n".encode()
+                await client.close()
+            assert [c for c in hop.commands if c in ("MAIL", "RCPT")] == []
+        # Guesses 1-2 are the burst; then one answered guess a second (1, 2, 3, 4 s on the frozen clock),
+        # plus the tarpit's 0.5 s for errors 3-5 (past the soft limit of 2). Error 6 reaches the hard limit:
+        # its answer still waits for its guess slot, then the client is disconnected.
+        assert slept == [1.5, 2.5, 3.5, 4.0]
+
+    run(body())
+
+
+def test_the_guess_limit_holds_across_sessions_of_one_client() -> None:
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def body() -> None:
+        limits = {"soft_error_limit": 10, "hard_error_limit": 20, "guess_rate": 1.0, "guess_burst": 1}
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, limits=limits)
+            async with running_gateway(cfg, guess_clock=FakeClock(), sleep=record) as gw:
+                for tag in forged_tags("bob@example.com", 3):
+                    client = await RawClient.connect(gateway_port(gw))
+                    await client.ehlo()
+                    await client.cmd("MAIL FROM:<>")
+                    assert (await client.cmd(f"RCPT TO:<{tag}>"))[0] == 550
+                    await client.cmd("QUIT")
+                    await client.close()
+        assert slept == [1.0, 2.0]
+
+    run(body())
