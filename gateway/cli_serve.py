@@ -96,7 +96,12 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
     await ops.start()
     try:
         return await run(
-            config, kf.keyring, observers=ops.observers, on_reload=ops.on_reload, ready=ops.ready
+            config,
+            kf.keyring,
+            observers=ops.observers,
+            on_reload=ops.on_reload,
+            ready=ops.ready,
+            stopping=ops.stopping,
         )
     finally:
         await ops.close()

@@ -6,9 +6,9 @@
   watch) and returns the SIGHUP handler;
 - `ready(gateway)`: every listener is bound: /readyz turns 200 and systemd gets READY=1.
 `start()` (before `run`) opens the metrics endpoint, so a probe sees 503 rather than a refused connection
-while the gateway starts. /readyz turns 503 again as soon as serve's stop() marks the listeners as shutting
-down (the drain). `close()`, once `run` returns, tells systemd STOPPING=1 and stops the watcher and the
-endpoint.
+while the gateway starts. `stopping(gateway)` (serve.run's fourth seam, when the drain begins) turns /readyz
+back to 503 and tells systemd STOPPING=1; /readyz also reads 503 as soon as serve's stop() marks the
+listeners as shutting down. `close()`, once `run` returns, stops the watcher and the endpoint.
 """
 
 from __future__ import annotations

@@ -236,9 +236,11 @@ async def run(
     observers: Sequence[DecisionObserver] = (),
     on_reload: Callable[[Gateway], Callable[[], None]] | None = None,
     ready: Callable[[Gateway], None] | None = None,
+    stopping: Callable[[Gateway], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
-    `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests)."""
+    `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests); `stopping(gateway)`
+    when the drain begins (sd_notify STOPPING=1)."""
     gateway = Gateway(config, keyring, observers)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -248,6 +250,8 @@ async def run(
         if ready is not None:
             ready(gateway)
         await stopped.wait()
+        if stopping is not None:
+            stopping(gateway)
         log.info("shutting down: %g s for transactions in flight", config.limits.shutdown_deadline)
         await gateway.stop()
     finally:

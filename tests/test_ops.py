@@ -141,7 +141,14 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
             up.set()
 
         task = asyncio.create_task(
-            serve.run(config, r.kf.keyring, observers=ops.observers, on_reload=ops.on_reload, ready=ready)
+            serve.run(
+                config,
+                r.kf.keyring,
+                observers=ops.observers,
+                on_reload=ops.on_reload,
+                ready=ready,
+                stopping=ops.stopping,
+            )
         )
         r.task = task
         try:
