@@ -107,7 +107,8 @@ class Metrics:
         )
         self.srs = Counter(
             f"{NAMESPACE}_srs_rewrites",
-            "SRS rewrites by direction (forward, reverse)",
+            "SRS per recipient: reverse = an SRS address reversed inbound, forward = relayed outbound"
+            " with an SRS0/SRS1 sender",
             ["direction"],
             registry=r,
         )

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -437,3 +438,69 @@ def test_batv_gateway_serve_speaks_sd_notify_and_serves_metrics(tmp_path: Path) 
             proc.wait()
         proc.stderr.close()
         notify.close()
+
+
+def test_outbound_counters_and_srs_forward(tmp_path: Path, log_stream: io.StringIO) -> None:
+    async def scenario() -> None:
+        async with FakeNextHop() as hop:
+            keystore.save(tmp_path / "keyring.toml", keystore.new_keyring(NOW))
+            text = (
+                CONFIG.format(keyring=tmp_path / "keyring.toml", observe="[]", next_hop=hop.port)
+                .replace('role = "inbound"', 'role = "outbound"')
+                .replace("[policy]", '[srs]\nalias = "fwd.example.com"\n\n[policy]')
+            )
+            config = config_mod.parse(tomllib.loads(text), "test")
+            kf = keystore.load(tmp_path / "keyring.toml")
+            ops = Operations(config, kf, load_config=lambda: config, poll_interval=0)
+            await ops.start()
+            up = asyncio.Event()
+            task = asyncio.create_task(
+                serve.run(
+                    config,
+                    kf.keyring,
+                    observers=ops.observers,
+                    on_reload=ops.on_reload,
+                    ready=lambda g: up.set(),
+                )
+            )
+            try:
+                await asyncio.wait_for(up.wait(), 10)
+                port = ops.gateway.listeners[0].address[1]
+                for sender in ("alice@example.com", "someone@forwarded.example"):
+                    client = await RawClient.connect(port)
+                    await client.ehlo()
+                    assert (await client.cmd(f"MAIL FROM:<{sender}>"))[0] == 250
+                    assert (await client.cmd("RCPT TO:<bob@remote.example>"))[0] == 250
+                    assert (await client.cmd("DATA"))[0] == 354
+                    assert (await client.cmd("Subject: out\r\n\r\nhello\r\n."))[0] == 250
+                    await client.cmd("QUIT")
+                    await client.close()
+                senders = [m.mail for m in hop.messages]
+                assert senders[0].startswith(b"MAIL FROM:<prvs=") and senders[1].startswith(
+                    b"MAIL FROM:<SRS0="
+                )
+                registry = ops.metrics.registry
+                decisions = "batv_decisions_total"
+                assert (
+                    registry.get_sample_value(
+                        decisions, {"role": "outbound", "verdict": "relay", "reason": "prvs"}
+                    )
+                    == 1
+                )
+                assert (
+                    registry.get_sample_value(
+                        decisions, {"role": "outbound", "verdict": "relay", "reason": "srs0"}
+                    )
+                    == 1
+                )
+                assert registry.get_sample_value("batv_srs_rewrites_total", {"direction": "forward"}) == 1
+                assert registry.get_sample_value("batv_transaction_seconds_count", {"role": "outbound"}) == 2
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert await asyncio.wait_for(task, 20) == 0
+                await ops.close()
+
+    asyncio.run(scenario())
+    decisions = [line for line in log_stream.getvalue().splitlines() if "event=decision" in line]
+    assert len(decisions) == 2 and all("role=outbound" in line for line in decisions)
+    assert "sender=someone@forwarded.example" in decisions[1] and "reason=srs0" in decisions[1]
