@@ -18,8 +18,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import keystore
+from . import keystore, logs
 from .config import Config
+from .keyring import Keyring
 from .logs import DecisionLog, log_fields
 from .metrics import Metrics, MetricsServer
 from .reload import DEFAULT_POLL_INTERVAL, Reloader
@@ -89,7 +90,7 @@ class Operations:
             self.config,
             self.keyring,
             load_config=self._load_config,
-            apply=gateway.apply,
+            apply=self._applier(gateway),
             metrics=self.metrics,
             notifier=self.notifier,
             poll_interval=self._poll_interval,
@@ -103,6 +104,16 @@ class Operations:
             loop.call_soon(_reload_safely, reloader, metrics)
 
         return on_sighup
+
+    def _applier(self, gateway: Any) -> Callable[[Config, Keyring], None]:
+        def apply(config: Config, keyring: Keyring) -> None:
+            gateway.apply(config, keyring)
+            if config.log != self.config.log:
+                # The log format and level are reloadable too: the handler is replaced, not added.
+                logs.setup(logs.LogFormat(config.log.format), config.log.level.upper())
+            self.config = config
+
+        return apply
 
     def ready(self, gateway: Any) -> None:
         self.gateway = gateway

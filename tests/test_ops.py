@@ -429,6 +429,13 @@ def test_batv_gateway_serve_speaks_sd_notify_and_serves_metrics(tmp_path: Path) 
         assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
         assert message()["READY"] == "1"
         assert log_line("msg", "reload: nothing changed")["trigger"] == "sighup"
+        # The log format is reloadable: the next lines come as logfmt.
+        config.write_text(config.read_text().replace('format = "json"', 'format = "logfmt"'))
+        proc.send_signal(signal.SIGHUP)
+        assert message()["RELOADING"] == "1" and message()["READY"] == "1"
+        assert select.select([proc.stderr], [], [], 20)[0]
+        line = proc.stderr.readline().decode()
+        assert 'msg="reload applied"' in line and "event=reload" in line and "trigger=sighup" in line
         proc.send_signal(signal.SIGTERM)
         assert message() == {"STOPPING": "1"}
         assert proc.wait(timeout=30) == 0
