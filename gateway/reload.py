@@ -13,8 +13,9 @@ Two triggers:
   only when the stat changes). Config management that pushes a new keyring, or a Kubernetes Secret update,
   takes effect within one poll interval, without a signal.
 
-Some settings name sockets that are bound once (listen addresses, the metrics address, the number of
-workers). A reload applies everything else and logs which of those changed and need a restart.
+A reload changes the policy, the keyring and the log settings. What a listener was built with (its socket,
+TLS, next hop, role options, limits) and the other sockets stay until a restart; a reload that changes them
+applies the rest and logs which settings need the restart.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ class ReloadResult:
 
 
 def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
-    """The settings that differ between `old` and `new` and that a running server cannot change."""
+    """The settings that differ between `old` and `new` and that a running server cannot change.
+
+    A running gateway swaps its policy, its keyring and its log settings; everything a listener was built
+    with (its socket, TLS, next hop, role options and limits) stays until a restart.
+    """
     changed: list[str] = []
     old_listeners = {lc.name: lc for lc in old.listeners}
     new_listeners = {lc.name: lc for lc in new.listeners}
@@ -69,13 +74,12 @@ def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
         changed.append(f"listener {name} (added or removed)")
     for name in sorted(old_listeners.keys() & new_listeners.keys()):
         before, after = old_listeners[name], new_listeners[name]
-        for attr in ("role", "listen", "tls_cert", "tls_key"):
+        for attr in ("role", "listen", "next_hop", "observe", "trusted", "tls_cert", "tls_key", "limits"):
             if getattr(before, attr) != getattr(after, attr):
                 changed.append(f"listener {name} {attr}")
-    if old.metrics != new.metrics:
-        changed.append("metrics listen")
-    if old.workers != new.workers:
-        changed.append("gateway workers")
+    for attr in ("hostname", "limits", "metrics", "workers", "socketmap", "policyd"):
+        if getattr(old, attr) != getattr(new, attr):
+            changed.append(attr)
     return tuple(changed)
 
 
