@@ -227,6 +227,11 @@ def test_containerfile_is_multi_stage_and_non_root() -> None:
     assert any(line.startswith("COPY --from=build") for line in lines)
     # The image never contains a keyring: it is a read-only mount.
     assert not any("keyring.toml" in line for line in lines if line.startswith(("COPY", "ADD")))
+    # Every file the build copies from the context (the repository root) exists.
+    for line in lines:
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------
