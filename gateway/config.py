@@ -115,6 +115,7 @@ class SocketmapConfig:
 @dataclass(frozen=True)
 class PolicydConfig:
     listen: HostPort = HostPort("127.0.0.1", 10031)
+    observe: bool = False  # accept what enforce mode would refuse; log it and PREPEND a header
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,10 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
     sm.done()
 
     pd = root.table("policyd")
-    policyd = PolicydConfig(pd.hostport("listen", PolicydConfig.listen) or PolicydConfig.listen)
+    policyd = PolicydConfig(
+        pd.hostport("listen", PolicydConfig.listen) or PolicydConfig.listen,
+        observe=pd.boolean("observe", False),
+    )
     pd.done()
     root.done()
 
