@@ -157,11 +157,22 @@ async def running(tmp_path: Path) -> AsyncIterator[Running]:
                 await up.wait()
             yield r
         finally:
-            if not task.done():
-                # What systemd and Kubernetes send; serve.run's own handler drains and returns.
-                os.kill(os.getpid(), signal.SIGTERM)
-            assert await asyncio.wait_for(task, 20) == 0
+            await stop(task, up)
             await ops.close()
+
+
+async def stop(task: asyncio.Task[int], up: asyncio.Event) -> None:
+    """SIGTERM, as systemd and Kubernetes send it; serve.run's own handler drains and returns. Only once
+    run() is up (its handler installed): before that, a SIGTERM would end the test process itself."""
+    if task.done():
+        assert task.result() == 0
+        return
+    if not up.is_set():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise AssertionError("the gateway did not come up")
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert await asyncio.wait_for(task, 20) == 0
 
 
 async def bounce(port: int, rcpt: str, body: bool = True) -> list[int]:
@@ -503,8 +514,7 @@ def test_outbound_counters_and_srs_forward(tmp_path: Path, log_stream: io.String
                 assert registry.get_sample_value("batv_srs_rewrites_total", {"direction": "forward"}) == 1
                 assert registry.get_sample_value("batv_transaction_seconds_count", {"role": "outbound"}) == 2
             finally:
-                os.kill(os.getpid(), signal.SIGTERM)
-                assert await asyncio.wait_for(task, 20) == 0
+                await stop(task, up)
                 await ops.close()
 
     asyncio.run(scenario())
