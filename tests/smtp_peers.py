@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -302,18 +303,13 @@ class SmtpSink:
     def __enter__(self) -> SmtpSink:
         assert SMTP_SINK is not None, "smtp-sink is not installed (apt-get install postfix)"
         # smtp-sink cannot be told port 0 and report back; a free port is taken and retried if lost.
+        # As root, smtp-sink insists on -u; staying root keeps the dump folder (under pytest's private
+        # tmp_path) writable for it.
+        user = ["-u", "root"] if os.geteuid() == 0 else []
         for _ in range(5):
             self.port = free_port()
             self.process = subprocess.Popen(
-                [
-                    SMTP_SINK,
-                    "-d",
-                    f"{self.folder}/%M.",
-                    "-u",
-                    "nobody",
-                    f"{LOCALHOST}:{self.port}",
-                    str(self.backlog),
-                ],
+                [SMTP_SINK, "-d", f"{self.folder}/%M.", *user, f"{LOCALHOST}:{self.port}", str(self.backlog)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
