@@ -1,14 +1,15 @@
 """The operations side of one running gateway: decision logs, metrics and health, sd_notify, live reload.
 
-`serve.run` has three seams and this class fills them, so that `cli_serve` wires everything in a few lines:
+`serve.run` has four seams and this class fills them, so that `cli_serve` wires everything in a few lines:
 - `observers`: the decision callbacks (one log line per decision; the counters);
 - `on_reload(gateway)`: called once the listeners are up; starts the reloader (SIGHUP and the keyring-file
   watch) and returns the SIGHUP handler;
-- `ready(gateway)`: every listener is bound: /readyz turns 200 and systemd gets READY=1.
+- `ready(gateway)`: every listener is bound: /readyz turns 200 and systemd gets READY=1;
+- `stopping(gateway)`: the drain begins (see below).
 `start()` (before `run`) opens the metrics endpoint, so a probe sees 503 rather than a refused connection
-while the gateway starts. `stopping(gateway)` (serve.run's fourth seam, when the drain begins) turns /readyz
-back to 503 and tells systemd STOPPING=1; /readyz also reads 503 as soon as serve's stop() marks the
-listeners as shutting down. `close()`, once `run` returns, stops the watcher and the endpoint.
+while the gateway starts. `stopping(gateway)`, when the drain begins, turns /readyz back to 503 and tells
+systemd STOPPING=1; /readyz also reads 503 as soon as serve's stop() marks the listeners as shutting down.
+`close()`, once `run` returns, stops the watcher and the endpoint.
 """
 
 from __future__ import annotations

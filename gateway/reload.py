@@ -118,6 +118,7 @@ class Reloader:
         self._loader_factory = loader_factory
         self._loader = self._new_loader(config.keyring_path)
         self._watch_task: asyncio.Task[None] | None = None
+        self._file_refused = False  # the keyring file's last version seen by the poll was refused
         self._signal_loop: asyncio.AbstractEventLoop | None = None
         if metrics is not None:
             metrics.set_keyring(keyring.keyring, keyring.generation)
@@ -139,9 +140,11 @@ class Reloader:
                 keyring = self._load_keyring(config.keyring_path)
             except GatewayError as exc:
                 return self._refused(Trigger.SIGNAL, str(exc))
-            if config.keyring_path != self.config.keyring_path:
+            moved = config.keyring_path != self.config.keyring_path
+            result = self._install(Trigger.SIGNAL, config, keyring)
+            if moved and result.outcome is Outcome.APPLIED:
                 self._loader = self._new_loader(config.keyring_path)
-            return self._install(Trigger.SIGNAL, config, keyring)
+            return result
         finally:
             # READY=1 ends systemd's reload whatever the outcome: a refused reload leaves a running
             # gateway, and `systemctl reload` reports the failure through the log and the metric.
@@ -151,11 +154,26 @@ class Reloader:
         """One look at the keyring file; None when it has not changed since the last look."""
         found = self._loader.poll()
         if found.error is not None:
+            self._file_refused = True
             return self._refused(Trigger.KEYRING_FILE, str(found.error))
+        if self._file_refused and not found.changed:
+            # The loader reports a bad version once; whether the file is still bad, or was put back as
+            # the keyring in force (which is no change to report), only a fresh load can tell.
+            return self._recovered()
         # Unchanged, or already installed by a SIGHUP that read the file first.
         if not found.changed or found.keyring is None or found.keyring == self.keyring:
             return None
         return self._install(Trigger.KEYRING_FILE, self.config, found.keyring)
+
+    def _recovered(self) -> ReloadResult | None:
+        try:
+            kf = self._load_keyring(self.config.keyring_path)
+        except GatewayError:
+            return None  # still the bad version: already reported
+        self._file_refused = False
+        if kf != self.keyring:
+            return self._install(Trigger.KEYRING_FILE, self.config, kf)
+        return self._unchanged(Trigger.KEYRING_FILE)
 
     # --- wiring into the event loop -----------------------------------------------------------------
 
@@ -200,8 +218,7 @@ class Reloader:
 
     def _install(self, trigger: Trigger, config: Config, kf: keystore.KeyringFile) -> ReloadResult:
         if config == self.config and kf == self.keyring:
-            log_fields(_log, logging.INFO, "reload: nothing changed", event="reload", trigger=trigger)
-            return ReloadResult(trigger, Outcome.UNCHANGED)
+            return self._unchanged(trigger)
         try:
             self._apply(config, kf.keyring)
         except GatewayError as exc:
@@ -209,6 +226,7 @@ class Reloader:
         pending = restart_needed(self.config, config)
         old_generation = self.keyring.generation
         self.config, self.keyring = config, kf
+        self._file_refused = False
         if self._metrics is not None:
             self._metrics.set_keyring(kf.keyring, kf.generation)
             self._metrics.reload_done(True)
@@ -232,6 +250,13 @@ class Reloader:
                 restart_needed=", ".join(pending),
             )
         return ReloadResult(trigger, Outcome.APPLIED, restart_needed=pending)
+
+    def _unchanged(self, trigger: Trigger) -> ReloadResult:
+        # Everything loaded and equals what runs: a successful reload as far as the alert is concerned.
+        if self._metrics is not None:
+            self._metrics.reload_done(True)
+        log_fields(_log, logging.INFO, "reload: nothing changed", event="reload", trigger=trigger)
+        return ReloadResult(trigger, Outcome.UNCHANGED)
 
     def _refused(self, trigger: Trigger, error: str) -> ReloadResult:
         if self._metrics is not None:

@@ -270,3 +270,21 @@ def test_log_lines_hold_no_secret(tmp_path: Path, caplog: pytest.LogCaptureFixtu
             assert base64.b64encode(key.secret).decode() not in text
             assert key.secret.hex() not in text
             assert repr(key.secret) not in text
+
+
+def test_a_keyring_file_put_back_as_it_was_clears_the_failed_reload(tmp_path: Path) -> None:
+    """The loader reports a bad version once and a version equal to the running one not at all; the
+    failed-reload gauge must still come back to 1 when the file is good again, or the alert never ends."""
+    w = World(tmp_path)
+    good = keystore.dump(w.kf)
+    keystore.write_atomic(w.keyring_path, good.replace("version = 1", "version = 9"))
+    result = w.reloader.poll_keyring()
+    assert result is not None and result.outcome is Outcome.REFUSED
+    assert w.reloader.poll_keyring() is None  # still bad: not reported again, the gauge stays 0
+    assert w.gauge("batv_last_reload_success") == 0
+    keystore.write_atomic(w.keyring_path, good)
+    result = w.reloader.poll_keyring()
+    assert result is not None and result.outcome is Outcome.UNCHANGED
+    assert w.gauge("batv_last_reload_success") == 1
+    assert w.applied == []
+    assert w.reloader.poll_keyring() is None
