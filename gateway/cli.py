@@ -45,6 +45,7 @@ COMMAND_MODULES: Sequence[str] = (
     "gateway.cli_check",
     "gateway.cli_demo",
     "gateway.cli_serve",
+    "gateway.cli_postfix",
 )
 
 Handler = Callable[[argparse.Namespace], int]

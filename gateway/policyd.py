@@ -1,0 +1,290 @@
+"""A Postfix policy delegation server (SMTPD_POLICY_README) for `check_policy_service`.
+
+Postfix asks once per RCPT with `name=value` lines and an empty line; we answer one `action=...` line and
+an empty line. The decision is policy.inbound_rcpt's, the same as the inbound SMTP role's; this module
+only translates it:
+- REJECT or TEMPFAIL: the policy's own reply as a numeric action ("550 5.7.1 <x@y>: bounce to an address
+  we never signed (bad-hash)"), which access(5) allows and Postfix sends as it is.
+- RELAY: DUNNO, never OK, so that the restrictions after ours (reject_unauth_destination above all) still
+  run; a relay verdict here only means "nothing against it".
+- relay-denied: DUNNO too. Which domains Postfix relays for is Postfix's own decision, and a site's own
+  users send null-sender mail (auto-replies, MDNs) to other domains through the same smtpd.
+- Observe mode (`--observe`, or a domain in `policy.observe_domains`): what enforce mode would have refused
+  is accepted, logged, and marked with one `PREPEND`ed header per message.
+- Failed guesses (a wrong hash, an unknown key id) go through guard.GuessLimiter per client network, as in
+  the SMTP role: the answer is held back (Postfix waits up to smtpd_policy_service_timeout, 100 s, and
+  guard holds at most 30 s), and past the limit it is `421`, which makes Postfix disconnect the client.
+  Postfix counts our rejects in its own smtpd_soft/hard_error_limit, so guard.ErrorTally is not repeated.
+
+A request that is not the protocol (a line without `=`, a line or request over the limits, non-UTF-8) is
+answered DEFER_IF_PERMIT and the connection closed: Postfix never sends one, and it treats a policy server
+it cannot use the same way (451 4.3.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from . import replies
+from .addresses import Address, parse_address, parse_path
+from .errors import GatewayError
+from .guard import GuardSettings, GuessLimiter
+from .logs import DecisionLog
+from .policy import Action, RcptVerdict, Reason
+from .replies import Reply
+from .socketmap import PolicySource
+
+log = logging.getLogger("gateway.policyd")
+
+MAX_LINE = 8192  # octets of one attribute line (certificate subjects and SASL names can be long)
+MAX_REQUEST = 65536  # octets of one request
+MAX_ATTRIBUTES = 200  # Postfix 3.7 sends about 40
+DEFAULT_IDLE_TIMEOUT = 600.0  # Postfix's smtpd_policy_service_max_idle is 300 s
+OBSERVE_HEADER = "X-BATV-Observe"
+
+
+class Verb(enum.Enum):
+    DUNNO = "DUNNO"
+    PREPEND = "PREPEND"
+    REPLY = "REPLY"  # a numeric action: the policy's Reply, sent by Postfix as it is
+    DEFER_IF_PERMIT = "DEFER_IF_PERMIT"
+
+
+@dataclass(frozen=True)
+class PolicyAnswer:
+    verb: Verb
+    reply: Reply | None = None  # for REPLY
+    text: str = ""  # the header for PREPEND, the reason for DEFER_IF_PERMIT
+
+    def action(self) -> str:
+        if self.verb is Verb.REPLY and self.reply is not None:
+            return str(self.reply)
+        if self.text:
+            return f"{self.verb.value} {self.text}"
+        return self.verb.value
+
+    def wire(self) -> bytes:
+        # A value holds no newline: replies are ours, and headers are built from enum values.
+        return f"action={self.action()}\n\n".encode()
+
+
+DUNNO = PolicyAnswer(Verb.DUNNO)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one request came to: the answer, and the verdict behind it (None: the policy was not asked)."""
+
+    answer: PolicyAnswer
+    verdict: RcptVerdict | None = None
+    sender: Address | None = None
+    recipient: str = ""
+
+
+class ProtocolError(GatewayError, ValueError):
+    pass
+
+
+# --- the pure part ------------------------------------------------------------------------------------
+
+
+class RequestReader:
+    """Splits a byte stream into requests (attribute dicts), with every size bounded before buffering."""
+
+    def __init__(
+        self, max_line: int = MAX_LINE, max_request: int = MAX_REQUEST, max_attributes: int = MAX_ATTRIBUTES
+    ) -> None:
+        self.max_line, self.max_request, self.max_attributes = max_line, max_request, max_attributes
+        self._buf = bytearray()
+        self._attrs: dict[str, str] = {}
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> dict[str, str] | None:
+        """The next whole request, None if more bytes are needed; raises ProtocolError."""
+        buf = self._buf
+        while (nl := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            if len(line) > self.max_line:
+                raise ProtocolError(f"attribute line over {self.max_line} octets")
+            if not line:
+                attrs, self._attrs, self._size = self._attrs, {}, 0
+                return attrs
+            self._size += nl + 1
+            if self._size > self.max_request:
+                raise ProtocolError(f"request over {self.max_request} octets")
+            name, eq, value = line.partition(b"=")
+            if not eq or not name:
+                raise ProtocolError("an attribute line is name=value")
+            if len(self._attrs) >= self.max_attributes:
+                raise ProtocolError(f"request over {self.max_attributes} attributes")
+            try:
+                self._attrs[name.decode("utf-8")] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("attribute is not UTF-8") from None
+        if len(buf) > self.max_line:
+            raise ProtocolError(f"attribute line over {self.max_line} octets")
+        return None
+
+
+def decide(source: PolicySource, attrs: Mapping[str, str], today: int, observe: bool = False) -> Decision:
+    """One request → the answer, from policy.inbound_rcpt alone."""
+    if attrs.get("request") != "smtpd_access_policy" or attrs.get("protocol_state", "").upper() != "RCPT":
+        return Decision(DUNNO)
+    recipient = attrs.get("recipient", "")
+    try:
+        # Postfix sends the envelope addresses without <>; an empty sender is the null sender.
+        sender = parse_path(attrs.get("sender", ""))
+        rcpt = parse_address(recipient)
+    except GatewayError:
+        # smtpd accepted the address, so it is for Postfix's rules to judge, not ours.
+        return Decision(DUNNO, recipient=recipient)
+    verdict = source.policy.inbound_rcpt(sender, rcpt, today, observe=observe)
+    if verdict.action is Action.RELAY:
+        if verdict.would_reject is not None:
+            header = f"{OBSERVE_HEADER}: would-reject reason={verdict.reason.value}"
+            return Decision(PolicyAnswer(Verb.PREPEND, text=header), verdict, sender, recipient)
+        return Decision(DUNNO, verdict, sender, recipient)
+    if verdict.reason is Reason.RELAY_DENIED:
+        return Decision(DUNNO, verdict, sender, recipient)
+    reply = verdict.reply or replies.LOCAL_ERROR
+    return Decision(PolicyAnswer(Verb.REPLY, reply), verdict, sender, recipient)
+
+
+@dataclass(frozen=True)
+class PolicyEvent:
+    """One decision for the log line (logs.DecisionEvent's fields)."""
+
+    session: str  # Postfix's queue id, or its instance id before there is one
+    client: str
+    role: str
+    sender: str | None
+    recipient: str
+    action: object
+    reason: object
+    key_id: int | None
+    next_hop_reply: str | None
+    duration: float | None
+    would_reject: Reply | None
+
+
+# --- the asyncio edge -------------------------------------------------------------------------------
+
+
+class PolicyService:
+    """What every connection shares: the policy source, the guess limiter, the clock and the mode."""
+
+    def __init__(
+        self,
+        source: PolicySource,
+        *,
+        observe: bool = False,
+        guard: GuardSettings | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_decision: Callable[[PolicyEvent], None] | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self.source = source
+        self.observe = observe
+        self.guesses = GuessLimiter(guard or GuardSettings())
+        self.clock = clock
+        self.sleep = sleep
+        self.on_decision = on_decision if on_decision is not None else DecisionLog()
+        self.idle_timeout = idle_timeout
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def close_connections(self) -> None:
+        for writer in list(self.writers):
+            writer.close()
+
+    async def respond(self, attrs: Mapping[str, str], prepended: set[str]) -> PolicyAnswer:
+        """The answer to one request. `prepended`: this connection's messages that already got the
+        observe header (one per message is enough)."""
+        started = time.monotonic()
+        try:
+            decision = decide(self.source, attrs, int(self.clock()) // 86400, self.observe)
+        except Exception:
+            # A bug costs this recipient a retry, never the server.
+            log.exception("policy decision failed")
+            return PolicyAnswer(Verb.DEFER_IF_PERMIT, text="4.3.0 policy service error, try again later")
+        answer = decision.answer
+        client = attrs.get("client_address", "")
+        verdict = decision.verdict
+        if verdict is not None and verdict.failed_guess and verdict.action is Action.REJECT:
+            penalty = self.guesses.failed_guess(client)
+            if penalty.disconnect:
+                log.info("client %s: too many failed tag guesses, disconnecting", client)
+                answer = PolicyAnswer(Verb.REPLY, replies.TOO_MANY_ERRORS)
+            elif penalty.delay:
+                await self.sleep(penalty.delay)
+        if answer.verb is Verb.PREPEND:
+            message = attrs.get("instance", "")
+            if message in prepended:
+                answer = DUNNO
+            else:
+                if len(prepended) > 100:
+                    prepended.clear()
+                prepended.add(message)
+        if verdict is not None:
+            self.on_decision(
+                PolicyEvent(
+                    session=attrs.get("queue_id") or attrs.get("instance", ""),
+                    client=client,
+                    role="policyd",
+                    sender=str(decision.sender) if decision.sender is not None else None,
+                    recipient=decision.recipient,
+                    action=verdict.action,
+                    reason=verdict.reason,
+                    key_id=verdict.key_id,
+                    next_hop_reply=None,
+                    duration=time.monotonic() - started,
+                    would_reject=verdict.would_reject,
+                )
+            )
+        return answer
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests = RequestReader()
+        prepended: set[str] = set()
+        peer = writer.get_extra_info("peername")
+        self.writers.add(writer)
+        try:
+            while True:
+                try:
+                    attrs = requests.next()
+                except ProtocolError as exc:
+                    log.warning("protocol error from %s: %s; connection closed", peer, exc)
+                    bad = PolicyAnswer(Verb.DEFER_IF_PERMIT, text="4.3.5 malformed policy request")
+                    writer.write(bad.wire())
+                    await writer.drain()
+                    return
+                if attrs is None:
+                    data = await asyncio.wait_for(reader.read(65536), self.idle_timeout or None)
+                    if not data:
+                        return
+                    requests.feed(data)
+                    continue
+                answer = await self.respond(attrs, prepended)
+                writer.write(answer.wire())
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            return
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def start_policyd(service: PolicyService, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(service.handle, host, port)

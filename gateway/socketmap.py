@@ -1,0 +1,390 @@
+"""Postfix lookup-table servers: socketmap_table(5) and, for postsrsd 1.x set-ups, tcp_table(5).
+
+Two named maps over the one policy (policy.py), so that Postfix rewrites addresses itself, with no SMTP
+hop in the mail path:
+- `forward`, for sender_canonical_maps: the envelope sender as the outbound role would send it on (prvs
+  for our signed domains, SRS0/SRS1 for foreign senders, nothing for exempt or already tagged senders).
+- `reverse`, for recipient_canonical_maps: a validly tagged recipient with its tag stripped or its SRS
+  reversed. Anything else, forged tags included, is NOTFOUND: Postfix then keeps the address as it is.
+
+What a canonical map cannot do: it sees one address at a time and never the other side of the envelope,
+so recipient exemptions and "all recipients local" (policy.rewrite_exemption's recipient half) do not
+apply here; the sender exemptions do. Postfix also looks up partial keys ("user", "@domain"); they are
+NOTFOUND, as is any key that is not one whole address.
+
+Replies (socketmap_table(5)): OK with the new address; NOTFOUND when the address stays as it is; TEMP when
+the answer may change if Postfix asks again (no active key: the mail waits in the queue instead of leaving
+unsigned); PERM for a request that is not the protocol at all. A stream that breaks the netstring framing
+is answered PERM and closed, since nothing after it can be trusted to be framed. Every request is bounded
+(`max_request`) before it is buffered, and a client that reads no replies is paused, not buffered for.
+
+tcp_table has no map names, so each map gets its own listener, as postsrsd 1.x has a forward and a reverse
+port; its codes are 200 (found), 500 (not found, and bad requests, as postsrsd answers them) and 400
+(temporary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .addresses import Address, parse_address
+from .errors import GatewayError
+from .policy import Action, Policy
+
+log = logging.getLogger("gateway.socketmap")
+
+FORWARD = "forward"
+REVERSE = "reverse"
+MAPS = (FORWARD, REVERSE)
+
+DEFAULT_MAX_REQUEST = 4096  # octets of one request: an RFC 5321 path is at most 256
+DEFAULT_IDLE_TIMEOUT = 600.0  # Postfix reconnects when we close an idle connection; postsrsd uses 1800 s
+
+
+class Status(enum.Enum):
+    """socketmap_table(5) reply codes."""
+
+    OK = "OK"
+    NOTFOUND = "NOTFOUND"
+    TEMP = "TEMP"
+    TIMEOUT = "TIMEOUT"
+    PERM = "PERM"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: Status
+    data: str = ""  # the value for OK, a reason an operator can read otherwise
+
+    def netstring(self) -> bytes:
+        return netstring(f"{self.status.value} {self.data}".encode())
+
+    def tcp_table(self) -> bytes:
+        if self.status is Status.OK:
+            return b"200 " + tcp_encode(self.data) + b"\n"
+        if self.status in (Status.TEMP, Status.TIMEOUT):
+            return b"400 " + tcp_encode(self.data) + b"\n"
+        return b"500 " + tcp_encode(self.data or "not found") + b"\n"
+
+
+NOT_FOUND = Answer(Status.NOTFOUND)
+
+
+class ProtocolError(GatewayError, ValueError):
+    """A request that is not the protocol; answered PERM (socketmap) or 500 (tcp_table)."""
+
+
+class PolicySource(Protocol):
+    """Where the current policy is read (relay.PolicyHolder): a reload swaps it between two lookups."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+
+# --- the pure part: codecs and the two maps -------------------------------------------------------------
+
+
+def netstring(payload: bytes) -> bytes:
+    return b"%d:%b," % (len(payload), payload)
+
+
+class NetstringReader:
+    """Splits a byte stream into netstrings ("5:hello,"), refusing any longer than `max_length`."""
+
+    __slots__ = ("_buf", "_digits", "max_length")
+
+    def __init__(self, max_length: int = DEFAULT_MAX_REQUEST) -> None:
+        self.max_length = max_length
+        self._digits = len(str(max_length))
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> bytes | None:
+        """The next whole netstring's payload, None if more bytes are needed; raises ProtocolError."""
+        buf = self._buf
+        colon = buf.find(b":", 0, self._digits + 1)
+        if colon < 0:
+            if len(buf) > self._digits or (buf and not buf.isdigit()):
+                raise ProtocolError(f"not a netstring length (a request is at most {self.max_length} octets)")
+            return None
+        prefix = bytes(buf[:colon])
+        if not prefix.isdigit():
+            raise ProtocolError("not a netstring length")
+        length = int(prefix)
+        if length > self.max_length:
+            raise ProtocolError(f"request of {length} octets is over the limit of {self.max_length}")
+        end = colon + 1 + length
+        if len(buf) <= end:
+            return None
+        if buf[end] != 0x2C:  # ","
+            raise ProtocolError("netstring not terminated by a comma")
+        payload = bytes(buf[colon + 1 : end])
+        del buf[: end + 1]
+        return payload
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def parse_request(payload: bytes) -> tuple[str, str]:
+    """A socketmap request "name<space>key" → (name, key)."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("request is not UTF-8") from None
+    name, space, key = text.partition(" ")
+    if not space or not name or not key:
+        raise ProtocolError("a request is 'name key'")
+    return name, key
+
+
+def tcp_encode(text: str) -> bytes:
+    """tcp_table(5) encoding: %XX for octets up to space, from DEL upwards, and '%'."""
+    out = bytearray()
+    for octet in text.encode("utf-8"):
+        if octet <= 0x20 or octet >= 0x7F or octet == 0x25:
+            out += b"%%%02X" % octet
+        else:
+            out.append(octet)
+    return bytes(out)
+
+
+def tcp_decode(data: bytes) -> str:
+    raw = bytearray()
+    i = 0
+    while (pct := data.find(b"%", i)) >= 0:
+        raw += data[i:pct]
+        pair = data[pct + 1 : pct + 3]
+        if len(pair) != 2 or not all(c in b"0123456789abcdefABCDEF" for c in pair):
+            raise ProtocolError("bad %XX escape in the key")
+        raw.append(int(pair, 16))
+        i = pct + 3
+    raw += data[i:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("key is not UTF-8") from None
+
+
+def parse_tcp_request(line: bytes) -> str:
+    """A tcp_table request line (without its newline) → the key."""
+    if not line.startswith(b"get "):
+        raise ProtocolError("only 'get KEY' is served")
+    key = tcp_decode(line[4:])
+    if not key:
+        raise ProtocolError("empty key")
+    return key
+
+
+def _address_key(key: str) -> Address | None:
+    """The address a key stands for; None for Postfix's partial keys ("user", "@domain") and for keys
+    that are no address at all: those are not in our tables."""
+    at = key.rfind("@")
+    if at <= 0 or at == len(key) - 1:
+        return None
+    try:
+        return parse_address(key)
+    except GatewayError:
+        return None
+
+
+def forward(policy: Policy, key: str, today: int) -> Answer:
+    """sender_canonical_maps: the envelope sender as the outbound role sends it on."""
+    sender = _address_key(key)
+    if sender is None:
+        return NOT_FOUND
+    exemption = policy.rewrite_exemption(sender, None)
+    try:
+        verdict = policy.outbound_sender(sender, today, exemption)
+    except GatewayError as exc:
+        # An address the tag would push over the RFC 5321 length: it goes out as it is.
+        log.warning("forward: not rewritten: %s", exc)
+        return NOT_FOUND
+    if verdict.action is not Action.RELAY:
+        return Answer(Status.TEMP, verdict.reply.text if verdict.reply else verdict.reason.value)
+    if verdict.address == str(sender):
+        return NOT_FOUND
+    return Answer(Status.OK, verdict.address)
+
+
+def reverse(policy: Policy, key: str, today: int) -> Answer:
+    """recipient_canonical_maps: a valid tag stripped, a valid SRS address reversed; else NOTFOUND."""
+    rcpt = _address_key(key)
+    if rcpt is None:
+        return NOT_FOUND
+    original = policy.reverse_recipient(rcpt, today)
+    return NOT_FOUND if original is None else Answer(Status.OK, original)
+
+
+_LOOKUPS: dict[str, Callable[[Policy, str, int], Answer]] = {FORWARD: forward, REVERSE: reverse}
+
+
+def lookup(policy: Policy, name: str, key: str, today: int) -> Answer:
+    table = _LOOKUPS.get(name)
+    if table is None:
+        return Answer(Status.PERM, f"no map named {name[:40]!r}: this server has {' and '.join(MAPS)}")
+    return table(policy, key, today)
+
+
+# --- the asyncio edge -------------------------------------------------------------------------------
+
+
+class MapService:
+    """What every connection shares: the policy source, the clock and the limits."""
+
+    def __init__(
+        self,
+        source: PolicySource,
+        *,
+        max_request: int = DEFAULT_MAX_REQUEST,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.max_request = max_request
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.connections: set[asyncio.Transport] = set()
+
+    def close_connections(self) -> None:
+        """On shutdown: a lookup is answered at once, so nothing is in flight to wait for."""
+        for transport in list(self.connections):
+            transport.close()
+
+    def answer(self, name: str, key: str) -> Answer:
+        try:
+            return lookup(self.source.policy, name, key, int(self.clock()) // 86400)
+        except Exception:
+            # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
+            log.exception("lookup failed")
+            return Answer(Status.TEMP, "internal error, see the gateway's log")
+
+
+class _Connection(asyncio.Protocol):
+    """Shared by both protocols: idle timeout, and no reading while the client does not read."""
+
+    def __init__(self, service: MapService) -> None:
+        self.service = service
+        self.transport: asyncio.Transport | None = None
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.service.connections.add(transport)
+        self._last = time.monotonic()
+        if self.service.idle_timeout > 0:
+            self._timer = asyncio.get_running_loop().call_later(self.service.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # One timer per connection, re-armed lazily: cheaper than resetting a timer on every request.
+        idle = time.monotonic() - self._last
+        if idle >= self.service.idle_timeout:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._timer = asyncio.get_running_loop().call_later(
+            self.service.idle_timeout - idle, self._check_idle
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.service.connections.discard(self.transport)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _refuse(self, replies: list[bytes], last: bytes, why: ProtocolError) -> None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.warning("protocol error from %s: %s; connection closed", peer, why)
+        if self.transport is not None:
+            self.transport.write(b"".join([*replies, last]))
+            self.transport.close()
+
+
+class SocketmapProtocol(_Connection):
+    def __init__(self, service: MapService) -> None:
+        super().__init__(service)
+        self._reader = NetstringReader(service.max_request)
+
+    def data_received(self, data: bytes) -> None:
+        self._last = time.monotonic()
+        reader = self._reader
+        reader.feed(data)
+        replies = []
+        try:
+            while (payload := reader.next()) is not None:
+                try:
+                    name, key = parse_request(payload)
+                except ProtocolError as exc:
+                    # Framed, so the stream is still in step: answer and go on.
+                    replies.append(Answer(Status.PERM, str(exc)).netstring())
+                    continue
+                replies.append(self.service.answer(name, key).netstring())
+        except ProtocolError as exc:
+            self._refuse(replies, Answer(Status.PERM, str(exc)).netstring(), exc)
+            return
+        if replies and self.transport is not None:
+            self.transport.write(b"".join(replies))
+
+
+class TcpTableProtocol(_Connection):
+    def __init__(self, service: MapService, map_name: str) -> None:
+        super().__init__(service)
+        self.map_name = map_name
+        # A key may be %XX-encoded throughout: three octets for each of its octets.
+        self._max_line = 3 * service.max_request + 8
+        self._buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._last = time.monotonic()
+        buf = self._buf
+        buf += data
+        replies = []
+        start = 0
+        while (nl := buf.find(b"\n", start)) >= 0:
+            line = bytes(buf[start:nl]).rstrip(b"\r")
+            start = nl + 1
+            try:
+                key = parse_tcp_request(line)
+            except ProtocolError as exc:
+                replies.append(Answer(Status.PERM, str(exc)).tcp_table())
+                continue
+            replies.append(self.service.answer(self.map_name, key).tcp_table())
+        del buf[:start]
+        if len(buf) > self._max_line:
+            error = ProtocolError(f"request line over {self._max_line} octets")
+            self._refuse(replies, Answer(Status.PERM, str(error)).tcp_table(), error)
+            return
+        if replies and self.transport is not None:
+            self.transport.write(b"".join(replies))
+
+
+async def start_socketmap(service: MapService, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: SocketmapProtocol(service), host, port)
+
+
+async def start_tcp_table(service: MapService, map_name: str, host: str, port: int) -> asyncio.Server:
+    if map_name not in MAPS:
+        raise ValueError(f"no map named {map_name!r}")
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: TcpTableProtocol(service, map_name), host, port)
