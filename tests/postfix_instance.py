@@ -25,6 +25,7 @@ What a private instance needs, found by trying it on Debian 12 with Postfix 3.7 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -34,10 +35,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
@@ -272,11 +277,15 @@ class PostfixInstance:
     def postconf(self, *args: str) -> str:
         return self.run(POSTCONF, "-c", str(self.config_dir), *args).stdout
 
+    def configure(self) -> PostfixInstance:
+        """Write the folders and config without starting: enough for postmap, postconf, postfix check."""
+        self._prepare()
+        self.write_config()
+        return self
+
     def check(self) -> str:
         """`postfix check`: raises on an error, returns its warnings (stderr), which should be empty."""
-        if not (self.config_dir / "main.cf").exists():
-            self._prepare()
-            self.write_config()
+        self.configure()
         return self.run(POSTFIX, "-c", str(self.config_dir), "check").stderr
 
     def postmap_query(self, key: str, table: str) -> str | None:
@@ -508,6 +517,59 @@ class SmtpSink:
                 raise TimeoutError(f"smtp-sink holds {len(found)} of {count} messages after {timeout}s")
             time.sleep(0.05)
         return found
+
+
+class ServerThread:
+    """An asyncio server run in a thread of its own, so that a test can call blocking programs (postmap,
+    swaks, smtplib) against it. `start` is a coroutine function returning the started asyncio.Server;
+    `on_stop` (optional) runs in the loop before the server closes, to close open connections."""
+
+    def __init__(
+        self,
+        start: Callable[[], Awaitable[asyncio.Server]],
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self._start = start
+        self._on_stop = on_stop
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server", daemon=True)
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn in the server's loop (to read its state safely)."""
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            if self._on_stop is not None:
+                self._on_stop()
+            await self._server.wait_closed()
+            # Let the closed connections' handlers finish before the loop stops.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
 
 
 def new_root(prefix: str = "batv-postfix-") -> Path:

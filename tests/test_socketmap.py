@@ -1,0 +1,500 @@
+"""The socketmap and tcp_table servers: the codecs, the two maps over the one policy, the wire, and real
+Postfix asking them (`postmap -q`, and a private instance loaded with deploy/postfix/ rewriting mail)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from postfix_instance import (
+    DEPLOY_POSTFIX,
+    PostfixError,
+    PostfixInstance,
+    ServerThread,
+    SmtpSink,
+    load_snippet,
+    private_root,
+)
+
+from gateway import keystore, prvs, srs
+from gateway.keyring import Key, Keyring, KeyState
+from gateway.policy import Policy, PolicySettings
+from gateway.relay import PolicyHolder
+from gateway.socketmap import (
+    Answer,
+    MapService,
+    NetstringReader,
+    ProtocolError,
+    Status,
+    lookup,
+    netstring,
+    parse_request,
+    parse_tcp_request,
+    start_socketmap,
+    start_tcp_table,
+    tcp_decode,
+    tcp_encode,
+)
+
+TODAY = 20_000
+KEYRING = Keyring((Key(3, b"s" * 32, KeyState.ACTIVE), Key(1, b"o" * 32, KeyState.VERIFY)))
+ALIAS = "fwd.example.net"
+SETTINGS = PolicySettings(
+    local_domains=frozenset({"example.org"}),
+    signed_domains=frozenset({"example.org"}),
+    srs_alias=ALIAS,
+    exempt_senders=frozenset({"list-bounces@example.org"}),
+)
+POLICY = Policy(SETTINGS, KEYRING)
+SRS_OPTIONS = SETTINGS.srs_options
+
+
+def answer(name: str, key: str, policy: Policy = POLICY) -> Answer:
+    return lookup(policy, name, key, TODAY)
+
+
+# --- the netstring codec -------------------------------------------------------------------------------
+
+
+def test_netstrings_are_split_however_the_bytes_arrive() -> None:
+    stream = netstring(b"forward a@b.example") + netstring(b"reverse c@d.example") + netstring(b"")
+    reader = NetstringReader(64)
+    got = []
+    for octet in stream:  # one byte at a time: the worst a TCP peer can do
+        reader.feed(bytes([octet]))
+        while (payload := reader.next()) is not None:
+            got.append(payload)
+    assert got == [b"forward a@b.example", b"reverse c@d.example", b""]
+    assert reader.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"65:", "over the limit"),  # the length alone is refused: the body is never buffered
+        (b"123456", "not a netstring length"),  # more digits than the limit can have
+        (b"x:", "not a netstring length"),
+        (b":abc,", "not a netstring length"),
+        (b"-1:", "not a netstring length"),
+        (b"3:abc;", "not terminated by a comma"),
+    ],
+)
+def test_broken_netstrings_are_protocol_errors(data: bytes, why: str) -> None:
+    reader = NetstringReader(64)
+    reader.feed(data)
+    with pytest.raises(ProtocolError, match=why):
+        reader.next()
+
+
+def test_a_request_is_a_map_name_a_space_and_a_key() -> None:
+    assert parse_request(b"forward user@example.org") == ("forward", "user@example.org")
+    for bad in (b"forward", b"forward ", b" user@example.org", b"forward \xff@x"):
+        with pytest.raises(ProtocolError):
+            parse_request(bad)
+
+
+def test_tcp_table_encoding_round_trips_and_refuses_bad_escapes() -> None:
+    text = "a b%c\u00e9\x01@x"
+    encoded = tcp_encode(text)
+    assert encoded == b"a%20b%25c%C3%A9%01@x"
+    assert tcp_decode(encoded) == text
+    assert parse_tcp_request(b"get user%40example.org") == "user@example.org"
+    for bad in (b"get a%zz", b"get a%4", b"get %ff", b"put a b", b"get ", b"GET a@b"):
+        with pytest.raises(ProtocolError):
+            parse_tcp_request(bad)
+
+
+# --- the maps over the policy --------------------------------------------------------------------------
+
+
+def test_forward_signs_a_sender_in_a_signed_domain_with_prvs() -> None:
+    got = answer("forward", "user@example.org")
+    assert got.status is Status.OK and got.data.startswith("prvs=3")
+    checked = prvs.verify(got.data, KEYRING, TODAY)
+    assert checked.verdict is prvs.PrvsVerdict.VALID and checked.address == "user@example.org"
+    assert got.data == prvs.sign("user@example.org", KEYRING, TODAY), "the same tag the outbound role makes"
+
+
+def test_forward_gives_a_foreign_sender_srs0_and_an_srs0_sender_srs1() -> None:
+    first = answer("forward", "joe@foreign.test")
+    assert first.status is Status.OK and first.data.startswith("SRS0=") and first.data.endswith("@" + ALIAS)
+    back = srs.reverse(first.data, KEYRING.srs_secrets(), TODAY, SRS_OPTIONS)
+    assert back.address == "joe@foreign.test"
+    theirs = "SRS0=abcd=TT=orig.test=joe@other-forwarder.test"
+    second = answer("forward", theirs)
+    assert second.status is Status.OK and second.data.startswith("SRS1=")
+    assert srs.reverse(second.data, KEYRING.srs_secrets(), TODAY, SRS_OPTIONS).address == (
+        "SRS0=abcd=TT=orig.test=joe@other-forwarder.test"
+    )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "user",  # Postfix's partial keys for local addresses
+        "@example.org",
+        "user@",
+        "list-bounces@example.org",  # an exempt sender
+        "someone@" + ALIAS,  # already in the alias domain
+        "no spaces allowed@example.org",  # not an address
+        "a@b@c",
+    ],
+)
+def test_forward_leaves_alone_what_the_outbound_role_leaves_alone(key: str) -> None:
+    assert answer("forward", key) == Answer(Status.NOTFOUND)
+
+
+def test_forward_leaves_an_already_tagged_sender_alone() -> None:
+    tagged = prvs.sign("user@example.org", KEYRING, TODAY)
+    assert answer("forward", tagged) == Answer(Status.NOTFOUND)
+    srs0 = srs.forward("joe@foreign.test", ALIAS, KEYRING.srs_secrets(), TODAY, SRS_OPTIONS)
+    assert answer("forward", srs0) == Answer(Status.NOTFOUND)
+
+
+def test_forward_without_an_active_key_is_temp_so_postfix_keeps_the_mail() -> None:
+    verify_only = Policy(SETTINGS, Keyring((Key(1, b"o" * 32, KeyState.VERIFY),)))
+    got = answer("forward", "user@example.org", verify_only)
+    assert got.status is Status.TEMP and "keys unavailable" in got.data
+    # Reversing needs no active key: bounces to tags made before still come home.
+    made_before = prvs.sign("user@example.org", Keyring((Key(1, b"o" * 32),)), TODAY)
+    assert answer("reverse", made_before, verify_only) == Answer(Status.OK, "user@example.org")
+
+
+def test_forward_of_an_address_too_long_to_tag_is_notfound_not_a_crash() -> None:
+    key = "a" * 64 + "@" + ".".join(["d" * 60] * 3) + ".org"
+    assert answer("forward", key) == Answer(Status.NOTFOUND)
+
+
+def test_reverse_strips_a_valid_tag_and_reverses_a_valid_srs_address() -> None:
+    tagged = prvs.sign("user@example.org", KEYRING, TODAY - 2)
+    assert answer("reverse", tagged) == Answer(Status.OK, "user@example.org")
+    srs0 = srs.forward("Joe@foreign.test", ALIAS, KEYRING.srs_secrets(), TODAY, SRS_OPTIONS)
+    assert answer("reverse", srs0) == Answer(Status.OK, "Joe@foreign.test")
+    # Postfix lowercases canonical-map keys; the SRS hash is checked without regard to case.
+    assert answer("reverse", srs0.lower()) == Answer(Status.OK, "joe@foreign.test")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "user@example.org",  # untagged
+        "prvs=3000000000=user@example.org",  # forged
+        "prvs=9123456789=user@example.org",  # unknown key id
+        "SRS0=xxxx=TT=foreign.test=joe@" + ALIAS,  # forged SRS
+        "user",
+        "@example.org",
+    ],
+)
+def test_reverse_is_notfound_for_anything_not_validly_tagged(key: str) -> None:
+    assert answer("reverse", key) == Answer(Status.NOTFOUND)
+
+
+def test_reverse_refuses_an_expired_tag() -> None:
+    old = prvs.sign("user@example.org", KEYRING, TODAY - 30)
+    assert answer("reverse", old) == Answer(Status.NOTFOUND)
+
+
+def test_an_unknown_map_name_is_perm() -> None:
+    got = answer("canonical", "user@example.org")
+    assert got.status is Status.PERM and "forward and reverse" in got.data
+
+
+def test_wire_forms_of_answers() -> None:
+    assert Answer(Status.OK, "a@b").netstring() == b"6:OK a@b,"
+    assert Answer(Status.NOTFOUND).netstring() == b"9:NOTFOUND ,"
+    assert Answer(Status.OK, "a b@c").tcp_table() == b"200 a%20b@c\n"
+    assert Answer(Status.NOTFOUND).tcp_table() == b"500 not%20found\n"
+    assert Answer(Status.TEMP, "later").tcp_table() == b"400 later\n"
+    assert Answer(Status.PERM, "bad request").tcp_table() == b"500 bad%20request\n"
+
+
+# --- the servers, over sockets ---------------------------------------------------------------------------
+
+
+def service(**kw: object) -> MapService:
+    return MapService(PolicyHolder(POLICY), clock=lambda: TODAY * 86400 + 3600, **kw)  # type: ignore[arg-type]
+
+
+def socketmap_server(svc: MapService) -> ServerThread:
+    return ServerThread(lambda: start_socketmap(svc, "127.0.0.1", 0), svc.close_connections)
+
+
+def tcp_server(svc: MapService, name: str) -> ServerThread:
+    return ServerThread(lambda: start_tcp_table(svc, name, "127.0.0.1", 0), svc.close_connections)
+
+
+def read_netstrings(sock: socket.socket, count: int) -> list[bytes]:
+    reader = NetstringReader(1 << 16)
+    got: list[bytes] = []
+    while len(got) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        reader.feed(data)
+        while (payload := reader.next()) is not None:
+            got.append(payload)
+    return got
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_pipelined_lookups_are_answered_in_order_on_one_connection() -> None:
+    svc = service()
+    with socketmap_server(svc) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        tagged = prvs.sign("user@example.org", KEYRING, TODAY)
+        s.sendall(
+            netstring(b"forward user@example.org")
+            + netstring(b"reverse " + tagged.encode())
+            + netstring(b"reverse user@example.org")
+            + netstring(b"nonsense")  # framed garbage: PERM, and the stream goes on
+            + netstring(b"forward joe@foreign.test")
+        )
+        got = read_netstrings(s, 5)
+        assert got[0] == b"OK " + tagged.encode()
+        assert got[1] == b"OK user@example.org"
+        assert got[2] == b"NOTFOUND "
+        assert got[3].startswith(b"PERM ")
+        assert got[4].startswith(b"OK SRS0=")
+
+
+def test_a_broken_stream_gets_perm_and_is_closed_and_the_server_lives_on() -> None:
+    svc = service(max_request=256)
+    with socketmap_server(svc) as srv:
+        for garbage in (b"GET / HTTP/1.0\r\n\r\n", b"99999:", b"5:hello;", b"\x00\x01\x02\x03"):
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(garbage)
+                reply = read_netstrings(s, 1)
+                assert reply and reply[0].startswith(b"PERM "), garbage
+                assert closed_by_peer(s)
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(netstring(b"reverse user@example.org"))
+            assert read_netstrings(s, 1) == [b"NOTFOUND "]
+        assert srv.call(lambda: len(svc.connections)) <= 1
+
+
+def test_tcp_table_answers_line_by_line_and_refuses_garbage() -> None:
+    svc = service(max_request=64)
+    with tcp_server(svc, "forward") as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"get user@example.org\nput a b\nget postmaster\r\nget joe%40foreign.test\n")
+        f = s.makefile("rb")
+        first = f.readline()
+        assert first == b"200 " + prvs.sign("user@example.org", KEYRING, TODAY).encode() + b"\n"
+        assert f.readline().startswith(b"500 ")
+        assert f.readline() == b"500 not%20found\n"
+        assert f.readline().startswith(b"200 SRS0=")
+        s.sendall(b"get " + b"x" * 1000)  # no newline, over the bound
+        assert f.readline().startswith(b"500 request%20line%20over")
+        assert f.readline() == b""
+
+
+def test_an_idle_connection_is_closed() -> None:
+    svc = service(idle_timeout=0.2)
+    with socketmap_server(svc) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(netstring(b"reverse user@example.org"))
+        assert read_netstrings(s, 1) == [b"NOTFOUND "]
+        assert closed_by_peer(s)
+
+
+# --- real Postfix: postmap -q --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    with private_root(keep_log_in=tmp_path) as path:
+        yield path
+
+
+@pytest.fixture
+def postfix_config(root: Path) -> PostfixInstance:
+    """A private instance's config (not started): what postmap -c needs, as /etc/postfix has no main.cf."""
+    return PostfixInstance(root / "pf").configure()
+
+
+def test_postmap_queries_both_socketmap_maps(postfix_config: PostfixInstance) -> None:
+    svc = service()
+    with socketmap_server(svc) as srv:
+        table = f"socketmap:inet:127.0.0.1:{srv.port}"
+        tagged = postfix_config.postmap_query("user@example.org", f"{table}:forward")
+        assert tagged == prvs.sign("user@example.org", KEYRING, TODAY)
+        forwarded = postfix_config.postmap_query("joe@foreign.test", f"{table}:forward")
+        assert forwarded is not None and forwarded.startswith("SRS0=")
+        assert postfix_config.postmap_query(tagged, f"{table}:reverse") == "user@example.org"
+        assert postfix_config.postmap_query(forwarded, f"{table}:reverse") == "joe@foreign.test"
+        assert postfix_config.postmap_query("user@example.org", f"{table}:reverse") is None
+        assert postfix_config.postmap_query("prvs=3000000000=user@example.org", f"{table}:reverse") is None
+        with pytest.raises(PostfixError, match="permanent error"):
+            postfix_config.postmap_query("user@example.org", f"{table}:nosuchmap")
+
+
+def test_postmap_sees_temp_when_no_key_can_sign(postfix_config: PostfixInstance) -> None:
+    holder = PolicyHolder(Policy(SETTINGS, Keyring((Key(1, b"o" * 32, KeyState.VERIFY),))))
+    svc = MapService(holder, clock=lambda: TODAY * 86400)
+    with socketmap_server(svc) as srv:
+        with pytest.raises(PostfixError, match="temporary error"):
+            postfix_config.postmap_query("user@example.org", f"socketmap:inet:127.0.0.1:{srv.port}:forward")
+
+
+def test_postmap_queries_the_tcp_table_ports(postfix_config: PostfixInstance) -> None:
+    svc = service()
+    with tcp_server(svc, "forward") as fwd, tcp_server(svc, "reverse") as rev:
+        tagged = postfix_config.postmap_query("user@example.org", f"tcp:127.0.0.1:{fwd.port}")
+        assert tagged == prvs.sign("user@example.org", KEYRING, TODAY)
+        forwarded = postfix_config.postmap_query("joe@foreign.test", f"tcp:127.0.0.1:{fwd.port}")
+        assert forwarded is not None and forwarded.startswith("SRS0=")
+        assert postfix_config.postmap_query(tagged, f"tcp:127.0.0.1:{rev.port}") == "user@example.org"
+        assert postfix_config.postmap_query(forwarded, f"tcp:127.0.0.1:{rev.port}") == "joe@foreign.test"
+        assert postfix_config.postmap_query("postmaster", f"tcp:127.0.0.1:{fwd.port}") is None
+        assert postfix_config.postmap_query("user@example.org", f"tcp:127.0.0.1:{rev.port}") is None
+
+
+# --- the command, and Postfix rewriting real mail through it -------------------------------------------
+
+
+def write_keyring(path: Path) -> keystore.KeyringFile:
+    kf = keystore.new_keyring(datetime.now(UTC))
+    keystore.save(path, kf)
+    return kf
+
+
+class Command:
+    """`batv-gateway ARGS` as a subprocess; the ports it bound are read from its 'listening' log lines."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.listening: dict[str, int] = {}  # serves=... → port
+
+    def wait_listening(self, count: int) -> dict[str, int]:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 20
+        while len(self.listening) < count:
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                raise AssertionError(f"the command did not start: {''.join(self.lines)}")
+            self.lines.append(line)
+            found = re.search(r'listen=127\.0\.0\.1:(\d+) serves="?([^"\n]+)"?', line)
+            if found:
+                self.listening[found.group(2)] = int(found.group(1))
+        return self.listening
+
+    def stop(self) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, "".join(self.lines) + err
+
+
+def today() -> int:
+    return int(time.time()) // 86400
+
+
+def test_the_command_serves_socketmap_and_tcp_table_and_reloads_on_sighup(
+    root: Path, postfix_config: PostfixInstance
+) -> None:
+    keyring_path = root / "keyring.toml"
+    kf = write_keyring(keyring_path)
+    cmd = Command(
+        "socketmap",
+        "--listen", "127.0.0.1:0",
+        "--tcp-forward", "127.0.0.1:0",
+        "--tcp-reverse", "127.0.0.1:0",
+        "--keyring", str(keyring_path),
+        "--domain", "example.org",
+        "--srs-alias", ALIAS,
+    )  # fmt: skip
+    try:
+        ports = cmd.wait_listening(3)
+        table = f"socketmap:inet:127.0.0.1:{ports['maps forward, reverse']}"
+        tagged = postfix_config.postmap_query("user@example.org", f"{table}:forward")
+        assert tagged is not None and tagged.startswith("prvs=0")
+        assert prvs.verify(tagged, kf.keyring, today()).verdict is prvs.PrvsVerdict.VALID
+        assert postfix_config.postmap_query(tagged, f"tcp:127.0.0.1:{ports['map reverse']}") == (
+            "user@example.org"
+        )
+        via_tcp = postfix_config.postmap_query("joe@foreign.test", f"tcp:127.0.0.1:{ports['map forward']}")
+        assert via_tcp is not None and via_tcp.endswith("@" + ALIAS)
+
+        # A new active key, then SIGHUP: new tags carry its id, old tags still reverse.
+        now = datetime.now(UTC)
+        added, key = keystore.add_key(kf, now)
+        rotated = keystore.activate(added, key.id, now)
+        keystore.save(keyring_path, rotated)
+        os.kill(cmd.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            fresh = postfix_config.postmap_query("user@example.org", f"{table}:forward")
+            if (fresh is not None and fresh.startswith(f"prvs={key.id}")) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert fresh is not None and fresh.startswith(f"prvs={key.id}"), "the reloaded keyring signs"
+        assert postfix_config.postmap_query(tagged, f"{table}:reverse") == "user@example.org"
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert "reload applied" in log
+    for key in rotated.keyring.keys:
+        assert key.secret.hex() not in log
+
+
+def test_postfix_rewrites_mail_with_the_socketmap_snippet(root: Path) -> None:
+    """deploy/postfix/socketmap-main.cf in a private Postfix: outgoing mail gets a signed return path,
+    a genuine bounce to a tagged address is delivered to the bare address."""
+    keyring_path = root / "keyring.toml"
+    kf = write_keyring(keyring_path)
+    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path),
+                  "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
+    try:
+        port = cmd.wait_listening(1)["maps forward, reverse"]
+        with SmtpSink(root / "sink") as sink:
+            pf = PostfixInstance(root / "pf", relayhost=f"[127.0.0.1]:{sink.port}")
+            pf.add_main(
+                load_snippet(DEPLOY_POSTFIX / "socketmap-main.cf", {"127.0.0.1:10030": f"127.0.0.1:{port}"})
+            )
+            with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                body = b"From: User <user@example.org>\r\nSubject: out\r\n\r\nhello\r\n"
+                client.sendmail("user@example.org", ["friend@remote.test"], body)
+                client.sendmail("joe@foreign.test", ["friend@remote.test"], b"Subject: fwd\r\n\r\nhi\r\n")
+                tag = prvs.sign("user@example.org", kf.keyring, today())
+                client.sendmail("", [tag], b"Subject: bounce\r\n\r\nDSN\r\n")
+                got = sink.wait_for_messages(3)
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    by_subject = {re.search(r"^Subject: (\w+)", m.data, re.M).group(1): m for m in got}  # type: ignore[union-attr]
+    out = by_subject["out"]
+    assert out.mail_from == tag and out.rcpts == ("friend@remote.test",)
+    assert "From: User <user@example.org>" in out.data, "headers are never rewritten"
+    fwd = by_subject["fwd"]
+    assert fwd.mail_from.startswith("SRS0=") and fwd.mail_from.endswith("@" + ALIAS)
+    assert srs.reverse(fwd.mail_from, kf.keyring.srs_secrets(), today(), SRS_OPTIONS).address == (
+        "joe@foreign.test"
+    )
+    bounce = by_subject["bounce"]
+    assert bounce.mail_from == "" and bounce.rcpts == ("user@example.org",)
