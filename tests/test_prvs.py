@@ -114,7 +114,7 @@ def test_lifetime_out_of_range(lifetime: int) -> None:
         ("prvs=1730abcdef=@example.com", PrvsVerdict.MALFORMED, "prvs=KDDDHHHHHH="),
         ("prvs=1730abcdef=user", PrvsVerdict.MALFORMED, "no '@'"),
         ("not an address", PrvsVerdict.MALFORMED, "not a usable address"),
-        # Exim's alternative (tag after the local part) is not the draft's syntax.
+        # Only the draft's syntax is read: a tag after the local part is not a tag.
         ("user=prvs=1730abcdef@example.com", PrvsVerdict.UNSIGNED, "carries no prvs tag"),
     ],
 )
