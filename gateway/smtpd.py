@@ -74,6 +74,7 @@ DATA_FAILURE_REPLIES: dict[DataFailure, Reply] = {
     DataFailure.BARE_NEWLINE: replies.BARE_NEWLINE,
 }
 
+_READ_LIMIT = 64 * 1024  # DATA is read in chunks of up to this much
 VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
 _STRAY = re.compile(rb"[\r\x00]")
 
@@ -177,13 +178,26 @@ class DataDecoder:
             and (self._after_crlf or not lines.startswith(b".\r\n"))
         ):
             # The fast path: only CRLF line ends, no NUL. Check line lengths only when a line could be long.
-            if len(lines) >= self._line_limit and crlf and len(lines) // crlf >= 0:
-                if max(map(len, lines.split(b"\r\n"))) + 2 > self._line_limit:
-                    self._fail(DataFailure.LINE_TOO_LONG)
-                    return b""
+            if len(lines) >= self._line_limit and self._has_long_line(lines):
+                self._fail(DataFailure.LINE_TOO_LONG)
+                return b""
             self._after_crlf = True
             return lines
         return self._slow_lines(lines)
+
+    def _has_long_line(self, lines: bytes) -> bool:
+        """Whether a line (CRLF included) is over the limit: from each line end, the last newline within
+        the next `limit` octets must exist. One C-speed rfind per `limit` octets, not one per line."""
+        limit = self._line_limit
+        rfind = lines.rfind
+        end = len(lines)
+        last = -1  # the newline before the first line (the chunk starts at a line start)
+        while end - last - 1 > limit:
+            newline = rfind(b"\n", last + 1, last + 1 + limit)
+            if newline < 0:
+                return True
+            last = newline
+        return False
 
     def _slow_lines(self, lines: bytes) -> bytes:
         out: list[bytes] = []
@@ -367,7 +381,10 @@ class EdgeProtocol(SMTP):
         self.loop = loop
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(loop=loop, limit=context.limits.command_line_limit),
+            # The reader's limit is also its flow-control mark (it pauses the socket at twice the limit),
+            # so a command-sized limit would make DATA arrive in 4 KiB sips. Command lines are held to
+            # command_line_limit below instead.
+            asyncio.StreamReader(loop=loop, limit=max(_READ_LIMIT, context.limits.command_line_limit)),
             client_connected_cb=self._cb_client_connected,
             loop=loop,
         )
@@ -531,6 +548,9 @@ class EdgeProtocol(SMTP):
                 if self.ctx.shutting_down and self.mail is None and not self._buffered_line():
                     await self.push(str(replies.SHUTTING_DOWN))
                     break
+            # The idle timer runs only while we wait for the client, never while it waits for us (the
+            # next hop's verdict, a tarpit delay): those have their own, shorter, limits.
+            self._reset_timeout()
             try:
                 line = await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as error:
@@ -539,7 +559,11 @@ class EdgeProtocol(SMTP):
                 continue
             except asyncio.IncompleteReadError:
                 break  # the client closed its side
-            self._reset_timeout()
+            finally:
+                self._stop_timer()
+            if len(line) > self.ctx.limits.command_line_limit:
+                await self._reply(replies.LINE_TOO_LONG)
+                continue
             line = line.rstrip(b"\r\n")
             verb, _, rest = line.partition(b" ")
             try:
@@ -555,6 +579,10 @@ class EdgeProtocol(SMTP):
                 continue
             arg = rest.strip().decode("utf-8", "surrogateescape") if rest.strip() else None
             await handler(self, arg)
+
+    def _stop_timer(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
 
     async def _skip_long_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -830,7 +858,8 @@ class EdgeProtocol(SMTP):
         try:
             while not decoder.done:
                 self._reset_timeout(limits.data_timeout)
-                chunk = await reader.read(65536)
+                chunk = await reader.read(_READ_LIMIT)
+                self._stop_timer()
                 if not chunk:
                     # The client went away mid-DATA: nothing was accepted, nothing may be delivered.
                     relay.abort()
@@ -845,7 +874,6 @@ class EdgeProtocol(SMTP):
                 buffer[:0] = decoder.leftover
         finally:
             self._in_data = False
-        self._reset_timeout()
         reply = await relay.data_end(decoder.failure)
         self.mail = None
         await self._reply(reply)

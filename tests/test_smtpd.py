@@ -408,3 +408,14 @@ def test_no_starttls_without_a_certificate() -> None:
             await client.close()
 
     run(body())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=40),
+    st.integers(min_value=3, max_value=50),
+)
+def test_the_long_line_check_agrees_with_splitting(lengths: list[int], limit: int) -> None:
+    lines = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    expected = max(lengths) + 2 > limit
+    assert DataDecoder(None, limit)._has_long_line(lines) is expected
