@@ -143,7 +143,8 @@ def decide(source: PolicySource, attrs: Mapping[str, str], today: int, observe: 
     recipient = attrs.get("recipient", "")
     try:
         # Postfix sends the envelope addresses without <>; an empty sender is the null sender.
-        sender = parse_path(attrs.get("sender", ""))
+        sender_text = attrs.get("sender", "")
+        sender = parse_path(sender_text) if sender_text else None
         rcpt = parse_address(recipient)
     except GatewayError:
         # smtpd accepted the address, so it is for Postfix's rules to judge, not ours.
@@ -189,6 +190,7 @@ class PolicyService:
         *,
         observe: bool = False,
         guard: GuardSettings | None = None,
+        guesses: GuessLimiter | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_decision: Callable[[PolicyEvent], None] | None = None,
@@ -196,7 +198,8 @@ class PolicyService:
     ) -> None:
         self.source = source
         self.observe = observe
-        self.guesses = GuessLimiter(guard or GuardSettings())
+        # One limiter for all connections: Postfix runs many smtpd processes, each with its own connection.
+        self.guesses = guesses if guesses is not None else GuessLimiter(guard or GuardSettings())
         self.clock = clock
         self.sleep = sleep
         self.on_decision = on_decision if on_decision is not None else DecisionLog()

@@ -1,0 +1,378 @@
+"""The policy delegation server: the request codec, decisions from the one policy, the guess limiter, the
+wire, and a private Postfix loaded with deploy/postfix/policy-main.cf refusing a forged bounce at RCPT."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from postfix_instance import (
+    DEPLOY_POSTFIX,
+    PostfixInstance,
+    ServerThread,
+    SmtpSink,
+    load_snippet,
+    private_root,
+)
+from test_socketmap import Command, today, write_keyring
+
+from gateway import prvs
+from gateway.guard import GuardSettings, GuessLimiter
+from gateway.keyring import Key, Keyring, KeyState
+from gateway.policy import Action, Policy, PolicySettings, Reason
+from gateway.policyd import (
+    DUNNO,
+    PolicyAnswer,
+    PolicyEvent,
+    PolicyService,
+    ProtocolError,
+    RequestReader,
+    Verb,
+    decide,
+    start_policyd,
+)
+from gateway.relay import PolicyHolder
+
+TODAY = 20_000
+KEYRING = Keyring((Key(4, b"p" * 32, KeyState.ACTIVE),))
+SETTINGS = PolicySettings(
+    local_domains=frozenset({"example.org", "observed.example"}),
+    signed_domains=frozenset({"example.org", "observed.example"}),
+    observe_domains=frozenset({"observed.example"}),
+)
+HOLDER = PolicyHolder(Policy(SETTINGS, KEYRING))
+TAG = prvs.sign("user@example.org", KEYRING, TODAY)
+FORGED = "prvs=4000000000=user@example.org"
+
+
+def request(**attrs: str) -> dict[str, str]:
+    base = {
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "protocol_name": "ESMTP",
+        "client_address": "192.0.2.7",
+        "sender": "",
+        "recipient": "user@example.org",
+        "instance": "1a2b.5f3e.1",
+    }
+    return base | attrs
+
+
+def wire(attrs: dict[str, str]) -> bytes:
+    return "".join(f"{k}={v}\n" for k, v in attrs.items()).encode() + b"\n"
+
+
+# --- the request codec ---------------------------------------------------------------------------------
+
+
+def test_requests_are_split_however_the_bytes_arrive() -> None:
+    reader = RequestReader()
+    got = []
+    for octet in wire(request()) + wire(request(recipient="b@example.org")):
+        reader.feed(bytes([octet]))
+        while (attrs := reader.next()) is not None:
+            got.append(attrs)
+    assert [a["recipient"] for a in got] == ["user@example.org", "b@example.org"]
+    assert got[0]["sender"] == "" and got[0]["protocol_state"] == "RCPT"
+
+
+def test_a_value_may_hold_an_equals_sign() -> None:
+    reader = RequestReader()
+    reader.feed(b"ccert_subject=CN=x,O=y\n\n")
+    assert reader.next() == {"ccert_subject": "CN=x,O=y"}
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"no equals sign\n", "name=value"),
+        (b"=value\n", "name=value"),
+        (b"name=\xff\n", "not UTF-8"),
+        (b"a=" + b"x" * 100 + b"\n", "over 64 octets"),
+        (b"a=" + b"x" * 100, "over 64 octets"),  # refused before its newline arrives
+        (b"".join(b"a%d=1\n" % n for n in range(11)), "over 10 attributes"),
+        (b"".join(b"a=%d\n" % n for n in range(60)), "over 200 octets"),
+    ],
+)
+def test_broken_requests_are_protocol_errors(data: bytes, why: str) -> None:
+    reader = RequestReader(max_line=64, max_request=200, max_attributes=10)
+    reader.feed(data)
+    with pytest.raises(ProtocolError, match=why):
+        reader.next()
+
+
+# --- decisions: the policy's, translated ---------------------------------------------------------------
+
+
+def answer_for(**attrs: str) -> PolicyAnswer:
+    return decide(HOLDER, request(**attrs), TODAY).answer
+
+
+def test_a_bounce_to_an_unsigned_address_is_refused_with_the_policys_reply() -> None:
+    got = answer_for()
+    assert got.verb is Verb.REPLY
+    assert got.wire() == (
+        b"action=550 5.7.1 <user@example.org>: bounce to an address we never signed (unsigned)\n\n"
+    )
+
+
+def test_a_bounce_to_a_forged_tag_is_refused_and_counts_as_a_guess() -> None:
+    decision = decide(HOLDER, request(recipient=FORGED), TODAY)
+    assert decision.answer.verb is Verb.REPLY and str(decision.answer.reply).startswith("550 5.7.1")
+    assert decision.verdict is not None and decision.verdict.failed_guess
+    assert decision.verdict.reason is Reason.BAD_HASH
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"recipient": TAG},  # a genuine bounce
+        {"recipient": "postmaster@example.org"},  # RFC 5321 4.5.1
+        {"recipient": "abuse@example.org"},
+        {"sender": "someone@elsewhere.test"},  # not a bounce
+        {"recipient": "friend@elsewhere.test"},  # not ours: relaying is Postfix's decision
+        {"protocol_state": "MAIL"},
+        {"protocol_state": "DATA"},
+        {"request": "something_else"},
+        {"recipient": "not an address"},
+        {"sender": "<<broken"},
+    ],
+)
+def test_everything_else_is_dunno_so_postfix_rules_still_apply(attrs: dict[str, str]) -> None:
+    assert answer_for(**attrs) == DUNNO
+    assert DUNNO.wire() == b"action=DUNNO\n\n"
+
+
+def test_observe_mode_accepts_and_marks_with_a_header() -> None:
+    decision = decide(HOLDER, request(recipient=FORGED), TODAY, observe=True)
+    assert decision.answer == PolicyAnswer(Verb.PREPEND, text="X-BATV-Observe: would-reject reason=bad-hash")
+    assert decision.answer.wire() == b"action=PREPEND X-BATV-Observe: would-reject reason=bad-hash\n\n"
+    assert decision.verdict is not None and decision.verdict.action is Action.RELAY
+    # A domain in observe_domains is observed whatever the server's mode.
+    domain = decide(HOLDER, request(recipient="user@observed.example"), TODAY)
+    assert domain.answer.verb is Verb.PREPEND
+
+
+# --- the server, over sockets ---------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self.events: list[PolicyEvent] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)  # held answers are recorded, not waited for
+
+    def event(self, event: PolicyEvent) -> None:
+        self.events.append(event)
+
+
+def server(svc: PolicyService) -> ServerThread:
+    return ServerThread(lambda: start_policyd(svc, "127.0.0.1", 0), svc.close_connections)
+
+
+def ask(sock: socket.socket, *requests: dict[str, str]) -> list[str]:
+    sock.sendall(b"".join(wire(r) for r in requests))
+    f = sock.makefile("rb")
+    answers = []
+    for _ in requests:
+        line = f.readline()
+        assert f.readline() == b"\n", "every answer ends with an empty line"
+        answers.append(line.decode().rstrip("\n"))
+    return answers
+
+
+def service(rec: Recorder, **kw: object) -> PolicyService:
+    return PolicyService(
+        HOLDER,
+        clock=lambda: TODAY * 86400 + 60,
+        sleep=rec.sleep,
+        on_decision=rec.event,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_one_connection_answers_many_requests_and_logs_each_decision() -> None:
+    rec = Recorder()
+    with server(service(rec)) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        got = ask(
+            s,
+            request(),
+            request(recipient=TAG),
+            request(sender="a@elsewhere.test", recipient="b@example.org"),
+            request(protocol_state="MAIL"),
+        )
+    assert got[0].startswith("action=550 5.7.1 <user@example.org>")
+    assert got[1:] == ["action=DUNNO"] * 3
+    # One event per recipient the policy judged (not for the MAIL-stage request).
+    assert [(e.recipient, e.action, e.reason) for e in rec.events] == [
+        ("user@example.org", Action.REJECT, Reason.UNSIGNED),
+        (TAG, Action.RELAY, Reason.VALID_PRVS),
+        ("b@example.org", Action.RELAY, Reason.NOT_BOUNCE),
+    ]
+    assert rec.events[0].sender is None and rec.events[0].client == "192.0.2.7"
+    assert rec.events[1].key_id == 4
+
+
+def test_failed_guesses_are_slowed_and_then_the_client_is_disconnected() -> None:
+    rec = Recorder()
+    limiter = GuessLimiter(GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=1.5))
+    with server(service(rec, guesses=limiter)) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        forged = request(recipient=FORGED)
+        got = ask(
+            s, forged, forged, request(), forged, request(client_address="198.51.100.9", recipient=FORGED)
+        )
+    assert got[0].startswith("action=550 5.7.1") and got[1].startswith("action=550 5.7.1")
+    assert len(rec.sleeps) == 1 and 0.5 < rec.sleeps[0] <= 1.0, "the second guess is held about 1 s"
+    assert got[2].startswith("action=550 5.7.1"), "an unsigned address is backscatter, not a guess"
+    assert got[3] == "action=421 4.7.0 Too many errors, closing connection", "421: Postfix disconnects"
+    assert got[4].startswith("action=550 5.7.1"), "another client has its own allowance"
+
+
+def test_observe_mode_prepends_one_header_per_message() -> None:
+    rec = Recorder()
+    with server(service(rec, observe=True)) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
+        got = ask(
+            s,
+            request(recipient=FORGED),
+            request(recipient="other@example.org"),  # same message (instance)
+            request(recipient=FORGED, instance="next.message"),
+        )
+    assert got == [
+        "action=PREPEND X-BATV-Observe: would-reject reason=bad-hash",
+        "action=DUNNO",
+        "action=PREPEND X-BATV-Observe: would-reject reason=bad-hash",
+    ]
+    assert rec.sleeps == [], "observe mode never holds an answer"
+    assert all(e.would_reject is not None for e in rec.events)
+
+
+def test_garbage_gets_defer_if_permit_and_is_closed_and_the_server_lives_on() -> None:
+    rec = Recorder()
+    svc = service(rec)
+    with server(svc) as srv:
+        for garbage in (b"GET / HTTP/1.0\r\n\r\n", b"x=" + b"y" * 70000, b"a=\xff\n\n"):
+            with socket.create_connection(("127.0.0.1", srv.port)) as s:
+                s.sendall(garbage)
+                f = s.makefile("rb")
+                assert f.readline() == b"action=DEFER_IF_PERMIT 4.3.5 malformed policy request\n"
+                assert f.readline() == b"\n"
+                assert f.readline() == b"", "closed after the answer"
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            assert ask(s, request(recipient=TAG)) == ["action=DUNNO"]
+
+
+def test_a_failing_policy_costs_one_answer_not_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        @property
+        def policy(self) -> Policy:
+            raise RuntimeError("bug")
+
+    svc = PolicyService(Broken(), on_decision=lambda e: None)
+    with caplog.at_level(logging.ERROR, "gateway.policyd"), server(svc) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            assert (
+                ask(s, request(), request())
+                == ["action=DEFER_IF_PERMIT 4.3.0 policy service error, try again later"] * 2
+            )
+    assert "policy decision failed" in caplog.text
+
+
+# --- real Postfix --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    with private_root(keep_log_in=tmp_path) as path:
+        yield path
+
+
+def postfix_with_policy(root: Path, policy_port: int, sink_port: int) -> PostfixInstance:
+    pf = PostfixInstance(
+        root / "pf",
+        hostname="mx.example.org",
+        # Loopback is the test's client: it must not be in mynetworks, or permit_mynetworks skips the check.
+        mynetworks="192.0.2.0/24",
+        relayhost=f"[127.0.0.1]:{sink_port}",
+        main={"relay_domains": "example.org", "smtpd_error_sleep_time": "0"},
+    )
+    snippet = load_snippet(DEPLOY_POSTFIX / "policy-main.cf", {"127.0.0.1:10031": f"127.0.0.1:{policy_port}"})
+    pf.add_main(snippet)
+    return pf
+
+
+def test_postfix_refuses_a_forged_bounce_at_rcpt_and_accepts_a_genuine_one(root: Path) -> None:
+    keyring_path = root / "keyring.toml"
+    kf = write_keyring(keyring_path)
+    cmd = Command(
+        "policy", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path), "--domain", "example.org"
+    )
+    try:
+        port = cmd.wait_listening(1)["enforce mode"]
+        with SmtpSink(root / "sink") as sink:
+            pf = postfix_with_policy(root, port, sink.port)
+            with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                assert "check_policy_service inet:127.0.0.1:" in pf.postconf(
+                    "-h", "smtpd_recipient_restrictions"
+                )
+                client.ehlo("remote-mta.test")
+                assert client.mail("")[0] == 250
+                code, text = client.rcpt("user@example.org")
+                assert (code, text[:6]) == (550, b"5.7.1 ")
+                assert b"bounce to an address we never signed (unsigned)" in text
+                code, text = client.rcpt("prvs=0000000000=user@example.org")
+                assert (code, text[:6]) == (550, b"5.7.1 "), text
+                genuine = prvs.sign("user@example.org", kf.keyring, today())
+                assert client.rcpt(genuine)[0] == 250
+                assert client.rcpt("postmaster@example.org")[0] == 250
+                code, _ = client.data(b"Subject: genuine bounce\r\n\r\nDelivery Status Notification\r\n")
+                assert code == 250
+                # An ordinary message (non-null sender) to the bare address is not the policy's business.
+                client.sendmail("someone@elsewhere.test", ["user@example.org"], b"Subject: hi\r\n\r\nhi\r\n")
+                got = sink.wait_for_messages(2)
+            log = pf.log_text()
+    finally:
+        code, gateway_log = cmd.stop()
+    assert code == 0, gateway_log
+    bounce = next(m for m in got if "genuine bounce" in m.data)
+    assert bounce.mail_from == "" and sorted(bounce.rcpts) == sorted([genuine, "postmaster@example.org"])
+    assert any(m.mail_from == "someone@elsewhere.test" for m in got)
+    assert "NOQUEUE: reject: RCPT from" in log and "<user@example.org>: bounce to an address" in log
+    assert "verdict=reject reason=unsigned" in gateway_log and "reason=valid-prvs" in gateway_log
+    for key in kf.keyring.keys:
+        assert key.secret.hex() not in gateway_log
+
+
+def test_postfix_in_observe_mode_accepts_and_marks_the_forged_bounce(root: Path) -> None:
+    keyring_path = root / "keyring.toml"
+    write_keyring(keyring_path)
+    cmd = Command(
+        "policy",
+        "--observe",
+        "--listen",
+        "127.0.0.1:0",
+        "--keyring",
+        str(keyring_path),
+        "--domain",
+        "example.org",
+    )
+    try:
+        port = cmd.wait_listening(1)["observe mode"]
+        with SmtpSink(root / "sink") as sink:
+            pf = postfix_with_policy(root, port, sink.port)
+            with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                client.sendmail(
+                    "", ["user@example.org", "other@example.org"], b"Subject: backscatter\r\n\r\nx\r\n"
+                )
+                (message,) = sink.wait_for_messages(1)
+    finally:
+        code, gateway_log = cmd.stop()
+    assert code == 0, gateway_log
+    assert sorted(message.rcpts) == ["other@example.org", "user@example.org"]
+    assert message.data.count("X-BATV-Observe: would-reject reason=unsigned") == 1
+    assert "would_reject=" in gateway_log
