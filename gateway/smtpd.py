@@ -432,13 +432,14 @@ class EdgeProtocol(SMTP):
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple):
                 self.client_ip, self.client_port = str(peer[0]), int(peer[1])
-            self._refusal = self.ctx.gate.admit(self.client_ip)
+            if self.ctx.shutting_down:
+                self._refusal = replies.SHUTTING_DOWN
+            else:
+                self._refusal = self.ctx.gate.admit(self.client_ip)
             if self._refusal is None:
                 self._admitted = True
                 if self.ctx.sessions is not None:
                     self.ctx.sessions.add(self)
-            elif self.ctx.shutting_down:
-                self._refusal = replies.SHUTTING_DOWN
         super().connection_made(transport)
         if not first:
             # After STARTTLS (RFC 3207 §4.2): forget everything the client said before it.
@@ -491,7 +492,13 @@ class EdgeProtocol(SMTP):
         reply = outcome.reply
         penalty = Penalty()
         if outcome.failed_guess:
-            penalty = penalty.then(self.ctx.guesses.failed_guess(self.client_ip))
+            penalty = self.ctx.guesses.failed_guess(self.client_ip)
+            if penalty.disconnect:
+                # Over its guess budget: this guess is never answered (an answer is what it wants).
+                log.info("client %s: too many failed tag checks, disconnecting", self.client_ip)
+                await self.push(str(replies.TOO_MANY_ERRORS))
+                self._closing = True
+                return
         if reply.code >= 400 and reply.code != 421:
             penalty = penalty.then(self.errors.error())
         if penalty.delay:

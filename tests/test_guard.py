@@ -174,3 +174,31 @@ def test_the_guess_limit_holds_across_sessions_of_one_client() -> None:
         assert slept == [1.0, 2.0]
 
     run(body())
+
+
+def test_a_guess_over_the_clients_budget_is_never_answered() -> None:
+    async def record(seconds: float) -> None:
+        pass
+
+    async def body() -> None:
+        # No tarpit, a huge hard limit: only the guess limiter acts. Its wait may not exceed 0 s here,
+        # so the second guess (which would have to wait a second) gets 421 instead of its answer.
+        limits = {"soft_error_limit": 100, "hard_error_limit": 200, "guess_rate": 1.0, "guess_burst": 1}
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, limits=limits)
+            async with running_gateway(cfg, guess_clock=FakeClock(), sleep=record) as gw:
+                strict = GuessLimiter(
+                    GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=0.0), FakeClock()
+                )
+                for listener in gw.listeners:
+                    listener.context.guesses = strict
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<>")
+                first, second = forged_tags("bob@example.com", 2)
+                assert (await client.cmd(f"RCPT TO:<{first}>"))[0] == 550
+                client.send(f"RCPT TO:<{second}>")
+                assert await client.rest() == f"{replies.TOO_MANY_ERRORS}\r\n".encode()
+                await client.close()
+
+    run(body())
