@@ -150,9 +150,10 @@ class Keyring:
         pads = self._pads.get(key_id)
         if pads is None:
             return None
-        inner = pads[0].copy()
+        inner_pad, outer_pad = pads
+        inner = inner_pad.copy()
         inner.update(message)
-        outer = pads[1].copy()
+        outer = outer_pad.copy()
         outer.update(inner.digest())
         return outer.digest()
 

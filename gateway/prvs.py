@@ -176,17 +176,18 @@ def verify(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_L
     m = _PLAIN_TAGGED.fullmatch(address)
     if m is not None and (len(address) <= _SHORT or plain_lengths_ok(m[1], m[2], _TAG_LENGTH)):
         # Slices, not groups: the match fixed where everything is ("prvs=" K DDD HHHHHH "=" original).
-        key_digit, ddd, given, original = address[5], address[6:9], address[9:15], address[16:]
+        stamp, given, original = address[5:9], address[9:15], address[16:]
     else:
         read = _read_slow(address)
         if isinstance(read, PrvsResult):
             return read
-        key_digit, ddd, given, original = read
-    key_id = ord(key_digit) - 48  # one ASCII digit, matched above
+        stamp, given, original = read
+    key_id = ord(stamp[0]) - 48  # one ASCII digit, matched above
+    ddd = stamp[1:]
     days_left = (_DAY_OF[ddd] - today) % _DAYS
     # The day with this stamp nearest to today on the valid side: today + days_left, or 1000 days earlier.
     expiry_day = today + days_left if days_left <= lifetime else today + days_left - _DAYS
-    digest = keyring.mac(key_id, (key_digit + ddd + original).encode())
+    digest = keyring.mac(key_id, (stamp + original).encode())
     if digest is None:
         return _result(
             PrvsVerdict.UNKNOWN_KEY,
@@ -224,7 +225,7 @@ def verify(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_L
     return result
 
 
-def _read_slow(address: str) -> PrvsResult | tuple[str, str, str, str]:
+def _read_slow(address: str) -> PrvsResult | tuple[str, str, str]:
     """The slow path of verify: any address. The tag's parts and the original address, or a verdict."""
     try:
         parsed = parse_path(address)
@@ -242,7 +243,7 @@ def _read_slow(address: str) -> PrvsResult | tuple[str, str, str, str]:
             )
         return _result(PrvsVerdict.UNSIGNED, f"{_short(address)} carries no prvs tag")
     key_digit, ddd, given, local = m.group(1, 2, 3, 4)
-    return key_digit, ddd, given, f"{quote_local(local)}@{parsed.domain}"
+    return key_digit + ddd, given, f"{quote_local(local)}@{parsed.domain}"
 
 
 def _check_lifetime(lifetime: int) -> None:

@@ -28,10 +28,11 @@ import enum
 import functools
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .addresses import MAX_ADDRESS, Address, parse_domain, parse_path
+from .addresses import MAX_ADDRESS, MAX_LABEL, PLAIN_DOMAIN, Address, parse_domain, parse_path
 from .errors import AddressError, SrsError
 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -39,6 +40,7 @@ _BASE32_VALUE = {c: i for i, c in enumerate(_BASE32)} | {c.lower(): i for i, c i
 _SLOTS = 1024  # two base32 characters of day number
 _FULL_HASH = 27  # base64 characters of a 20-byte HMAC-SHA1, without padding
 _SEPARATORS = ("=", "+", "-")
+_PLAIN_HOST = re.compile(PLAIN_DOMAIN)
 _TO_URLSAFE = str.maketrans("+/", "-_")
 _FROM_URLSAFE = str.maketrans("-_", "+/")
 
@@ -267,6 +269,8 @@ def _alias_host(alias: str) -> str:
 
 
 def _is_domain(text: str) -> bool:
+    if len(text) <= MAX_LABEL and _PLAIN_HOST.fullmatch(text):
+        return True  # the common case, without the slow path's per-label checks
     try:
         parse_domain(text)
     except AddressError:
