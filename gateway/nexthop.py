@@ -231,14 +231,14 @@ class NextHopConnection:
     # ------------------------------------------------------------------ state
 
     @property
+    def alive(self) -> bool:
+        """No error seen, not closed by either side (replies may still be owed)."""
+        return self._failure is None and not self._writer.is_closing() and not self._reader.at_eof()
+
+    @property
     def usable(self) -> bool:
-        """Still worth a command: no error seen, not closed by either side."""
-        return (
-            self._failure is None
-            and not self._writer.is_closing()
-            and not self._reader.at_eof()
-            and not self._waiting
-        )
+        """Alive, and in step: no reply owed, so the next command's reply is the next one read."""
+        return self.alive and not self._waiting
 
     def abort(self) -> None:
         """Drop the connection at once. Mid-DATA this is how a transaction is abandoned: without the
@@ -430,8 +430,9 @@ class NextHopPool:
         self._idle.append(conn)
 
     async def reset_and_release(self, conn: NextHopConnection) -> None:
-        """After an abandoned transaction: RSET (RFC 5321 §4.1.1.5); keep the connection if it says 250."""
-        if not conn.usable:
+        """After an abandoned transaction: RSET (RFC 5321 §4.1.1.5); keep the connection if it says 250.
+        Replies still owed (a pipelined RCPT nobody waited for) are read, in order, before RSET's own."""
+        if not conn.alive:
             conn.abort()
             return
         try:

@@ -254,3 +254,20 @@ def test_against_aiosmtpd() -> None:
             assert sink.messages[0].content == b"Subject: x\r\n\r\nhello\r\n"
 
     run(body())
+
+
+def test_a_reset_reads_the_replies_still_owed_and_keeps_the_connection() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST)
+            conn, _ = await pool.acquire()
+            conn.send("MAIL FROM:<>", 2)
+            conn.send("RCPT TO:<b@example.com>", 2)  # nobody awaits these two replies
+            assert not conn.usable and conn.alive
+            await pool.reset_and_release(conn)
+            again, reused = await pool.acquire()
+            assert reused and again is conn and again.usable
+            again.abort()
+            await pool.close()
+
+    run(body())
