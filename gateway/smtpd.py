@@ -608,6 +608,8 @@ class EdgeProtocol(SMTP):
             return
         await self._reset_transaction()
         self.helo, self.esmtp = arg, False
+        if self.relay is not None:
+            self.relay.greeted(arg, esmtp=False, tls=self._tls_protocol is not None)
         await self._reply(Reply(250, "", self.hostname))
 
     async def smtp_EHLO(self, arg: str | None) -> None:
@@ -616,6 +618,8 @@ class EdgeProtocol(SMTP):
             return
         await self._reset_transaction()
         self.helo, self.esmtp = arg, True
+        if self.relay is not None:
+            self.relay.greeted(arg, esmtp=True, tls=self._tls_protocol is not None)
         offer = self.ctx.offer()
         if self._tls_protocol is not None:
             offer = Offer(offer.size, offer.eight_bit, offer.smtputf8, offer.dsn, starttls=False)

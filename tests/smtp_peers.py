@@ -206,6 +206,8 @@ class FakeNextHop:
             elif verb == b"RSET":
                 mail, rcpts = None, []
                 await send("250 2.0.0 Ok")
+            elif verb == b"XFORWARD" and "XFORWARD NAME ADDR PROTO HELO" in script.extensions:
+                await send("250 2.0.0 Ok")
             elif verb == b"NOOP":
                 await send("250 2.0.0 Ok")
             elif verb == b"QUIT":

@@ -469,3 +469,34 @@ def test_outbound_never_half_rewrites_a_transaction() -> None:
             assert hop.messages[0].rcpts == [b"RCPT TO:<friend@elsewhere.test>"]
 
     run(body())
+
+
+def test_xforward_tells_a_next_hop_that_offers_it_who_the_client_is() -> None:
+    async def body() -> None:
+        script = Script(extensions=(*Script().extensions, "XFORWARD NAME ADDR PROTO HELO"))
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo("odd+helo=name")
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            start = hop.lines.index(
+                b"XFORWARD NAME=[UNAVAILABLE] ADDR=127.0.0.1 PROTO=ESMTP HELO=odd+2Bhelo+3Dname"
+            )
+            assert hop.lines[start + 1].startswith(b"MAIL FROM:<a@example.org>")
+
+    run(body())
+
+
+def test_no_xforward_where_it_is_not_offered() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            await client.close()
+            assert "XFORWARD" not in hop.commands
+
+    run(body())
