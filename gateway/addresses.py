@@ -49,7 +49,7 @@ _LABEL = re.compile(
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")  # dcontent, section 4.1.3
 # Characters a quoted local part may hold as they are (qtextSMTP plus UTF-8), and those that need "\".
 _QTEXT = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]*")
-_TAGGED = re.compile(r"(?:prvs=|srs[01][=+-])", re.IGNORECASE)
+_TAGGED = re.compile(r"(?:prvs=|srs[01][=+-])", re.IGNORECASE | re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,17 +39,18 @@ _DAYS = 1000  # DDD wraps every 1000 days
 _TAG_LENGTH = len("prvs=KDDDHHHHHH=")
 
 # The whole local part of a tagged address: tag type, key digit, day stamp, 6 hex digits, original local.
-_TAGGED_LOCAL = re.compile(r"prvs=([0-9])([0-9]{3})([0-9a-fA-F]{6})=(.+)", re.IGNORECASE | re.DOTALL)
+# re.ASCII throughout: without it IGNORECASE lets "ſ" (U+017F, long s) stand for "s".
+_TAGGED_LOCAL = re.compile(r"prvs=([0-9])([0-9]{3})([0-9a-f]{6})=(.+)", re.IGNORECASE | re.DOTALL | re.ASCII)
 # The cheap test behind is_prvs: the same shape at the start of a local part or an address.
-_TAG_PREFIX = re.compile(r'<?"?prvs=[0-9]{4}[0-9a-fA-F]{6}=.', re.IGNORECASE | re.DOTALL)
-_SRS_PREFIX = re.compile(r"srs[01][=+-]", re.IGNORECASE)
+_TAG_PREFIX = re.compile(r'<?"?prvs=[0-9]{4}[0-9a-f]{6}=.', re.IGNORECASE | re.DOTALL | re.ASCII)
+_SRS_PREFIX = re.compile(r"srs[01][=+-]", re.IGNORECASE | re.ASCII)
 # Hot paths: a whole plain ASCII address in one match, so the common case never builds an Address.
 # (Angle brackets and everything else unusual take the slow path.)
 _PLAIN_TAGGED = re.compile(rf"[pP][rR][vV][sS]=[0-9]{{4}}[0-9a-fA-F]{{6}}=({PLAIN_LOCAL})@({PLAIN_DOMAIN})")
 # A plain address to sign; a local part that starts like a prvs or SRS tag goes to the slow path, which
 # tells a real tag (refused) from a look-alike.
-_PLAIN_SIGNABLE = re.compile(rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})")
-# Day stamps and key digits as text, computed once: formatting them per call costs more than a lookup.
+_PLAIN_SIGNABLE = re.compile(rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})", re.ASCII)
+# Day stamps as text and back, computed once: formatting them per call costs more than a lookup.
 _STAMPS = tuple(f"{day:03d}" for day in range(_DAYS))
 _DAY_OF = {stamp: day for day, stamp in enumerate(_STAMPS)}
 _SHORT = 64  # an address this long or shorter is within every RFC 5321 limit, tagged or not
@@ -235,7 +236,7 @@ def _read_slow(address: str) -> PrvsResult | tuple[str, str, str]:
         return _result(PrvsVerdict.UNSIGNED, "the null sender <> carries no tag")
     m = _TAGGED_LOCAL.fullmatch(parsed.local)
     if m is None:
-        if parsed.local[:5].lower() == "prvs=":
+        if parsed.local[:5].encode().lower() == b"prvs=":
             return _result(
                 PrvsVerdict.MALFORMED,
                 f"{_short(address)}: a prvs tag must be prvs=KDDDHHHHHH= "

@@ -96,8 +96,20 @@ class SrsResult:
 
 def is_srs(address: str) -> bool:
     """True when a local part or an address starts with SRS0 or SRS1 and a separator (any case)."""
-    text = address.lstrip('<"')
-    return text[:4].upper() in ("SRS0", "SRS1") and text[4:5] in _SEPARATORS
+    return _tag_of(address.lstrip('<"')) is not None
+
+
+def _tag_of(local: str) -> str | None:
+    """ "SRS0" or "SRS1" when the local part starts with it (any ASCII case) and a separator, else None.
+
+    ASCII case only, as Mail::SRS's /^SRS0([-+=])/i on bytes: str.upper() would turn "ſ" into "S".
+    """
+    head = local[:4]
+    if head.isascii() and local[4:5] in _SEPARATORS:
+        head = head.upper()
+        if head in ("SRS0", "SRS1"):
+            return head
+    return None
 
 
 def timestamp(today: int) -> str:
@@ -127,15 +139,15 @@ def forward(
     # Compared in ASCII case only, like Perl's lc and C's strcasecmp in Mail::SRS and postsrsd.
     if not options.always_rewrite and host.encode().lower() == alias_host.encode().lower():
         return str(parsed)
-    tag, sep = local[:4].upper(), local[4:5]
-    if tag == "SRS1" and sep in _SEPARATORS:
+    tag = _tag_of(local)
+    if tag == "SRS1":
         # Guarded: keep the original SRS0 host and its opaque part; only the hash and the alias change.
         fields = local[5:].split("=", 2)
         if len(fields) < 3 or not fields[1] or not fields[2]:
             raise SrsError(f"{_short(sender)}: an SRS1 address must be SRS1=HASH=host=rest@domain")
         h1, rest = fields[1], fields[2]
         new_local = f"SRS1{options.separator}{_hash(secrets[0], options, h1, rest)}={h1}={rest}"
-    elif tag == "SRS0" and sep in _SEPARATORS:
+    elif tag == "SRS0":
         # Guarded: wrap the SRS0 address, keeping its separator: SRS1=HHHH=host==HHHH=TT=...
         rest = local[4:]
         new_local = f"SRS1{options.separator}{_hash(secrets[0], options, host, rest)}={host}={rest}"
@@ -163,8 +175,8 @@ def reverse(
     if parsed is None:
         return SrsResult(SrsVerdict.NOT_SRS, "the null sender <> is not an SRS address")
     local = parsed.local
-    tag, sep = local[:4].upper(), local[4:5]
-    if tag not in ("SRS0", "SRS1") or sep not in _SEPARATORS:
+    tag = _tag_of(local)
+    if tag is None:
         return SrsResult(
             SrsVerdict.NOT_SRS, f"{_short(address)} does not start with SRS0 or SRS1 and = + or -"
         )

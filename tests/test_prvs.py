@@ -287,3 +287,19 @@ def test_expiry_boundary_to_the_day(signed_day: int, lifetime: int) -> None:
     assert expired.expiry_day == last_day
     # The day before signing, the tag is from the future: not valid either.
     assert prvs.verify(signed, keyring, signed_day - 1, lifetime).verdict is PrvsVerdict.EXPIRED
+
+
+def test_tag_type_case_is_ascii_only() -> None:
+    # Unicode case folding would let "ſ" (U+017F, long s) stand for "s"; the draft means ASCII case.
+    signed = prvs.sign("user@example.com", ring(1), TODAY)
+    lookalike = "prvſ" + signed[4:]
+    assert not prvs.is_prvs(lookalike)
+    assert prvs.verify(lookalike, ring(1), TODAY).verdict is PrvsVerdict.UNSIGNED
+    assert (
+        prvs.verify(
+            "<" + signed.upper().replace("EXAMPLE.COM", "example.com").replace("USER", "user") + ">",
+            ring(1),
+            TODAY,
+        ).verdict
+        is PrvsVerdict.VALID
+    )

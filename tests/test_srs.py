@@ -353,3 +353,13 @@ def test_forward_then_reverse_round_trips(
     result = srs.reverse(forwarded, [OLD, SECRET], today + age, options)
     assert result.verdict is SrsVerdict.VALID, result.reason
     assert result.address == sender
+
+
+def test_srs_tag_case_is_ascii_only() -> None:
+    # As Mail::SRS's /^SRS0([-+=])/i on bytes: "ſrs0=" (U+017F, long s) is not an SRS tag.
+    assert not srs.is_srs("ſrs0=abcd=IL=example.com=user@fwd.example.net")
+    assert srs.is_srs("srs0=abcd=IL=example.com=user@fwd.example.net")
+    lookalike = "ſrs0=abcd=IL=example.com=user"
+    assert srs.reverse(lookalike + "@" + ALIAS, [SECRET], TODAY).verdict is SrsVerdict.NOT_SRS
+    forwarded = srs.forward(lookalike + "@example.org", ALIAS, [SECRET], TODAY)
+    assert forwarded.startswith("SRS0=") and forwarded.endswith(f"=example.org={lookalike}@{ALIAS}")
