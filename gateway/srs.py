@@ -100,7 +100,7 @@ def is_srs(address: str) -> bool:
 
 
 def _tag_of(local: str) -> str | None:
-    """ "SRS0" or "SRS1" when the local part starts with it (any ASCII case) and a separator, else None.
+    """The tag, SRS0 or SRS1, when the local part starts with one (in any ASCII case) and a separator.
 
     ASCII case only, as Mail::SRS's /^SRS0([-+=])/i on bytes: str.upper() would turn "ſ" into "S".
     """
