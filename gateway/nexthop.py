@@ -294,6 +294,11 @@ class NextHopConnection:
                         self._fail_waiters(error)
                         self._writer.transport.abort()
                         break
+                    except asyncio.CancelledError:
+                        # Our client went away mid-read: part of a reply may have been consumed, so
+                        # this connection is out of step for good. Never reuse it.
+                        self.abort()
+                        raise
                     self._waiting.popleft()
                     head.future.set_result(reply)
                     if self.on_reply is not None:

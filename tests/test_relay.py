@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -498,5 +499,32 @@ def test_no_xforward_where_it_is_not_offered() -> None:
             await client.cmd("RCPT TO:<bob@example.com>")
             await client.close()
             assert "XFORWARD" not in hop.commands
+
+    run(body())
+
+
+def test_a_client_gone_while_the_next_hop_thinks_leaves_no_half_transaction_behind() -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop(Script(delays={"RCPT": 0.3})) as hop,
+            running_gateway(gateway_config(hop.port)) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            client.send("RCPT TO:<bob@example.com>")
+            await client.writer.drain()
+            await asyncio.sleep(0.05)  # the gateway is now waiting for the next hop's RCPT reply
+            await client.close()
+            await asyncio.sleep(0.4)
+            # The next client is served normally, on a connection in a known state.
+            hop.script.delays = {}
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<carol@example.com>")
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            assert [m.rcpts for m in hop.messages] == [[b"RCPT TO:<carol@example.com>"]]
 
     run(body())
