@@ -170,7 +170,7 @@ quoted_bodies = st.text(
 )
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(local=dot_strings, domain=domains, brackets=st.booleans())
 def test_fast_path_agrees_with_slow_path(local: str, domain: str, brackets: bool) -> None:
     text = f"<{local}@{domain}>" if brackets else f"{local}@{domain}"
@@ -180,7 +180,7 @@ def test_fast_path_agrees_with_slow_path(local: str, domain: str, brackets: bool
     assert str(fast) == f"{local}@{domain}"
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(local=quoted_bodies, domain=domains)
 def test_any_local_part_round_trips_through_its_rfc5321_form(local: str, domain: str) -> None:
     address = Address(local, domain)

@@ -213,7 +213,7 @@ def addresses(draw: st.DrawFn) -> str:
     return address
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(
     address=addresses(),
     key_id=st.integers(0, 9),
@@ -245,7 +245,7 @@ def _tag_span(signed: str) -> range:
 REPLACEMENTS = string.ascii_letters + string.digits + '=@."\\ -+_<>é'
 
 
-@settings(max_examples=500, derandomize=True)
+@settings(max_examples=500, derandomize=True, deadline=None)
 @given(address=addresses(), data=st.data())
 @example(address="user@example.com", data=None)
 def test_changing_any_single_character_fails(address: str, data: st.DataObject | None) -> None:
@@ -268,7 +268,7 @@ def test_changing_any_single_character_fails(address: str, data: st.DataObject |
         assert result.verdict is not PrvsVerdict.VALID, (tampered, result)
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(signed_day=st.integers(0, 60000), lifetime=st.integers(0, 998))
 @example(signed_day=19992, lifetime=7)  # expires on stamp 999
 @example(signed_day=19993, lifetime=7)  # expires on stamp 000: the wrap

@@ -117,7 +117,7 @@ def test_timestamps_repeat_every_1024_days() -> None:
     assert srs.reverse(forwarded, [SECRET], TODAY + 1024 + 5).verdict is SrsVerdict.VALID
 
 
-@settings(max_examples=200, derandomize=True)
+@settings(max_examples=200, derandomize=True, deadline=None)
 @given(day=st.integers(0, 100000), max_age=st.integers(0, 1022))
 @example(day=1023, max_age=21)  # "77", then the wrap to "AA"
 @example(day=1020, max_age=3)
@@ -333,7 +333,7 @@ labels = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,6}[a-zA-Z0-9])?", fullmatch=
 domains = st.lists(labels, min_size=1, max_size=3).map(".".join)
 
 
-@settings(max_examples=300, derandomize=True)
+@settings(max_examples=300, derandomize=True, deadline=None)
 @given(
     local=locals_,
     domain=domains,
