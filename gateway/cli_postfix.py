@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -117,7 +118,13 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     except ValueError:
         fmt = logs.LogFormat.LOGFMT
     logs.setup(fmt, config.log.level.upper())
-    return asyncio.run(_serve(args, config, kf, start))
+    try:
+        # The optional "fast" extra: uvloop's transports cut the per-lookup overhead. Imported by name so
+        # that type checking does not need it installed.
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.run(_serve(args, config, kf, start))
+    return int(uvloop.run(_serve(args, config, kf, start)))
 
 
 async def _start_socketmap(config: Config, holder: PolicyHolder) -> Started:

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from .addresses import Address, parse_address
 from .errors import GatewayError
@@ -45,6 +45,7 @@ MAPS = (FORWARD, REVERSE)
 
 DEFAULT_MAX_REQUEST = 4096  # octets of one request: an RFC 5321 path is at most 256
 DEFAULT_IDLE_TIMEOUT = 600.0  # Postfix reconnects when we close an idle connection; postsrsd uses 1800 s
+DEFAULT_CACHE_SIZE = 65536  # answers kept; about 200 bytes each
 
 
 class Status(enum.Enum):
@@ -239,7 +240,12 @@ def lookup(policy: Policy, name: str, key: str, today: int) -> Answer:
 
 
 class MapService:
-    """What every connection shares: the policy source, the clock and the limits."""
+    """What every connection shares: the policy source, the clock, the limits and an answer cache.
+
+    An answer depends only on the policy (config and keyring), the day and the key, and Postfix asks about
+    the same few senders over and over (once per message, from every cleanup process), so answers are
+    kept until the policy is swapped by a reload or the day changes. TEMP answers are never kept.
+    """
 
     def __init__(
         self,
@@ -248,12 +254,16 @@ class MapService:
         max_request: int = DEFAULT_MAX_REQUEST,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         self.source = source
         self.max_request = max_request
         self.idle_timeout = idle_timeout
         self.clock = clock
         self.connections: set[asyncio.Transport] = set()
+        self.cache_size = cache_size
+        self._cache: dict[tuple[str, str], Answer] = {}
+        self._cache_for: tuple[Policy, int] | None = None
 
     def close_connections(self) -> None:
         """On shutdown: a lookup is answered at once, so nothing is in flight to wait for."""
@@ -261,12 +271,26 @@ class MapService:
             transport.close()
 
     def answer(self, name: str, key: str) -> Answer:
+        policy, today = self.source.policy, int(self.clock()) // 86400
+        cache = self._cache
+        if self._cache_for is None or self._cache_for[0] is not policy or self._cache_for[1] != today:
+            cache.clear()
+            self._cache_for = (policy, today)
+        else:
+            found = cache.get((name, key))
+            if found is not None:
+                return found
         try:
-            return lookup(self.source.policy, name, key, int(self.clock()) // 86400)
+            answer = lookup(policy, name, key, today)
         except Exception:
             # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
             log.exception("lookup failed")
             return Answer(Status.TEMP, "internal error, see the gateway's log")
+        if answer.status is not Status.TEMP and self.cache_size > 0:
+            if len(cache) >= self.cache_size:
+                del cache[next(iter(cache))]  # the oldest: a flood of new keys cannot grow it
+            cache[(name, key)] = answer
+        return answer
 
 
 class _Connection(asyncio.Protocol):
@@ -279,9 +303,9 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.service.connections.add(transport)
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport, so no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
+        self.service.connections.add(self.transport)
         self._last = time.monotonic()
         if self.service.idle_timeout > 0:
             self._timer = asyncio.get_running_loop().call_later(self.service.idle_timeout, self._check_idle)
