@@ -22,7 +22,9 @@ from postfix_instance import (
     PostfixInstance,
     ServerThread,
     SmtpSink,
+    free_port,
     load_snippet,
+    parse_main_cf,
     private_root,
 )
 
@@ -463,20 +465,26 @@ def test_the_command_serves_socketmap_and_tcp_table_and_reloads_on_sighup(
         assert key.secret.hex() not in log
 
 
-def test_postfix_rewrites_mail_with_the_socketmap_snippet(root: Path) -> None:
-    """deploy/postfix/socketmap-main.cf in a private Postfix: outgoing mail gets a signed return path,
-    a genuine bounce to a tagged address is delivered to the bare address."""
+@pytest.mark.parametrize("snippet", ["socketmap-main.cf", "tcp_table-main.cf"])
+def test_postfix_rewrites_mail_with_the_deploy_snippet(root: Path, snippet: str) -> None:
+    """A deploy/postfix/ snippet in a private Postfix: outgoing mail gets a signed return path (prvs for our
+    domain, SRS for a foreign sender), and a genuine bounce to a tagged address reaches the bare address."""
     keyring_path = root / "keyring.toml"
     kf = write_keyring(keyring_path)
-    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path),
+    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--tcp-forward", "127.0.0.1:0",
+                  "--tcp-reverse", "127.0.0.1:0", "--keyring", str(keyring_path),
                   "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
     try:
-        port = cmd.wait_listening(1)["maps forward, reverse"]
+        ports = cmd.wait_listening(3)
+        where = {
+            "127.0.0.1:10030": f"127.0.0.1:{ports['maps forward, reverse']}",
+            "127.0.0.1:10001": f"127.0.0.1:{ports['map forward']}",
+            "127.0.0.1:10002": f"127.0.0.1:{ports['map reverse']}",
+        }
+        text = (DEPLOY_POSTFIX / snippet).read_text()
         with SmtpSink(root / "sink") as sink:
             pf = PostfixInstance(root / "pf", relayhost=f"[127.0.0.1]:{sink.port}")
-            pf.add_main(
-                load_snippet(DEPLOY_POSTFIX / "socketmap-main.cf", {"127.0.0.1:10030": f"127.0.0.1:{port}"})
-            )
+            pf.add_main(load_snippet(DEPLOY_POSTFIX / snippet, {k: v for k, v in where.items() if k in text}))
             with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
                 body = b"From: User <user@example.org>\r\nSubject: out\r\n\r\nhello\r\n"
                 client.sendmail("user@example.org", ["friend@remote.test"], body)
@@ -498,3 +506,53 @@ def test_postfix_rewrites_mail_with_the_socketmap_snippet(root: Path) -> None:
     )
     bounce = by_subject["bounce"]
     assert bounce.mail_from == "" and bounce.rcpts == ("user@example.org",)
+
+
+def test_postfix_signs_only_submitted_mail_with_the_master_cf_snippet(root: Path) -> None:
+    """deploy/postfix/socketmap-master.cf as its README says: the submission service's own cleanup signs;
+    mail arriving on port 25 keeps its sender; main.cf keeps only the recipient_canonical lines."""
+    keyring_path = root / "keyring.toml"
+    kf = write_keyring(keyring_path)
+    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path),
+                  "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
+    try:
+        port = cmd.wait_listening(1)["maps forward, reverse"]
+        submission = free_port()
+        with SmtpSink(root / "sink") as sink:
+            pf = PostfixInstance(root / "pf", relayhost=f"[127.0.0.1]:{sink.port}")
+            main = load_snippet(
+                DEPLOY_POSTFIX / "socketmap-main.cf", {"127.0.0.1:10030": f"127.0.0.1:{port}"}
+            )
+            pf.main.update(
+                {k: v for k, v in parse_main_cf(main).items() if k.startswith("recipient_canonical_")}
+            )
+            pf.add_master(
+                load_snippet(
+                    DEPLOY_POSTFIX / "socketmap-master.cf",
+                    {
+                        "submission inet": f"127.0.0.1:{submission} inet",
+                        "127.0.0.1:10030": f"127.0.0.1:{port}",
+                    },
+                )
+            )
+            assert pf.check() == ""
+            with pf:
+                with smtplib.SMTP("127.0.0.1", submission) as client:
+                    client.sendmail(
+                        "user@example.org", ["friend@remote.test"], b"Subject: submitted\r\n\r\nx\r\n"
+                    )
+                with smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                    client.sendmail(
+                        "user@example.org", ["friend@remote.test"], b"Subject: relayed\r\n\r\nx\r\n"
+                    )
+                    client.sendmail(
+                        "joe@foreign.test", ["friend@remote.test"], b"Subject: inbound\r\n\r\nx\r\n"
+                    )
+                got = sink.wait_for_messages(3)
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    by_subject = {re.search(r"^Subject: (\w+)", m.data, re.M).group(1): m for m in got}  # type: ignore[union-attr]
+    assert by_subject["submitted"].mail_from == prvs.sign("user@example.org", kf.keyring, today())
+    assert by_subject["relayed"].mail_from == "user@example.org"
+    assert by_subject["inbound"].mail_from == "joe@foreign.test"
