@@ -303,3 +303,15 @@ def test_tag_type_case_is_ascii_only() -> None:
         ).verdict
         is PrvsVerdict.VALID
     )
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(secret=st.binary(min_size=0, max_size=200), message=st.binary(max_size=300))
+@example(secret=b"k" * 64, message=b"0730user@example.com")  # exactly one SHA-1 block
+@example(secret=b"k" * 65, message=b"0730user@example.com")  # hashed first (RFC 2104)
+def test_keyring_mac_is_hmac_sha1(secret: bytes, message: bytes) -> None:
+    # prvs uses Keyring.mac (cached pads, RFC 2104's precomputation) instead of hmac.new per call.
+    keyring = Keyring.from_secrets([(3, secret)])
+    assert keyring.mac(3, message) == hmac.digest(secret, message, "sha1")
+    assert keyring.mac(4, message) is None
+    assert keyring.active_id == 3
