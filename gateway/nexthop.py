@@ -426,6 +426,13 @@ class NextHopPool:
         conn.on_reply = self.on_reply
         return conn, False
 
+    async def fresh(self) -> NextHopConnection:
+        """A new connection, never an idle one (to replay on after a stale one failed)."""
+        conn = await NextHopConnection.connect(self.host, self.port, self.helo_name, self.timeouts)
+        self._learn(conn.capabilities)
+        conn.on_reply = self.on_reply
+        return conn
+
     def release(self, conn: NextHopConnection) -> None:
         """Give back a connection whose transaction ended cleanly (and nothing is pending on it)."""
         if self._closed or not conn.usable or len(self._idle) >= self.max_idle:

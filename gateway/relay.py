@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import replies
-from .nexthop import BASELINE, Capabilities, NextHopConnection, NextHopError, NextHopPool, NextHopReply
+from .nexthop import (
+    BASELINE,
+    Capabilities,
+    NextHopConnection,
+    NextHopError,
+    NextHopErrorKind,
+    NextHopPool,
+    NextHopReply,
+)
 from .policy import Action, Policy
 from .replies import Reply
 from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
@@ -344,6 +352,12 @@ class RelaySession:
         self._rules: Transaction | None = None
         self._conn: NextHopConnection | None = None
         self._mail_reply: Awaitable[NextHopReply] | None = None
+        self._sender_path = ""
+        self._rcpt_lines: list[str] = []  # as sent, so a stale pooled connection can be replayed
+        self._rcpt_replies: list[Awaitable[NextHopReply]] = []
+        self._data_reply: Awaitable[NextHopReply] | None = None
+        self._reused = False  # the connection came from the pool
+        self._retried = False
         self._failure: NextHopError | None = None
         self._refusal: ReplyLike | None = None  # the next hop refused the sender: every RCPT gets it
         self._relayed = 0  # recipients sent to the next hop
@@ -365,20 +379,64 @@ class RelaySession:
     async def _open(self, sender_path: str) -> NextHopConnection:
         """A next-hop connection with our MAIL on it (its reply pending)."""
         assert self._mail is not None
-        conn, _reused = await self.relay.pool.acquire()
+        conn, self._reused = await self.relay.pool.acquire()
         if _cannot_carry(conn.capabilities, self._mail):
             self.relay.pool.release(conn)
             raise _CannotCarry()
+        self._sender_path = sender_path
+        self._conn = conn
+        self._send_mail(conn)
+        if not conn.capabilities.pipelining:
+            await self._mail_answer()  # RFC 2920: without PIPELINING, one command at a time
+        return self._conn
+
+    def _send_mail(self, conn: NextHopConnection) -> None:
+        assert self._mail is not None
         if conn.capabilities.has("XFORWARD") and conn.capabilities.pipelining:
             self._xforward(conn)
-        line = f"MAIL FROM:<{sender_path}>"
+        line = f"MAIL FROM:<{self._sender_path}>"
         if self._mail.params:
             line += " " + " ".join(self._mail.params)
-        pending = conn.send(line, conn.timeouts.command)
-        if not conn.capabilities.pipelining:
-            await pending  # RFC 2920: without PIPELINING, one command at a time
-        self._mail_reply = pending
-        return conn
+        self._mail_reply = conn.send(line, conn.timeouts.command)
+
+    async def _mail_answer(self) -> NextHopReply:
+        """The next hop's reply to MAIL. A pooled connection the next hop closed just as we used it (its
+        idle timeout, a restart) fails on this very first reply: then, once, the transaction so far is
+        replayed on a fresh connection. Nothing was accepted on the old one, so nothing can be doubled."""
+        assert self._mail_reply is not None
+        try:
+            return await self._mail_reply
+        except NextHopError as error:
+            if not self._reused or self._retried or error.kind is not NextHopErrorKind.BROKEN:
+                raise
+        self._retried = True
+        log.info(
+            "session %s: pooled next-hop connection was stale; replaying on a new one", self.info.session
+        )
+        assert self._mail is not None
+        if self._conn is not None:
+            self._conn.abort()
+        conn = await self.relay.pool.fresh()
+        self._conn = conn
+        if _cannot_carry(conn.capabilities, self._mail):
+            conn.abort()
+            raise NextHopError(
+                NextHopErrorKind.PROTOCOL, "the next hop no longer offers what this message needs"
+            )
+        self._send_mail(conn)
+        pipelining = conn.capabilities.pipelining
+        if not pipelining:
+            await self._mail_reply
+        replayed: list[Awaitable[NextHopReply]] = []
+        for line in self._rcpt_lines:
+            pending = conn.send(line, conn.timeouts.command)
+            if not pipelining:
+                await pending
+            replayed.append(pending)
+        self._rcpt_replies = replayed
+        if self._data_reply is not None:
+            self._data_reply = conn.send("DATA", conn.timeouts.data_init)
+        return await self._mail_reply
 
     # ------------------------------------------------------------------ RCPT
 
@@ -402,17 +460,17 @@ class RelaySession:
         if rcpt.dsn and self._conn is not None and not self._conn.capabilities.has("DSN"):
             return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
         try:
-            if self._conn is None:
-                self._conn = await self._open(decision.sender or mail.path)
-            conn = self._conn
+            conn = self._conn if self._conn is not None else await self._open(decision.sender or mail.path)
             if rcpt.dsn and not conn.capabilities.has("DSN"):
                 return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
             line = f"RCPT TO:<{decision.address}>"
             if rcpt.params:
                 line += " " + " ".join(rcpt.params)
-            pending = conn.send(line, conn.timeouts.command)
+            index = len(self._rcpt_lines)
+            self._rcpt_lines.append(line)
+            self._rcpt_replies.append(conn.send(line, conn.timeouts.command))
             if not conn.capabilities.pipelining:
-                await pending
+                await self._rcpt_replies[index]
         except _CannotCarry:
             self._event(rcpt, decision, replies.NEXT_HOP_CANNOT_CARRY, began)
             return _done((replies.NEXT_HOP_CANNOT_CARRY, False))
@@ -423,25 +481,24 @@ class RelaySession:
         self._relayed += 1
 
         async def answer() -> tuple[ReplyLike, bool]:
-            reply = await self._rcpt_answer(pending)
+            reply = await self._rcpt_answer(index)
             self._event(rcpt, decision, reply, began)
             return reply, False
 
         return answer
 
-    async def _rcpt_answer(self, pending: Awaitable[NextHopReply]) -> ReplyLike:
+    async def _rcpt_answer(self, index: int) -> ReplyLike:
         if self._failure is not None:
             return self._failure.reply
         if self._refusal is not None:
             return self._refusal
-        assert self._mail_reply is not None
         try:
-            mail_reply = await self._mail_reply
+            mail_reply = await self._mail_answer()
             if not mail_reply.positive:
                 # The next hop refused the sender: that is its verdict on every recipient.
                 self._refusal = client_reply(mail_reply)
                 return self._refusal
-            reply = await pending
+            reply = await self._rcpt_replies[index]
         except NextHopError as error:
             self._fail(error)
             return error.reply
@@ -466,32 +523,28 @@ class RelaySession:
                 return reply
 
             return refused
-        pending: Awaitable[NextHopReply] | None = None
         try:
             if conn.capabilities.pipelining:
-                pending = conn.send("DATA", conn.timeouts.data_init)
+                self._data_reply = conn.send("DATA", conn.timeouts.data_init)
         except NextHopError as error:
             self._fail(error)
+        return self._data_answer
 
-        async def answer() -> ReplyLike:
-            return await self._data_answer(conn, pending)
-
-        return answer
-
-    async def _data_answer(
-        self, conn: NextHopConnection, pending: Awaitable[NextHopReply] | None
-    ) -> ReplyLike:
-        if self._failure is not None:
-            reply: ReplyLike = self._failure.reply
+    async def _data_answer(self) -> ReplyLike:
+        # Read the state only now: the RCPT answers before this may have replayed the transaction on a
+        # fresh connection (see _mail_answer).
+        conn = self._conn
+        if self._failure is not None or conn is None:
+            reply: ReplyLike = self._failure.reply if self._failure is not None else replies.LOCAL_ERROR
             self._end()
             return reply
         try:
-            if pending is None:
+            if self._data_reply is None:
                 if self._accepted == 0:
                     self._end()
                     return self._refusal or replies.NO_VALID_RECIPIENTS
-                pending = conn.send("DATA", conn.timeouts.data_init)
-            data_reply = await pending
+                self._data_reply = conn.send("DATA", conn.timeouts.data_init)
+            data_reply = await self._data_reply
         except NextHopError as error:
             self._fail(error)
             self._end()

@@ -81,6 +81,9 @@ class Script:
     final_reply: str = "250 2.0.0 Ok: queued as FAKE"
     delays: dict[str, float] = field(default_factory=dict)  # "GREETING", "MAIL", "RCPT", "DATA", "DOT"
     drop_after_bytes: int | None = None  # close the connection after this much of the message
+    drop_once_on: str | None = (
+        None  # close the connection on the first such command (e.g. "MAIL"), unanswered
+    )
 
 
 class FakeNextHop:
@@ -167,6 +170,11 @@ class FakeNextHop:
             line = raw[:-2]
             self.lines.append(line)
             verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper()
+            if script.drop_once_on is not None and verb.decode() == script.drop_once_on:
+                # What a next hop whose idle timeout fired just as our command arrived looks like.
+                script.drop_once_on = None
+                writer.transport.abort()
+                return
             if verb == b"EHLO" and script.ehlo_reply is not None:
                 await send(script.ehlo_reply)
             elif verb == b"EHLO":

@@ -528,3 +528,43 @@ def test_a_client_gone_while_the_next_hop_thinks_leaves_no_half_transaction_behi
             assert [m.rcpts for m in hop.messages] == [[b"RCPT TO:<carol@example.com>"]]
 
     run(body())
+
+
+def test_a_stale_pooled_connection_is_replayed_on_a_fresh_one() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            hop.script.drop_once_on = "MAIL"  # the start-up probe's pooled connection dies under us
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            client.send(
+                "MAIL FROM:<a@example.org> ENVID=e1\r\n"
+                "RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA"
+            )
+            assert [(await client.reply())[0] for _ in range(4)] == [250, 250, 250, 354]
+            assert await client.cmd("hello\r\n.") == (250, "2.0.0 Ok: queued as FAKE")
+            await client.close()
+            assert hop.connections == 2
+            (message,) = hop.messages
+            assert message.mail == b"MAIL FROM:<a@example.org> ENVID=e1"
+            assert message.rcpts == [b"RCPT TO:<bob@example.com>", b"RCPT TO:<carol@example.com>"]
+
+    run(body())
+
+
+def test_a_fresh_connection_that_breaks_is_not_retried() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port, limits={"next_hop_pool_size": 0})
+            async with running_gateway(cfg) as gw:
+                hop.script.drop_once_on = "MAIL"
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<a@example.org>")
+                assert await client.cmd("RCPT TO:<bob@example.com>") == (
+                    451,
+                    "4.4.2 " + replies.NEXT_HOP_BROKEN.text,
+                )
+                await client.close()
+            assert hop.messages == []
+
+    run(body())
