@@ -416,7 +416,10 @@ class EdgeProtocol(SMTP):
         self.relay: RelaySession | None = None
         self.offer: Offer | None = None
         self.mail: MailCommand | None = None
-        self.rcpt_count = 0
+        self.rcpt_count = 0  # RCPT commands in this transaction
+        # Recipients accepted, or whose answer is still owed: what recipient_limit counts (as Postfix's
+        # smtpd_recipient_limit counts accepted ones, so refused guesses do not use it up).
+        self.rcpt_taken = 0
         self.errors = ErrorTally(context.guard)
         self._pending: deque[Deferred] = deque()
         self._refusal: Reply | None = None
@@ -694,7 +697,7 @@ class EdgeProtocol(SMTP):
         reply = self.relay.mail(mail)
         if reply.positive:
             self.mail = mail
-            self.rcpt_count = 0
+            self.rcpt_count = self.rcpt_taken = 0
         await self._reply(reply)
 
     def _parse_mail(self, arg: str | None) -> MailCommand:
@@ -752,10 +755,11 @@ class EdgeProtocol(SMTP):
         except CommandError as error:
             await self._reply(error.reply)
             return
-        if self.rcpt_count >= self.ctx.limits.recipient_limit:
+        if self.rcpt_taken >= self.ctx.limits.recipient_limit:
             await self._reply(replies.TOO_MANY_RECIPIENTS)
             return
         self.rcpt_count += 1
+        self.rcpt_taken += 1
         assert self.relay is not None
         answer = await self.relay.rcpt(rcpt)
         self._pending.append(lambda: self._rcpt_outcome(answer))
@@ -763,6 +767,8 @@ class EdgeProtocol(SMTP):
 
     async def _rcpt_outcome(self, answer: Callable[[], Awaitable[tuple[ReplyLike, bool]]]) -> _Outcome:
         reply, failed_guess = await answer()
+        if reply.code >= 400:
+            self.rcpt_taken -= 1
         return _Outcome(reply, failed_guess)
 
     def _parse_rcpt(self, arg: str | None, mail: MailCommand) -> RcptCommand:
@@ -891,7 +897,7 @@ class EdgeProtocol(SMTP):
 
     async def _reset_transaction(self) -> None:
         self.mail = None
-        self.rcpt_count = 0
+        self.rcpt_count = self.rcpt_taken = 0
         if self.relay is not None:
             await self._flush()
             self.relay.reset()

@@ -250,6 +250,8 @@ def test_too_many_recipients() -> None:
             async with running_gateway(gateway_config(hop.port, limits={"recipient_limit": 2})) as gw:
                 client = await RawClient.connect(gateway_port(gw))
                 await start_transaction(client)
+                # A refused recipient does not use up the limit (Postfix counts accepted ones).
+                assert (await client.cmd("RCPT TO:<someone@elsewhere.test>"))[0] == 554
                 assert (await client.cmd("RCPT TO:<carol@example.com>"))[0] == 250
                 assert await client.cmd("RCPT TO:<dave@example.com>") == (452, "4.5.3 Too many recipients")
                 assert (await client.cmd("DATA"))[0] == 354
