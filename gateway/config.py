@@ -279,7 +279,8 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
     gw.done()
 
     batv = root.table("batv")
-    lifetime = batv.integer("lifetime_days", 7, 1, 999)
+    # The day stamp wraps every 1000 days; a lifetime near that would make every stamp look current.
+    lifetime = batv.integer("lifetime_days", 7, 1, 365)
     batv.done()
 
     st = root.table("srs")

@@ -269,7 +269,12 @@ class Policy:
         if not self.keyring.has_active:
             return SenderVerdict(Action.TEMPFAIL, text, Reason.NO_ACTIVE_KEY, replies.KEYRING_UNAVAILABLE)
         if domain in s.signed_domains:
-            tagged = prvs.sign(text, self.keyring, today, s.lifetime_days)
+            try:
+                tagged = prvs.sign(text, self.keyring, today, s.lifetime_days)
+            except GatewayError:
+                # Only what prvs must never sign gets here: an SRS address of another forwarder that
+                # happens to be in one of our domains, or a result over the RFC 5321 path limit.
+                return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
             return SenderVerdict(Action.RELAY, tagged, Reason.PRVS, key_id=self.keyring.active.id)
         if s.srs_alias is None:
             return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
@@ -279,7 +284,8 @@ class Policy:
             forwarded = srs.forward(text, s.srs_alias, self._srs_secrets, today, s.srs_options)
         except GatewayError:
             return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
-        reason = Reason.SRS1 if forwarded[:4].upper() == "SRS1" else Reason.SRS0
+        # A quoted local part comes back quoted as a whole ("SRS1=...a b"@alias), so look past the quote.
+        reason = Reason.SRS1 if forwarded.lstrip('"')[:4].upper() == "SRS1" else Reason.SRS0
         return SenderVerdict(Action.RELAY, forwarded, reason, key_id=self.keyring.active.id)
 
 

@@ -57,7 +57,7 @@ def test_signed_domains_default_to_local_domains(tmp_path: Path) -> None:
         ("[gatway]\n", "gatway: unknown table"),
         ("[batv]\nlifetime_days = 'seven'\n", "[batv] lifetime_days: expected a whole number, got 'seven'"),
         ("[batv]\nlifetime_days = true\n", "[batv] lifetime_days: expected a whole number, got True"),
-        ("[batv]\nlifetime_days = 0\n", "[batv] lifetime_days: expected a whole number from 1 to 999, got 0"),
+        ("[batv]\nlifetime_days = 0\n", "[batv] lifetime_days: expected a whole number from 1 to 365, got 0"),
         ("[srs]\nseparator = '_'\n", "[srs] separator: expected one of '=', '+', '-', got '_'"),
         ("[srs]\nhash_length = 4\nhash_min = 6\n", "[srs] hash_min: must not exceed hash_length (4)"),
         (

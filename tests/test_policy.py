@@ -208,3 +208,15 @@ def test_reverse_recipient_for_the_socketmap() -> None:
         "alice@remote.example", "fwd.example.com", KEYRING.srs_secrets(), TODAY, srs.SrsOptions()
     )
     assert p.reverse_recipient(parse_address(forwarded), TODAY) == "alice@remote.example"
+
+
+def test_an_srs_sender_of_another_forwarder_in_a_signed_domain_is_left_alone() -> None:
+    sender = parse_address("SRS0=abcd=IL=remote.example=alice@example.com")
+    v = policy().outbound_sender(sender, TODAY)
+    assert (v.action, v.address, v.reason) == (Action.RELAY, str(sender), Reason.NOT_REWRITTEN)
+
+
+def test_a_quoted_sender_is_forwarded_as_srs0() -> None:
+    v = policy().outbound_sender(parse_address('"alice smith"@remote.example'), TODAY)
+    assert v.reason is Reason.SRS0
+    assert v.address.startswith('"SRS0=')
