@@ -31,7 +31,7 @@ from .nexthop import (
     NextHopPool,
     NextHopReply,
 )
-from .policy import Action, Policy
+from .policy import Action, Policy, Reason
 from .replies import Reply
 from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
 
@@ -152,6 +152,9 @@ class _InboundTransaction:
     clock: Callable[[], float]
 
     def rcpt(self, rcpt: RcptCommand) -> RcptDecision:
+        if rcpt.bare_postmaster:
+            # RFC 5321 §4.5.1: always accepted, and our next hop must take it too.
+            return RcptDecision(relay=True, address=rcpt.path, reason=Reason.EXEMPT, action=Action.RELAY)
         verdict = self.policy.inbound_rcpt(
             self.mail.sender, rcpt.recipient, utc_today(self.clock), observe=self.observe
         )

@@ -257,6 +257,9 @@ class RcptCommand:
     recipient: Address
     params: tuple[str, ...]
     dsn: bool = False  # NOTIFY or ORCPT given
+    # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>", with no domain, must be accepted. `recipient` is then
+    # postmaster at our host name, for whatever looks at it; it is sent on as the client wrote it.
+    bare_postmaster: bool = False
 
 
 class CommandError(Exception):
@@ -775,7 +778,10 @@ class EdgeProtocol(SMTP):
         if arg is None or arg[:3].upper() != "TO:":
             raise CommandError(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
         path, params = self._split_path(arg[3:])
-        recipient = self._address(path, null_ok=False)
+        bare_postmaster = path.lower() == "postmaster"
+        recipient = (
+            Address("postmaster", self.hostname) if bare_postmaster else self._address(path, null_ok=False)
+        )
         assert recipient is not None
         offer = self.offer
         dsn = False
@@ -800,7 +806,7 @@ class EdgeProtocol(SMTP):
                 raise CommandError(Reply(555, "5.5.4", f"RCPT parameter {keyword} not recognized"))
         if not mail.smtputf8 and not path.isascii():
             raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
-        return RcptCommand(path, recipient, params, dsn)
+        return RcptCommand(path, recipient, params, dsn, bare_postmaster)
 
     def _split_path(self, text: str) -> tuple[str, tuple[str, ...]]:
         """The path inside <...> and the parameters after it (each as written)."""

@@ -568,3 +568,17 @@ def test_a_fresh_connection_that_breaks_is_not_retried() -> None:
             assert hop.messages == []
 
     run(body())
+
+
+def test_a_bare_postmaster_is_accepted_as_rfc_5321_requires() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<>")
+            assert (await client.cmd("RCPT TO:<Postmaster>"))[0] == 250
+            assert (await send_message(client))[0] == 250
+            await client.close()
+            assert hop.messages[0].rcpts == [b"RCPT TO:<Postmaster>"]
+
+    run(body())
