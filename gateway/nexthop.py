@@ -211,22 +211,33 @@ class NextHopConnection:
             raise NextHopError(NextHopErrorKind.REFUSED, f"connect to {peer}: {error.strerror}") from None
         conn = cls(reader, writer, timeouts, peer)
         try:
-            greeting = await conn._expect(timeouts.greeting, "greeting")
-            if greeting.code != 220:
-                raise NextHopError(NextHopErrorKind.REFUSED, f"{peer} greeted with {greeting}")
-            ehlo = await conn.command(f"EHLO {helo_name}", timeouts.command)
-            if ehlo.code == 250:
-                conn.capabilities = Capabilities.parse(ehlo)
-            else:
-                # RFC 5321 §3.2: a server that does not know EHLO gets HELO, and then no extensions.
-                helo = await conn.command(f"HELO {helo_name}", timeouts.command)
-                if helo.code != 250:
-                    raise NextHopError(NextHopErrorKind.REFUSED, f"{peer} refused HELO: {helo}")
-                conn.capabilities = Capabilities(frozenset(), None, esmtp=False)
+            # The greeting and EHLO together within `greeting`: the client waiting on our answer to its
+            # RCPT must not wait for a connect, a slow greeting AND a slow EHLO in a row.
+            async with asyncio.timeout(timeouts.greeting):
+                await conn._greet(helo_name)
+        except TimeoutError:
+            conn.abort()
+            raise NextHopError(
+                NextHopErrorKind.TIMEOUT, f"{peer}: no greeting and EHLO reply in time"
+            ) from None
         except BaseException:
             conn.abort()
             raise
         return conn
+
+    async def _greet(self, helo_name: str) -> None:
+        greeting = await self._expect(self.timeouts.greeting, "greeting")
+        if greeting.code != 220:
+            raise NextHopError(NextHopErrorKind.REFUSED, f"{self.peer} greeted with {greeting}")
+        ehlo = await self.command(f"EHLO {helo_name}", self.timeouts.command)
+        if ehlo.code == 250:
+            self.capabilities = Capabilities.parse(ehlo)
+            return
+        # RFC 5321 §3.2: a server that does not know EHLO gets HELO, and then no extensions.
+        helo = await self.command(f"HELO {helo_name}", self.timeouts.command)
+        if helo.code != 250:
+            raise NextHopError(NextHopErrorKind.REFUSED, f"{self.peer} refused HELO: {helo}")
+        self.capabilities = Capabilities(frozenset(), None, esmtp=False)
 
     # ------------------------------------------------------------------ state
 

@@ -79,7 +79,8 @@ class Script:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient (lower case) -> reply
     data_reply: str = "354 End data with <CR><LF>.<CR><LF>"
     final_reply: str = "250 2.0.0 Ok: queued as FAKE"
-    delays: dict[str, float] = field(default_factory=dict)  # "GREETING", "MAIL", "RCPT", "DATA", "DOT"
+    # seconds before answering "GREETING", "EHLO", "MAIL", "RCPT", "DATA" or "DOT" (the final dot)
+    delays: dict[str, float] = field(default_factory=dict)
     drop_after_bytes: int | None = None  # close the connection after this much of the message
     drop_once_on: str | None = (
         None  # close the connection on the first such command (e.g. "MAIL"), unanswered
@@ -175,6 +176,8 @@ class FakeNextHop:
                 script.drop_once_on = None
                 writer.transport.abort()
                 return
+            if verb == b"EHLO":
+                await self._delay("EHLO")
             if verb == b"EHLO" and script.ehlo_reply is not None:
                 await send(script.ehlo_reply)
             elif verb == b"EHLO":

@@ -271,3 +271,15 @@ def test_a_reset_reads_the_replies_still_owed_and_keeps_the_connection() -> None
             await pool.close()
 
     run(body())
+
+
+def test_greeting_and_ehlo_share_one_deadline() -> None:
+    async def body() -> None:
+        # Each alone within its own timeout (0.3 s), together over the greeting deadline (0.5 s).
+        async with FakeNextHop(Script(delays={"GREETING": 0.3, "EHLO": 0.3})) as hop:
+            timeouts = NextHopTimeouts(connect=2, greeting=0.5, command=0.4)
+            with pytest.raises(NextHopError) as caught:
+                await connect(hop.port, timeouts)
+            assert caught.value.kind is NextHopErrorKind.TIMEOUT
+
+    run(body())
