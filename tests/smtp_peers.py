@@ -82,9 +82,8 @@ class Script:
     # seconds before answering "GREETING", "EHLO", "MAIL", "RCPT", "DATA" or "DOT" (the final dot)
     delays: dict[str, float] = field(default_factory=dict)
     drop_after_bytes: int | None = None  # close the connection after this much of the message
-    drop_once_on: str | None = (
-        None  # close the connection on the first such command (e.g. "MAIL"), unanswered
-    )
+    # close the connection, unanswered, on the first such command (e.g. "MAIL")
+    drop_once_on: str | None = None
 
 
 class FakeNextHop:
