@@ -582,3 +582,23 @@ def test_a_bare_postmaster_is_accepted_as_rfc_5321_requires() -> None:
             assert hop.messages[0].rcpts == [b"RCPT TO:<Postmaster>"]
 
     run(body())
+
+
+def test_a_client_gone_mid_data_leaves_nothing_delivered() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            await client.cmd("RCPT TO:<bob@example.com>")
+            assert (await client.cmd("DATA"))[0] == 354
+            client.send(b"Subject: cut\r\n\r\n" + b"x" * 100_000 + b"\r\n")
+            await client.writer.drain()
+            client.writer.write_eof()  # the client is gone before its final dot
+            assert await client.rest() == b""
+            await client.close()
+            await asyncio.sleep(0.1)
+            assert hop.messages == []
+            assert hop.commands.count("DATA") == 1
+
+    run(body())
