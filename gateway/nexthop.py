@@ -189,6 +189,9 @@ class NextHopConnection:
         self.peer = peer
         self.capabilities = BASELINE
         self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._out: list[bytes] = []  # written at the next wait for a reply (see send)
+        self._out_size = 0
+        self.in_body = False  # between the first piece of a message and its final dot
         self._read_lock = asyncio.Lock()
         self._failure: NextHopError | None = None
         self.transactions = 0  # completed on this connection; for pool policy and tests
@@ -249,13 +252,14 @@ class NextHopConnection:
     @property
     def usable(self) -> bool:
         """Alive, and in step: no reply owed, so the next command's reply is the next one read."""
-        return self.alive and not self._waiting
+        return self.alive and not self._waiting and not self.in_body
 
     def abort(self) -> None:
         """Drop the connection at once. Mid-DATA this is how a transaction is abandoned: without the
         final dot the next hop must not deliver (RFC 5321 §4.1.1.4)."""
         if self._failure is None:
             self._failure = _broken("connection closed by us")
+        self._out.clear()  # held data (a body without its dot above all) must never go out now
         self._fail_waiters(self._failure)
         transport = self._writer.transport
         transport.abort()
@@ -279,7 +283,8 @@ class NextHopConnection:
         if "\r" in line or "\n" in line:
             # Never let a CR or LF from a client reach the next hop inside a command (smuggling).
             raise ValueError("command line contains CR or LF")
-        self._writer.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        # Held until someone waits for a reply: pipelined commands then leave in one segment.
+        self._out.append(line.encode("utf-8", "surrogateescape") + b"\r\n")
         waiter = _Waiter(asyncio.get_running_loop().create_future(), timeout, line.split(" ", 1)[0])
         self._waiting.append(waiter)
         return PendingReply(self, waiter)
@@ -292,9 +297,18 @@ class NextHopConnection:
         self._waiting.append(waiter)
         return await self._reply_for(waiter)
 
+    def _push_out(self) -> None:
+        """Write what is held (commands, and the end of a body): one write, so usually one segment."""
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            self._out_size = 0
+            self._writer.write(data)
+
     async def _reply_for(self, waiter: _Waiter) -> NextHopReply:
         # Whoever awaits first reads for everyone ahead of it; replies come back strictly in order.
         if not waiter.future.done():
+            self._push_out()
             async with self._read_lock:
                 while not waiter.future.done():
                     head = self._waiting[0]
@@ -362,8 +376,14 @@ class NextHopConnection:
         slower than our client, so memory stays bounded by the transport's high-water mark."""
         if self._failure is not None:
             raise self._failure
+        # A small message goes out with its final dot in one write; a big one in pieces of 64 KiB or more.
+        self.in_body = True
+        self._out.append(bytes(chunk))
+        self._out_size += len(chunk)
+        if self._out_size < _COALESCE:
+            return
+        self._push_out()
         writer = self._writer
-        writer.write(chunk)
         if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
             try:
                 async with asyncio.timeout(self.timeouts.data_block):
@@ -381,13 +401,15 @@ class NextHopConnection:
         """The final dot: after this the next hop's reply is its verdict on the message."""
         if self._failure is not None:
             raise self._failure
-        self._writer.write(b".\r\n")
+        self._out.append(b".\r\n")
+        self.in_body = False
         waiter = _Waiter(asyncio.get_running_loop().create_future(), self.timeouts.data_term, "end of data")
         self._waiting.append(waiter)
         return PendingReply(self, waiter)
 
 
 _WRITE_HIGH_WATER = 256 * 1024
+_COALESCE = 64 * 1024
 
 
 @dataclass
@@ -455,7 +477,7 @@ class NextHopPool:
     async def reset_and_release(self, conn: NextHopConnection) -> None:
         """After an abandoned transaction: RSET (RFC 5321 §4.1.1.5); keep the connection if it says 250.
         Replies still owed (a pipelined RCPT nobody waited for) are read, in order, before RSET's own."""
-        if not conn.alive:
+        if not conn.alive or conn.in_body:  # mid-message, RSET would be read as text: drop it instead
             conn.abort()
             return
         try:
