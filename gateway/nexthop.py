@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Coroutine, Generator
@@ -432,6 +433,7 @@ class NextHopPool:
     capabilities: Capabilities | None = None  # as of the last fresh connection
     _idle: collections.deque[NextHopConnection] = field(default_factory=collections.deque)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _probe: asyncio.Task[Capabilities | None] | None = None
     _closed: bool = False
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -489,6 +491,12 @@ class NextHopPool:
         else:
             conn.abort()
 
+    def probe_soon(self) -> asyncio.Task[Capabilities | None]:
+        """probe() in the background, one at a time (the edge asks while the next hop is unknown)."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self.probe())
+        return self._probe
+
     async def probe(self) -> Capabilities | None:
         """Connect once to learn the next hop's capabilities; None if it cannot be reached now."""
         try:
@@ -505,6 +513,11 @@ class NextHopPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._probe is not None and not self._probe.done():
+            # A probe may sit in a connect timeout; it is of no use any more.
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         idle, self._idle = list(self._idle), collections.deque()

@@ -294,6 +294,8 @@ class Relay:
         """What EHLO offers: only what the next hop (as last seen) can carry on."""
         caps = self.pool.capabilities
         if caps is None:
+            # Not reached yet: offer only what any SMTP server carries, and go and ask.
+            self.pool.probe_soon()
             caps = BASELINE
         limit = self.message_size_limit
         size: int | None = limit

@@ -32,6 +32,7 @@ from .relay import DecisionObserver, InboundRules, OutboundRules, PolicyHolder, 
 from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
 
 log = logging.getLogger("gateway.serve")
+STARTUP_PROBE_WAIT = 3.0  # seconds start() waits for the next hops' EHLO before it listens anyway
 
 # Role -> the rules of that role. The outbound role (issue 6) registers itself here; the engine is shared.
 RulesFactory = Callable[[ListenerConfig, PolicyHolder], RoleRules]
@@ -157,9 +158,12 @@ class Gateway:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        # Learn what each next hop can carry before the first EHLO (a hop that is down now is asked again
-        # with the first transaction; until then EHLO offers only what any SMTP server can carry).
-        await asyncio.gather(*(lst.relay.pool.probe() for lst in self.listeners))
+        # Learn what each next hop can carry before the first EHLO, but do not hold the start for a next
+        # hop that is down or slow: until it answers, EHLO offers only what any SMTP server can carry,
+        # and the probe goes on in the background.
+        probes = [lst.relay.pool.probe_soon() for lst in self.listeners]
+        if probes:
+            await asyncio.wait(probes, timeout=STARTUP_PROBE_WAIT)
         try:
             for lst in self.listeners:
                 context = lst.context

@@ -98,8 +98,8 @@ class FakeNextHop:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, LOCALHOST, 0)
+    async def start(self, port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, LOCALHOST, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 

@@ -335,3 +335,39 @@ def test_serve_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "bogus" in result.stderr and str(bad) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_next_hop_down_at_start_does_not_hold_it_and_is_learnt_when_it_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.serve
+
+    monkeypatch.setattr(gateway.serve, "STARTUP_PROBE_WAIT", 0.2)
+
+    async def body() -> None:
+        slow = FakeNextHop(Script(delays={"GREETING": 30}))
+        async with slow:
+            # A next hop that accepts but never greets: start() goes on without it.
+            async with running_gateway(gateway_config(slow.port)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                _, ehlo = await client.ehlo()
+                assert "DSN" not in ehlo.split("\n") and "8BITMIME" not in ehlo.split("\n")
+                await client.close()
+        port = free_port()
+        async with running_gateway(gateway_config(port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            _, ehlo = await client.ehlo()  # down: the baseline only
+            assert "DSN" not in ehlo.split("\n")
+            hop = FakeNextHop()
+            await hop.start(port)
+            try:
+                await client.cmd("EHLO again.test")  # asks the next hop again, in the background
+                pool = gw.listeners[0].relay.pool
+                await wait_for(lambda: pool.capabilities is not None)
+                _, ehlo = await client.cmd("EHLO third.test")
+                assert "DSN" in ehlo.split("\n") and "8BITMIME" in ehlo.split("\n")
+                await client.close()
+            finally:
+                await hop.close()
+
+    run(body())
