@@ -297,6 +297,7 @@ class Bench:
     workdir: Path
     gateway_args: list[str]
     workers: int
+    config_extra: str = ""  # TOML appended to every gateway config (lever experiments)
     keyring_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -350,6 +351,7 @@ class Bench:
                 f"workers = {self.workers}",
                 "[limits]",
                 *limits,
+                self.config_extra,
                 "",
             ]
         )
@@ -850,7 +852,8 @@ def write_results(
         f"- method: medians of {args.rounds} rounds; each round runs every system once, in a rotating order; "
         "× naive and × limit are medians of the per-round ratios. Gateway CPU is user+sys of its "
         "whole process tree from /proc; peak RSS is the largest VmHWM of any one process of it. "
-        f"Gateway workers: {args.workers}; extra serve flags: {' '.join(args.gateway_arg) or 'none'}.",
+        f"Gateway workers: {args.workers}; extra serve flags: {' '.join(args.gateway_arg) or 'none'}; "
+        f"extra config: {args.config_extra or 'none'}.",
         "",
         *table(results),
         "",
@@ -900,6 +903,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="where to write the Markdown (default bench/RESULTS.md; none with --smoke)",
     )
+    parser.add_argument(
+        "--config-extra",
+        default="",
+        help='TOML appended to the gateway config, "\\n" for newlines: e.g. \'[log]\\nlevel = "warning"\'',
+    )
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     parser.add_argument(
         "--profile",
@@ -933,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="batv-bench-"))
     try:
-        bench = Bench(workdir, args.gateway_arg, args.workers)
+        bench = Bench(workdir, args.gateway_arg, args.workers, args.config_extra.replace("\\n", "\n"))
         uses_gateway = any(s in GATEWAY_SYSTEMS for s in systems)
         if uses_gateway:
             bench.make_keyring()
