@@ -421,3 +421,26 @@ def test_the_long_line_check_agrees_with_splitting(lengths: list[int], limit: in
     lines = b"".join(b"x" * n + b"\r\n" for n in lengths)
     expected = max(lengths) + 2 > limit
     assert DataDecoder(None, limit)._has_long_line(lines) is expected
+
+
+def test_commands_pipelined_behind_starttls_are_thrown_away(tmp_path: Path) -> None:
+    # CVE-2011-0411 (STARTTLS command injection): plaintext sent after STARTTLS must not be run inside TLS.
+    cert, key = make_cert(tmp_path)
+
+    async def body() -> None:
+        listener = {"tls_cert": str(cert), "tls_key": str(key)}
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port, listener=listener)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            client.send("STARTTLS\r\nMAIL FROM:<injected@example.org>")
+            assert (await client.reply())[0] == 220
+            await client.writer.start_tls(
+                ssl.create_default_context(cafile=str(cert)), server_hostname="gw.test"
+            )
+            code, text = await client.cmd("EHLO client.test")
+            assert code == 250 and text.startswith("gw.test")
+            # Had the injected MAIL run, this would be a nested MAIL (503).
+            assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            await client.close()
+
+    run(body())
