@@ -4,9 +4,10 @@ Replies from the next hop are values (`NextHopReply`), whatever their code: the 
 on to its client as the next hop's own verdict. Only a next hop that cannot be talked to raises
 `NextHopError`, with a `kind` (refused, timeout, broken, protocol) that maps straight to a 4xx reply.
 
-Commands are written as soon as they are issued and their replies are read in order (RFC 2920), so a
-caller that does not await a reply before issuing the next command pipelines, and one that does, does not.
-The caller decides, from `Capabilities.pipelining`, which of the two it may do.
+Commands issued without awaiting their replies are held and leave together, in one write, when the first
+of their replies is awaited; replies are read strictly in order (RFC 2920). So a caller that does not
+await a reply before issuing the next command pipelines, and one that does, does not. The caller decides,
+from `Capabilities.pipelining`, which of the two it may do. A small body leaves with its final dot.
 
 No smtplib and no aiosmtplib here: smtplib blocks the loop, and neither streams a body of unknown length
 chunk by chunk while keeping the next hop's reply to each command.
@@ -277,8 +278,8 @@ class NextHopConnection:
     # ------------------------------------------------------------------ commands
 
     def send(self, line: str, timeout: float) -> PendingReply:
-        """Write one command now; the returned object, awaited, gives its reply. Raises NextHopError
-        at once if the connection already failed."""
+        """Issue one command; the returned object, awaited, sends what is held and gives the reply.
+        Raises NextHopError at once if the connection already failed."""
         if self._failure is not None:
             raise self._failure
         if "\r" in line or "\n" in line:
