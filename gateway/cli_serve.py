@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,19 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the SMTP gateway",
-        description="Run the SMTP gateway: every listener of the config, or one built from the flags.",
+        description=(
+            "Run the SMTP gateway: every listener of the config, or one listener built from the flags. "
+            "With no --config, the embedded default runs: an inbound listener on 127.0.0.1:2525 and an "
+            "outbound one on 127.0.0.1:2587, both relaying to 127.0.0.1:2526, for example.com, with a "
+            "development keyring at keys/keyring.toml that is created if missing. Flags override the file."
+        ),
+        epilog=(
+            "signals: SIGTERM or SIGINT stop accepting, let transactions in flight finish within "
+            "shutdown_deadline and close idle sessions with 421 4.3.2; SIGHUP reloads the config and the "
+            "keyring (a bad file is refused and the running one stays); a changed keyring file is picked "
+            "up without a signal. Exit status: 0 after a clean stop, 2 for a config or keyring that cannot "
+            "be used. Every config key: deploy/gateway.example.toml."
+        ),
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path, help="the TOML config (deploy/gateway.example.toml)"
@@ -57,7 +70,7 @@ def load_config(args: argparse.Namespace) -> Config:
     from . import config as config_module
     from .config import Role
 
-    base = config_module.load(args.config) if args.config is not None else config_module.default()
+    base = config_module.load(args.config) if args.config is not None else config_module.embedded_serve()
     return config_module.with_flags(
         base,
         role=Role(args.role) if args.role else None,
@@ -76,6 +89,8 @@ def handle(args: argparse.Namespace) -> int:
     config = load_config(args)
     if not config.listeners:
         raise GatewayError("no listener: add a [[listener]] to the config, or give --listen and --next-hop")
+    if args.config is None and args.keyring is None and not config.keyring_path.exists():
+        _create_development_keyring(config.keyring_path)
     kf = keystore.load(config.keyring_path)
     try:
         fmt = logs.LogFormat(config.log.format)
@@ -105,3 +120,21 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
         )
     finally:
         await ops.close()
+
+
+def _create_development_keyring(path: Path) -> None:
+    """The embedded default's keyring: made once, in keys/, and said out loud (it is not for production)."""
+    from datetime import UTC, datetime
+
+    from . import keystore
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with keystore.locked(path):
+        if path.exists():
+            return
+        keystore.save(path, keystore.new_keyring(datetime.now(UTC)))
+    print(
+        f"batv-gateway: created a development keyring at {path} (one active key); "
+        "for production see keys/README.md",
+        file=sys.stderr,
+    )

@@ -425,6 +425,24 @@ def default() -> Config:
     return parse({}, "<embedded default>")
 
 
+# `batv-gateway serve` with no config file: both roles on loopback only, for trying the gateway out.
+# Mail for example.com comes in on 2525, mail to sign goes out on 2587, and both go on to 2526.
+EMBEDDED_SERVE: dict[str, Any] = {
+    "gateway": {"hostname": "localhost", "local_domains": ["example.com"]},
+    "srs": {"alias": "fwd.example.com"},
+    "listener": [
+        {"name": "inbound", "role": "inbound", "listen": "127.0.0.1:2525", "next_hop": "127.0.0.1:2526"},
+        {"name": "outbound", "role": "outbound", "listen": "127.0.0.1:2587", "next_hop": "127.0.0.1:2526"},
+    ],
+    "metrics": {"listen": "127.0.0.1:9425"},
+}
+
+
+def embedded_serve() -> Config:
+    """The embedded default of serve: see EMBEDDED_SERVE."""
+    return parse(EMBEDDED_SERVE, "<embedded default>")
+
+
 def with_flags(
     config: Config,
     *,

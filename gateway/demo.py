@@ -293,7 +293,8 @@ async def _scenes(story: Story, outbound: int, inbound: int, internet: Sink, mai
 
     story.say()
     story.say(
-        "That is BATV. To run it for real, with a keyring at keys/keyring.toml (batv-gateway keys init):"
+        "That is BATV. To run it for real (serve makes a development keyring at keys/keyring.toml if there"
+        " is none; for production, 'batv-gateway keys init --keyring PATH' and --keyring PATH):"
     )
     story.say(
         "  batv-gateway serve --role outbound --listen 127.0.0.1:2587 --next-hop smtp.your-isp.example:25"
