@@ -64,7 +64,10 @@ class Limits:
     command_timeout: float = 300.0  # Postfix smtpd_timeout; RFC 5321 4.5.3.2.7 gives 5 minutes
     data_timeout: float = 300.0  # between DATA chunks from the client
     next_hop_connect_timeout: float = 30.0  # Postfix smtp_connect_timeout
-    next_hop_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.2/3: MAIL and RCPT, 5 minutes
+    # The client waits 5 minutes for our reply to its RCPT (RFC 5321 4.5.3.2.3), and behind that reply
+    # may stand the next hop's connect, greeting and EHLO, MAIL and RCPT: 30 + 3 x 80 = 270 s fits.
+    # Postfix's smtpd_proxy_timeout, the same in-session situation, is 100 s.
+    next_hop_command_timeout: float = 80.0
     next_hop_data_block_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes per data block
     # RFC 5321 4.5.3.2.6 gives the client 10 minutes to wait for the reply to the final dot. We give the
     # next hop half of that, so the client always hears our answer before it gives up.
