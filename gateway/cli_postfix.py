@@ -4,26 +4,35 @@ Both read the same config as `serve` and take its quick-start flags, so that
     batv-gateway socketmap --listen 127.0.0.1:10030 --keyring K --domain example.org
 is enough to try the socketmap mode. SIGTERM/SIGINT stop them; SIGHUP reloads the config and keyring, and a
 changed keyring file is picked up alone (reload.Reloader, as in serve).
+
+`[gateway] workers = N` runs the socketmap in N processes that share the listening sockets (bound once,
+before the fork), as Postfix runs many cleanup processes that each hold a connection: one Python process
+uses one CPU. The main process forwards SIGTERM and SIGHUP to the others. The policy service always runs
+in one process, so that its per-client guess limits see every connection.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import keystore
-    from .config import Config
+    from .config import Config, HostPort
     from .relay import PolicyHolder
 
     Started = tuple[list[asyncio.Server], Callable[[], None]]
-    Starter = Callable[[Config, PolicyHolder], Awaitable[Started]]
+    Starter = Callable[[Config, PolicyHolder, "Bound"], Awaitable[Started]]
 
 log = logging.getLogger("gateway.postfix")
 
@@ -98,6 +107,9 @@ def load_config(args: argparse.Namespace) -> Config:
     return config
 
 
+Bound = list[tuple[str, socket.socket]]  # (what it serves, the listening socket)
+
+
 def handle_socketmap(args: argparse.Namespace) -> int:
     args.command = "socketmap"
     return _main(args, _start_socketmap)
@@ -108,8 +120,41 @@ def handle_policy(args: argparse.Namespace) -> int:
     return _main(args, _start_policy)
 
 
+def _bind(where: HostPort) -> socket.socket:
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    sock = socket.create_server((where.host, where.port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_all(command: str, config: Config) -> Bound:
+    if command == "policy":
+        pd = config.policyd
+        return [("enforce mode" if not pd.observe else "observe mode", _bind(pd.listen))]
+    sm = config.socketmap
+    bound = [("maps forward, reverse", _bind(sm.listen))]
+    for name, where in (("forward", sm.tcp_forward), ("reverse", sm.tcp_reverse)):
+        if where is not None:
+            bound.append((f"map {name}", _bind(where)))
+    return bound
+
+
+# Signals that arrive before a process's event loop handles them (start-up takes a moment, and a worker
+# may be signalled as soon as it is forked): remembered here, then replayed by _serve. Without this, an
+# early SIGHUP or SIGTERM would kill the main process by default and leave its workers orphaned.
+_early_signals: list[int] = []
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _remember(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
+
+
 def _main(args: argparse.Namespace, start: Starter) -> int:
     from . import keystore, logs
+
+    for sig in _SIGNALS:
+        signal.signal(sig, _remember)
 
     config = load_config(args)
     kf = keystore.load(config.keyring_path)
@@ -118,32 +163,81 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     except ValueError:
         fmt = logs.LogFormat.LOGFMT
     logs.setup(fmt, config.log.level.upper())
+    bound = _bind_all(args.command, config)
+    for what, sock in bound:
+        host, port = sock.getsockname()[:2]
+        kind = "tcp_table" if what.startswith("map ") else args.command
+        logs.log_fields(
+            log, logging.INFO, f"{kind} listening", event="listening", listen=f"{host}:{port}", serves=what
+        )
+    workers = config.workers if args.command == "socketmap" else 1
+    children: list[int] = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until told to stop, and never return into the caller's code
+            _early_signals.clear()  # the main process's, not ours
+            code = 1
+            try:
+                code = _run(_serve(args, config, kf, start, bound, children=None))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    try:
+        return _run(_serve(args, config, kf, start, bound, children))
+    finally:
+        for sock in bound_sockets(bound):
+            sock.close()
+        _reap(children)
+
+
+def bound_sockets(bound: Bound) -> list[socket.socket]:
+    return [sock for _, sock in bound]
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         # The optional "fast" extra: uvloop's transports cut the per-lookup overhead. Imported by name so
         # that type checking does not need it installed.
         uvloop = importlib.import_module("uvloop")
     except ImportError:
-        return asyncio.run(_serve(args, config, kf, start))
-    return int(uvloop.run(_serve(args, config, kf, start)))
+        return asyncio.run(main)
+    return int(uvloop.run(main))
 
 
-async def _start_socketmap(config: Config, holder: PolicyHolder) -> Started:
-    from .socketmap import FORWARD, REVERSE, MapService, start_socketmap, start_tcp_table
+def _reap(children: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                if done == 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            break
 
-    sm = config.socketmap
-    service = MapService(holder, max_request=sm.max_request)
-    servers = [await start_socketmap(service, sm.listen.host, sm.listen.port)]
-    _announce("socketmap", servers[-1], "maps forward, reverse")
-    for name, where in ((FORWARD, sm.tcp_forward), (REVERSE, sm.tcp_reverse)):
-        if where is not None:
-            servers.append(await start_tcp_table(service, name, where.host, where.port))
-            _announce("tcp_table", servers[-1], f"map {name}")
+
+async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
+    from .socketmap import FORWARD, REVERSE, MapService, SocketmapProtocol, TcpTableProtocol
+
+    service = MapService(holder, max_request=config.socketmap.max_request)
+    loop = asyncio.get_running_loop()
+    servers = []
+    for what, sock in bound:
+        if what == f"map {FORWARD}":
+            servers.append(await loop.create_server(lambda: TcpTableProtocol(service, FORWARD), sock=sock))
+        elif what == f"map {REVERSE}":
+            servers.append(await loop.create_server(lambda: TcpTableProtocol(service, REVERSE), sock=sock))
+        else:
+            servers.append(await loop.create_server(lambda: SocketmapProtocol(service), sock=sock))
     return servers, service.close_connections
 
 
-async def _start_policy(config: Config, holder: PolicyHolder) -> Started:
+async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
     from .guard import GuardSettings
-    from .policyd import PolicyService, start_policyd
+    from .policyd import PolicyService
 
     limits = config.limits
     guard = GuardSettings(
@@ -153,31 +247,29 @@ async def _start_policy(config: Config, holder: PolicyHolder) -> Started:
         guess_rate=limits.guess_rate,
         guess_burst=max(1, limits.guess_burst),
     )
-    pd = config.policyd
-    service = PolicyService(holder, observe=pd.observe, guard=guard)
-    server = await start_policyd(service, pd.listen.host, pd.listen.port)
-    _announce("policy", server, "observe mode" if pd.observe else "enforce mode")
-    return [server], service.close_connections
+    service = PolicyService(holder, observe=config.policyd.observe, guard=guard)
+    servers = [await asyncio.start_server(service.handle, sock=sock) for _, sock in bound]
+    return servers, service.close_connections
 
 
-def _announce(kind: str, server: asyncio.Server, what: str) -> None:
-    from .logs import log_fields
-
-    for sock in server.sockets:
-        host, port = sock.getsockname()[:2]
-        listen = f"{host}:{port}"
-        log_fields(log, logging.INFO, f"{kind} listening", event="listening", listen=listen, serves=what)
-
-
-async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile, start: Starter) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    config: Config,
+    kf: keystore.KeyringFile,
+    start: Starter,
+    bound: Bound,
+    children: list[int] | None,
+) -> int:
+    """One process's server. `children`: the workers to pass signals on to (None in a worker itself)."""
     from .policy import Policy
     from .relay import PolicyHolder
     from .reload import Reloader
     from .sdnotify import Notifier
 
     holder = PolicyHolder(Policy(config.policy, kf.keyring))
-    servers, close_connections = await start(config, holder)
-    notifier = Notifier()
+    servers, close_connections = await start(config, holder, bound)
+    # Only the main process speaks to systemd: it is the service's MAINPID.
+    notifier = Notifier() if children is not None else Notifier(socket_name="")
     reloader = Reloader(
         config,
         kf,
@@ -187,9 +279,25 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
     )
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
+
+    def pass_on(sig: signal.Signals) -> None:
+        for pid in children or ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def on_stop() -> None:
+        pass_on(signal.SIGTERM)
+        stopped.set()
+
+    def on_hup() -> None:
+        pass_on(signal.SIGHUP)
+        loop.call_soon(_reload, reloader)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopped.set)
-    reloader.install_signal_handler(loop)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    while _early_signals:
+        (on_hup if _early_signals.pop(0) == signal.SIGHUP else on_stop)()
     reloader.start_watching()
     notifier.ready(status=f"serving {args.command}")
     try:
@@ -197,7 +305,7 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
         notifier.stopping()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
         await reloader.close()
         for server in servers:
@@ -206,3 +314,10 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
         for server in servers:
             await server.wait_closed()
     return 0
+
+
+def _reload(reloader: Any) -> None:
+    try:
+        reloader.reload()  # logs its own outcome, refused or applied
+    except Exception:
+        log.exception("reload failed")

@@ -409,7 +409,7 @@ class Command:
             _, err = self.proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
+            _, err = self.proc.communicate(timeout=10)  # raises if orphaned workers still hold stderr
         return self.proc.returncode, "".join(self.lines) + err
 
 
@@ -556,3 +556,80 @@ def test_postfix_signs_only_submitted_mail_with_the_master_cf_snippet(root: Path
     assert by_subject["submitted"].mail_from == prvs.sign("user@example.org", kf.keyring, today())
     assert by_subject["relayed"].mail_from == "user@example.org"
     assert by_subject["inbound"].mail_from == "joe@foreign.test"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[1] == str(pid) and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_workers_share_the_sockets_and_all_reload_on_sighup(
+    root: Path, postfix_config: PostfixInstance
+) -> None:
+    keyring_path = root / "keyring.toml"
+    kf = write_keyring(keyring_path)
+    config = root / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{keyring_path}"\nlocal_domains = ["example.org"]\nworkers = 3\n'
+        f'[srs]\nalias = "{ALIAS}"\n[socketmap]\nlisten = "127.0.0.1:0"\n'
+    )
+    cmd = Command("socketmap", "--config", str(config))
+    try:
+        port = cmd.wait_listening(1)["maps forward, reverse"]
+        deadline = time.monotonic() + 10
+        while len(children_of(cmd.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the workers are forked just after the sockets are bound and announced
+        assert len(children_of(cmd.proc.pid)) == 2, "the main process and two workers"
+        table = f"socketmap:inet:127.0.0.1:{port}:forward"
+        tags = {postfix_config.postmap_query("user@example.org", table) for _ in range(6)}
+        assert tags == {prvs.sign("user@example.org", kf.keyring, today())}
+
+        now = datetime.now(UTC)
+        added, key = keystore.add_key(kf, now)
+        keystore.save(keyring_path, keystore.activate(added, key.id, now))
+        os.kill(cmd.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while True:
+            # Each postmap is a new connection, taken by whichever process accepts first.
+            seen = {postfix_config.postmap_query("user@example.org", table) for _ in range(9)}
+            if all(t is not None and t.startswith(f"prvs={key.id}") for t in seen):
+                break
+            assert time.monotonic() < deadline, f"not every worker reloaded: {seen}"
+            time.sleep(0.1)
+        workers = children_of(cmd.proc.pid)
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert log.count("reload applied") >= 3, "the main process and each worker reloaded"
+    assert all(not Path(f"/proc/{pid}").exists() or children_of(pid) == [] for pid in workers)
+    assert children_of(cmd.proc.pid) == []
+
+
+def test_a_signal_during_start_up_still_stops_every_worker(root: Path) -> None:
+    keyring_path = root / "keyring.toml"
+    write_keyring(keyring_path)
+    config = root / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{keyring_path}"\nlocal_domains = ["example.org"]\nworkers = 3\n'
+        '[socketmap]\nlisten = "127.0.0.1:0"\n'
+    )
+    for first in (signal.SIGHUP, signal.SIGTERM):
+        cmd = Command("socketmap", "--config", str(config))
+        try:
+            cmd.wait_listening(1)
+            os.kill(cmd.proc.pid, first)  # before the event loops are up: remembered, then handled
+            if first is signal.SIGHUP:
+                os.kill(cmd.proc.pid, signal.SIGTERM)
+        finally:
+            code, log = cmd.stop()
+        assert code == 0, log
+        assert log.count("shutting down") == 3, log
