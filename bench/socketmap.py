@@ -169,15 +169,18 @@ class Servers:
     tcp_forward_port: int = 0
     postsrsd_port: int = 0
 
-    def start(self) -> None:
+    def start(self, workers: int) -> None:
         keyring = self.work / "keyring.toml"
         subprocess.run(
             [sys.executable, "-m", "gateway", "keys", "init", "--keyring", str(keyring)],
             cwd=ROOT, check=True, capture_output=True,
         )  # fmt: skip
         env = os.environ | {"PYTHONPATH": str(ROOT)}
+        # [gateway] workers: postsrsd 1.x forks a process per connection, so it uses every CPU too.
+        config = self.work / "gateway.toml"
+        config.write_text(f"[gateway]\nworkers = {workers}\n")
         args = [
-            sys.executable, "-m", "gateway", "socketmap",
+            sys.executable, "-m", "gateway", "socketmap", "--config", str(config),
             "--listen", "127.0.0.1:0", "--tcp-forward", "127.0.0.1:0",
             "--keyring", str(keyring), "--domain", DOMAIN, "--srs-alias", ALIAS,
         ]  # fmt: skip
@@ -224,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=4, help="the 'several connections' case")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="our server's processes (default: CPUs)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("postsrsd") is None:
         raise SystemExit("postsrsd is not installed (apt-get install postsrsd)")
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-socketmap-"))
     servers = Servers(work)
     try:
-        servers.start()
+        servers.start(args.workers)
         # (label, port, protocol, keys, the start of a right answer)
         cases = [
             ("postsrsd tcp_table", servers.postsrsd_port, "tcp", "srs/repeated", b"200 SRS0="),
@@ -252,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                     rate = measure(port, kind, pattern, ok, n, args.seconds)
                     results.setdefault((label, pattern, n), []).append(rate)
         median = {k: statistics.median(v) for k, v in results.items()}
-        print(f"lookups/s, median of {args.rounds} rounds of {args.seconds:g} s; {os.cpu_count()} CPUs")
+        print(
+            f"lookups/s, median of {args.rounds} rounds of {args.seconds:g} s; {os.cpu_count()} CPUs; "
+            f"our server: {args.workers} worker(s), postsrsd: a process per connection"
+        )
         print(f"{'server':20}{'senders':16}{'1 connection':>22}{f'{args.connections} connections':>22}")
         for label, _, _, pattern, _ in cases:
             cells = []

@@ -262,7 +262,12 @@ class MapService:
         self.clock = clock
         self.connections: set[asyncio.Transport] = set()
         self.cache_size = cache_size
+        # Two generations instead of an LRU list: when the young one is full it becomes the old one and
+        # the old one is dropped, so keeping the cache bounded costs O(1); a hit in the old generation
+        # moves the answer back to the young one. (Deleting a dict's first key one at a time would not:
+        # finding the first key then walks past every deleted slot.)
         self._cache: dict[tuple[str, str], Answer] = {}
+        self._old: dict[tuple[str, str], Answer] = {}
         self._cache_for: tuple[Policy, int] | None = None
 
     def close_connections(self) -> None:
@@ -272,25 +277,28 @@ class MapService:
 
     def answer(self, name: str, key: str) -> Answer:
         policy, today = self.source.policy, int(self.clock()) // 86400
-        cache = self._cache
         if self._cache_for is None or self._cache_for[0] is not policy or self._cache_for[1] != today:
-            cache.clear()
+            self._cache, self._old = {}, {}
             self._cache_for = (policy, today)
-        else:
-            found = cache.get((name, key))
-            if found is not None:
+        entry = (name, key)
+        found = self._cache.get(entry)
+        if found is not None:
+            return found
+        found = self._old.get(entry)
+        if found is None:
+            try:
+                found = lookup(policy, name, key, today)
+            except Exception:
+                # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
+                log.exception("lookup failed")
+                return Answer(Status.TEMP, "internal error, see the gateway's log")
+            if found.status is Status.TEMP:
                 return found
-        try:
-            answer = lookup(policy, name, key, today)
-        except Exception:
-            # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
-            log.exception("lookup failed")
-            return Answer(Status.TEMP, "internal error, see the gateway's log")
-        if answer.status is not Status.TEMP and self.cache_size > 0:
-            if len(cache) >= self.cache_size:
-                del cache[next(iter(cache))]  # the oldest: a flood of new keys cannot grow it
-            cache[(name, key)] = answer
-        return answer
+        if self.cache_size > 0:
+            if len(self._cache) * 2 >= self.cache_size:
+                self._old, self._cache = self._cache, {}
+            self._cache[entry] = found
+        return found
 
 
 class _Connection(asyncio.Protocol):

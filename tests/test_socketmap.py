@@ -227,6 +227,25 @@ def service(**kw: object) -> MapService:
     return MapService(PolicyHolder(POLICY), clock=lambda: TODAY * 86400 + 3600, **kw)  # type: ignore[arg-type]
 
 
+def test_answers_are_cached_per_policy_and_day_and_the_cache_is_bounded() -> None:
+    now = [TODAY * 86400.0]
+    holder = PolicyHolder(POLICY)
+    svc = MapService(holder, clock=lambda: now[0], cache_size=10)
+    first = svc.answer("forward", "user@example.org")
+    assert svc.answer("forward", "user@example.org") is first, "a repeated lookup is served from the cache"
+    now[0] += 86400  # a new day: a new day stamp in the tag
+    assert svc.answer("forward", "user@example.org").data == prvs.sign("user@example.org", KEYRING, TODAY + 1)
+    rotated = Keyring((Key(5, b"r" * 32, KeyState.ACTIVE),))
+    holder.replace(Policy(SETTINGS, rotated))  # what a reload does
+    assert svc.answer("forward", "user@example.org").data.startswith("prvs=5")
+    for n in range(100):
+        svc.answer("forward", f"user{n}@example.org")
+    assert len(svc._cache) + len(svc._old) <= 10
+    holder.replace(Policy(SETTINGS, Keyring((Key(1, b"o" * 32, KeyState.VERIFY),))))
+    assert svc.answer("forward", "user@example.org").status is Status.TEMP
+    assert ("forward", "user@example.org") not in svc._cache, "TEMP is never kept"
+
+
 def socketmap_server(svc: MapService) -> ServerThread:
     return ServerThread(lambda: start_socketmap(svc, "127.0.0.1", 0), svc.close_connections)
 
