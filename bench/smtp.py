@@ -838,6 +838,19 @@ def targets(results: list[CaseResult], tags: dict[str, float] | None) -> list[tu
     return out
 
 
+def command_flags(argv: Sequence[str]) -> list[str]:
+    """The command line without its --note texts (they are printed in full under Notes)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif not arg.startswith("--note="):
+            out.append(arg)
+    return out
+
+
 def write_results(
     path: Path,
     results: list[CaseResult],
@@ -848,7 +861,9 @@ def write_results(
     lines = [
         "# Benchmark results (issue 5)",
         "",
-        f"Written by `{shlex.join(['python', 'bench/smtp.py', *sys.argv[1:]])}`; do not edit by hand.",
+        f"Written by `{shlex.join(['python', 'bench/smtp.py', *command_flags(sys.argv[1:])])}`"
+        + (" with the notes below" if args.note else "")
+        + "; do not edit by hand.",
         "",
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
         f"the run took {time.monotonic() - started:.0f} s",
