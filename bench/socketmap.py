@@ -42,15 +42,18 @@ DOMAIN = "example.org"
 NEW_KEYS = 200_000  # per client process: more than one measurement asks for, so no key comes back
 
 
-def keys(pattern: str, client_no: int) -> list[str]:
+def keys(pattern: str, client: str) -> list[str]:
     """The senders a client asks about. "repeated": 64 senders over and over, as Postfix asks about a
-    site's usual senders (our answer cache serves them); "new": every lookup a sender not seen before,
-    which defeats any cache and measures the full rewrite each time."""
+    site's usual senders (our answer cache serves them); "new": every lookup a sender not seen before in
+    the whole run (`client` is unique per client and measurement), which defeats any cache and measures
+    the full rewrite each time."""
     scheme, keyspace = pattern.split("/")
     count = 64 if keyspace == "repeated" else NEW_KEYS
+    if keyspace == "repeated":
+        client = "0"
     if scheme == "prvs":
-        return [f"staff{client_no}x{n}@{DOMAIN}" for n in range(count)]
-    return [f"user{client_no}x{n}@foreign{n % 7}.test" for n in range(count)]
+        return [f"staff{client}x{n}@{DOMAIN}" for n in range(count)]
+    return [f"user{client}x{n}@foreign{n % 7}.test" for n in range(count)]
 
 
 # --- clients (one lookup at a time, as Postfix) ----------------------------------------------------------
@@ -94,9 +97,9 @@ def _read_line(sock: socket.socket, buf: bytearray) -> bytes:
     return line
 
 
-def client(port: int, kind: str, pattern: str, ok: bytes, seconds: float, no: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def client(port: int, kind: str, pattern: str, ok: bytes, seconds: float, name: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
     """Ask in a loop for `seconds`; put (lookups per second, wrong answers) on `out`."""
-    addresses = keys(pattern, no)
+    addresses = keys(pattern, name)
     if kind == "socketmap":
         requests, read = socketmap_requests("forward", addresses), _read_netstring
     else:
@@ -121,11 +124,16 @@ def client(port: int, kind: str, pattern: str, ok: bytes, seconds: float, no: in
     out.put((done / elapsed, wrong))
 
 
+_measurements = 0
+
+
 def measure(port: int, kind: str, pattern: str, ok: bytes, connections: int, seconds: float) -> float:
     """Lookups per second over all connections."""
+    global _measurements
+    _measurements += 1
     out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     procs = [
-        mp.Process(target=client, args=(port, kind, pattern, ok, seconds, no, out))
+        mp.Process(target=client, args=(port, kind, pattern, ok, seconds, f"{_measurements}c{no}", out))
         for no in range(connections)
     ]
     for p in procs:

@@ -5,10 +5,11 @@ Both read the same config as `serve` and take its quick-start flags, so that
 is enough to try the socketmap mode. SIGTERM/SIGINT stop them; SIGHUP reloads the config and keyring, and a
 changed keyring file is picked up alone (reload.Reloader, as in serve).
 
-`[gateway] workers = N` runs the socketmap in N processes that share the listening sockets (bound once,
-before the fork), as Postfix runs many cleanup processes that each hold a connection: one Python process
-uses one CPU. The main process forwards SIGTERM and SIGHUP to the others. The policy service always runs
-in one process, so that its per-client guess limits see every connection.
+`[gateway] workers = N` runs the socketmap in N processes on the same ports (SO_REUSEPORT; the ports are
+bound and announced once, before the fork, so `--listen 127.0.0.1:0` works too), as Postfix runs many
+cleanup processes that each hold a connection: one Python process uses one CPU. The main process
+forwards SIGTERM and SIGHUP to the others. The policy service always runs in one process, so that its
+per-client guess limits see every connection.
 """
 
 from __future__ import annotations
@@ -120,23 +121,37 @@ def handle_policy(args: argparse.Namespace) -> int:
     return _main(args, _start_policy)
 
 
-def _bind(where: HostPort) -> socket.socket:
+def _bind(where: HostPort, shared: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
-    sock = socket.create_server((where.host, where.port), family=family, backlog=1024)
+    sock = socket.create_server((where.host, where.port), family=family, backlog=1024, reuse_port=shared)
     sock.setblocking(False)
     return sock
 
 
-def _bind_all(command: str, config: Config) -> Bound:
+def _bind_all(command: str, config: Config, shared: bool) -> Bound:
     if command == "policy":
         pd = config.policyd
-        return [("enforce mode" if not pd.observe else "observe mode", _bind(pd.listen))]
+        return [("enforce mode" if not pd.observe else "observe mode", _bind(pd.listen, shared))]
     sm = config.socketmap
-    bound = [("maps forward, reverse", _bind(sm.listen))]
+    bound = [("maps forward, reverse", _bind(sm.listen, shared))]
     for name, where in (("forward", sm.tcp_forward), ("reverse", sm.tcp_reverse)):
         if where is not None:
-            bound.append((f"map {name}", _bind(where)))
+            bound.append((f"map {name}", _bind(where, shared)))
     return bound
+
+
+def _own_sockets(bound: Bound) -> Bound:
+    """A worker's own listening sockets on the ports the main process bound (SO_REUSEPORT): the kernel
+    then spreads new connections evenly over the processes, where one shared socket lets whichever
+    process wakes first take them all, and Postfix's connections are long-lived."""
+    own = []
+    for what, sock in bound:
+        host, port = sock.getsockname()[:2]
+        mine = socket.create_server((host, port), family=sock.family, backlog=1024, reuse_port=True)
+        mine.setblocking(False)
+        sock.close()  # this process's copy only; the main process keeps serving on it
+        own.append((what, mine))
+    return own
 
 
 # Signals that arrive before a process's event loop handles them (start-up takes a moment, and a worker
@@ -163,14 +178,14 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     except ValueError:
         fmt = logs.LogFormat.LOGFMT
     logs.setup(fmt, config.log.level.upper())
-    bound = _bind_all(args.command, config)
+    workers = config.workers if args.command == "socketmap" else 1
+    bound = _bind_all(args.command, config, shared=workers > 1)
     for what, sock in bound:
         host, port = sock.getsockname()[:2]
         kind = "tcp_table" if what.startswith("map ") else args.command
         logs.log_fields(
             log, logging.INFO, f"{kind} listening", event="listening", listen=f"{host}:{port}", serves=what
         )
-    workers = config.workers if args.command == "socketmap" else 1
     children: list[int] = []
     for _ in range(workers - 1):
         pid = os.fork()
@@ -178,7 +193,7 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
             _early_signals.clear()  # the main process's, not ours
             code = 1
             try:
-                code = _run(_serve(args, config, kf, start, bound, children=None))
+                code = _run(_serve(args, config, kf, start, _own_sockets(bound), children=None))
             finally:
                 os._exit(code)
         children.append(pid)
