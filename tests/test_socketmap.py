@@ -652,3 +652,17 @@ def test_a_signal_during_start_up_still_stops_every_worker(root: Path) -> None:
             code, log = cmd.stop()
         assert code == 0, log
         assert log.count("shutting down") == 3, log
+
+
+def test_the_commands_refuse_bad_flags_and_a_missing_keyring(root: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    missing = run("socketmap", "--listen", "127.0.0.1:0", "--keyring", str(root / "none.toml"))
+    assert missing.returncode == 2 and "none.toml" in missing.stderr
+    bad = run("policy", "--listen", "nowhere", "--keyring", str(root / "none.toml"))
+    assert bad.returncode == 2 and "--listen" in bad.stderr and "HOST:PORT" in bad.stderr
+    helped = run("socketmap", "--help")
+    assert helped.returncode == 0 and "--tcp-forward" in helped.stdout and "--srs-alias" in helped.stdout
