@@ -186,6 +186,7 @@ class PostfixInstance:
     master: list[str] = field(default_factory=list)
     smtp_port: int = 0  # 0: chosen free at start()
     _master_pid: int | None = field(default=None, init=False, repr=False)
+    stopped_pids: list[int] = field(default_factory=list, init=False, repr=False)  # what stop() waited for
 
     @property
     def config_dir(self) -> Path:
@@ -379,6 +380,7 @@ class PostfixInstance:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01 if pids else 0)
         reap(sorted(seen))
+        self.stopped_pids = sorted(seen)
         return pids
 
     def __enter__(self) -> PostfixInstance:
