@@ -45,7 +45,8 @@ MAPS = (FORWARD, REVERSE)
 
 DEFAULT_MAX_REQUEST = 4096  # octets of one request: an RFC 5321 path is at most 256
 DEFAULT_IDLE_TIMEOUT = 600.0  # Postfix reconnects when we close an idle connection; postsrsd uses 1800 s
-DEFAULT_CACHE_SIZE = 65536  # answers kept; about 200 bytes each
+DEFAULT_CACHE_SIZE = 65536  # answers kept; a few hundred bytes each
+_CACHED_KEY_MAX = 300  # characters: an RFC 5321 path is at most 256 octets
 
 
 class Status(enum.Enum):
@@ -294,7 +295,8 @@ class MapService:
                 return Answer(Status.TEMP, "internal error, see the gateway's log")
             if found.status is Status.TEMP:
                 return found
-        if self.cache_size > 0:
+        # Keys longer than any RFC 5321 path are answered but not kept: the cache stays a few MB at most.
+        if self.cache_size > 0 and len(key) <= _CACHED_KEY_MAX:
             if len(self._cache) * 2 >= self.cache_size:
                 self._old, self._cache = self._cache, {}
             self._cache[entry] = found
