@@ -258,6 +258,8 @@ class PostfixInstance:
             os.utime(self.config_dir / name, (past, past))
 
     def _prepare(self) -> None:
+        if os.geteuid() != 0:
+            raise PostfixError("a private Postfix instance runs as root (postfix start, chown to postfix)")
         # The postfix user must search down to data_directory (see the module docstring).
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)
