@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib
 import logging
-import os
 import signal
 import socket
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import workers as workers_module
 
 if TYPE_CHECKING:
     from . import keystore
@@ -122,10 +120,7 @@ def handle_policy(args: argparse.Namespace) -> int:
 
 
 def _bind(where: HostPort, shared: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
-    sock = socket.create_server((where.host, where.port), family=family, backlog=1024, reuse_port=shared)
-    sock.setblocking(False)
-    return sock
+    return workers_module.bind(where.host, where.port, shared)
 
 
 def _bind_all(command: str, config: Config, shared: bool) -> Bound:
@@ -140,37 +135,10 @@ def _bind_all(command: str, config: Config, shared: bool) -> Bound:
     return bound
 
 
-def _own_sockets(bound: Bound) -> Bound:
-    """A worker's own listening sockets on the ports the main process bound (SO_REUSEPORT): the kernel
-    then spreads new connections evenly over the processes, where one shared socket lets whichever
-    process wakes first take them all, and Postfix's connections are long-lived."""
-    own = []
-    for what, sock in bound:
-        host, port = sock.getsockname()[:2]
-        mine = socket.create_server((host, port), family=sock.family, backlog=1024, reuse_port=True)
-        mine.setblocking(False)
-        sock.close()  # this process's copy only; the main process keeps serving on it
-        own.append((what, mine))
-    return own
-
-
-# Signals that arrive before a process's event loop handles them (start-up takes a moment, and a worker
-# may be signalled as soon as it is forked): remembered here, then replayed by _serve. Without this, an
-# early SIGHUP or SIGTERM would kill the main process by default and leave its workers orphaned.
-_early_signals: list[int] = []
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _remember(signum: int, frame: object) -> None:
-    _early_signals.append(signum)
-
-
 def _main(args: argparse.Namespace, start: Starter) -> int:
     from . import keystore, logs
 
-    for sig in _SIGNALS:
-        signal.signal(sig, _remember)
-
+    workers_module.remember_signals()
     config = load_config(args)
     kf = keystore.load(config.keyring_path)
     try:
@@ -178,60 +146,26 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     except ValueError:
         fmt = logs.LogFormat.LOGFMT
     logs.setup(fmt, config.log.level.upper())
-    workers = config.workers if args.command == "socketmap" else 1
-    bound = _bind_all(args.command, config, shared=workers > 1)
+    count = config.workers if args.command == "socketmap" else 1
+    bound = _bind_all(args.command, config, shared=count > 1)
     for what, sock in bound:
         host, port = sock.getsockname()[:2]
         kind = "tcp_table" if what.startswith("map ") else args.command
         logs.log_fields(
             log, logging.INFO, f"{kind} listening", event="listening", listen=f"{host}:{port}", serves=what
         )
-    children: list[int] = []
-    for _ in range(workers - 1):
-        pid = os.fork()
-        if pid == 0:  # a worker: serve until told to stop, and never return into the caller's code
-            _early_signals.clear()  # the main process's, not ours
-            code = 1
-            try:
-                code = _run(_serve(args, config, kf, start, _own_sockets(bound), children=None))
-            finally:
-                os._exit(code)
-        children.append(pid)
+
+    def worker(say_ready: Callable[[], None]) -> int:
+        own = [(what, workers_module.own_socket(sock)) for what, sock in bound]
+        return workers_module.run(_serve(args, config, kf, start, own, None, say_ready))
+
+    children = workers_module.fork(count - 1, worker)
     try:
-        return _run(_serve(args, config, kf, start, bound, children))
+        return workers_module.run(_serve(args, config, kf, start, bound, children, None))
     finally:
-        for sock in bound_sockets(bound):
+        for _, sock in bound:
             sock.close()
-        _reap(children)
-
-
-def bound_sockets(bound: Bound) -> list[socket.socket]:
-    return [sock for _, sock in bound]
-
-
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    try:
-        # The optional "fast" extra: uvloop's transports cut the per-lookup overhead. Imported by name so
-        # that type checking does not need it installed.
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.run(main)
-    return int(uvloop.run(main))
-
-
-def _reap(children: list[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    for pid in children:
-        while True:
-            with contextlib.suppress(ChildProcessError):
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done == 0 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                if done == 0:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-            break
+        children.reap()
 
 
 async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
@@ -273,9 +207,11 @@ async def _serve(
     kf: keystore.KeyringFile,
     start: Starter,
     bound: Bound,
-    children: list[int] | None,
+    children: workers_module.Workers | None,
+    say_ready: Callable[[], None] | None,
 ) -> int:
-    """One process's server. `children`: the workers to pass signals on to (None in a worker itself)."""
+    """One process's server. `children`: the workers to pass signals on to (None in a worker itself);
+    `say_ready`: a worker's way to tell the main process it serves."""
     from .policy import Policy
     from .relay import PolicyHolder
     from .reload import Reloader
@@ -296,9 +232,8 @@ async def _serve(
     stopped = asyncio.Event()
 
     def pass_on(sig: signal.Signals) -> None:
-        for pid in children or ():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        if children is not None:
+            children.pass_on(sig)
 
     def on_stop() -> None:
         pass_on(signal.SIGTERM)
@@ -311,16 +246,19 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    while _early_signals:
-        (on_hup if _early_signals.pop(0) == signal.SIGHUP else on_stop)()
+    workers_module.replay_signals(on_stop, on_hup)
     reloader.start_watching()
+    if say_ready is not None:
+        say_ready()
+    if children is not None:
+        children.wait_ready()
     notifier.ready(status=f"serving {args.command}")
     try:
         await stopped.wait()
         notifier.stopping()
         log.info("shutting down")
     finally:
-        for sig in _SIGNALS:
+        for sig in workers_module.SIGNALS:
             loop.remove_signal_handler(sig)
         await reloader.close()
         for server in servers:

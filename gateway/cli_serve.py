@@ -2,14 +2,22 @@
 
 Flags override the file (config.with_flags). SIGTERM/SIGINT shut down cleanly (serve.py); SIGHUP reloads
 the config and the keyring (reload.py), and a changed keyring file is picked up without a signal.
+
+`[gateway] workers = N` runs N processes on the same ports (workers.py): the main process passes SIGTERM
+and SIGHUP on, says READY only when every worker serves, and alone binds the metrics endpoint, whose
+counters are then the main process's share of the traffic (the workers' decisions are in the log). Each
+process keeps its own session limits and per-client guess limits, so a client may get up to N times
+`max_sessions_per_client` and the guess burst: keep workers = 1 where those limits must be exact.
+uvloop runs the loop when it is installed (the `fast` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import socket
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +26,7 @@ from .errors import GatewayError
 if TYPE_CHECKING:
     from . import keystore
     from .config import Config
+    from .workers import Workers
 
 log = logging.getLogger("gateway.serve")
 ROLES = ("inbound", "outbound")  # config.Role's values; config is imported only when serve runs
@@ -84,8 +93,11 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from . import keystore, logs
+    from . import keystore, logs, workers
 
+    # Before anything slow: a SIGTERM or SIGHUP during start-up is handled once the loop is up, not
+    # fatal to a main process whose workers would then be orphaned (workers.py).
+    workers.remember_signals()
     config = load_config(args)
     if not config.listeners:
         raise GatewayError("no listener: add a [[listener]] to the config, or give --listen and --next-hop")
@@ -97,17 +109,62 @@ def handle(args: argparse.Namespace) -> int:
     except ValueError:
         fmt = logs.LogFormat.LOGFMT
     logs.setup(fmt, config.log.level.upper())
-    return asyncio.run(_serve(args, config, kf))
+    if config.workers == 1:
+        return workers.run(_serve(args, config, kf))
+    # Several processes on the same ports: bound here, once, so that a port 0 listener is one port.
+    try:
+        bound = [workers.bind(lc.listen.host, lc.listen.port, shared=True) for lc in config.listeners]
+    except OSError as error:
+        raise GatewayError(f"cannot listen: {error}") from None
+
+    def worker(say_ready: Callable[[], None]) -> int:
+        own = [workers.own_socket(sock) for sock in bound]
+        return workers.run(_serve(args, config, kf, sockets=own, say_ready=say_ready))
+
+    children = workers.fork(config.workers - 1, worker)
+    try:
+        return workers.run(_serve(args, config, kf, sockets=bound, children=children))
+    finally:
+        for sock in bound:
+            sock.close()
+        # They were sent SIGTERM with us and drain within the same deadline.
+        children.reap(timeout=config.limits.shutdown_deadline + 10.0)
 
 
-async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
+async def _serve(
+    args: argparse.Namespace,
+    config: Config,
+    kf: keystore.KeyringFile,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+    children: Workers | None = None,
+    say_ready: Callable[[], None] | None = None,
+) -> int:
+    """One process's gateway. `children`: the main process's workers (signals go on to them, READY waits
+    for them); `say_ready`: set in a worker, which has no metrics endpoint and does not speak to systemd."""
     # Imported here: the other sub-commands do not need the SMTP stack loaded.
     from .ops import Operations
-    from .serve import run
+    from .sdnotify import Notifier
+    from .serve import Gateway, run
 
     # The decision log and metrics, the reloader (SIGHUP and the keyring-file watch), sd_notify and the
     # /metrics, /healthz, /readyz endpoint: ops.py fills serve.run's seams.
-    ops = Operations(config, kf, load_config=lambda: load_config(args))
+    in_worker = say_ready is not None
+    ops = Operations(
+        config,
+        kf,
+        load_config=lambda: load_config(args),
+        notifier=Notifier(socket_name="") if in_worker else None,
+        serve_metrics=not in_worker,
+    )
+
+    def ready(gateway: Gateway) -> None:
+        if children is not None and not children.wait_ready():
+            log.warning("a worker did not start; serving with the others")
+        ops.ready(gateway)
+        if say_ready is not None:
+            say_ready()
+
     await ops.start()
     try:
         return await run(
@@ -115,8 +172,10 @@ async def _serve(args: argparse.Namespace, config: Config, kf: keystore.KeyringF
             kf.keyring,
             observers=ops.observers,
             on_reload=ops.on_reload,
-            ready=ops.ready,
+            ready=ready,
             stopping=ops.stopping,
+            sockets=sockets,
+            pass_on=children.pass_on if children is not None else None,
         )
     finally:
         await ops.close()

@@ -40,6 +40,7 @@ class Operations:
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        serve_metrics: bool = True,
     ) -> None:
         self.config = config
         self.keyring = keyring
@@ -53,6 +54,8 @@ class Operations:
         self._load_config = load_config
         self._poll_interval = poll_interval
         self._ready = False
+        # With [gateway] workers > 1 only the main process binds the endpoint (workers.py).
+        self._serve_metrics = serve_metrics
 
     @property
     def observers(self) -> Sequence[Callable[[Any], None]]:
@@ -68,7 +71,7 @@ class Operations:
 
     async def start(self) -> None:
         listen = self.config.metrics.listen
-        if listen is not None:
+        if listen is not None and self._serve_metrics:
             self.metrics_server = MetricsServer(self.metrics, ready=lambda: self.is_ready)
             await self.metrics_server.start(listen.host, listen.port)
             log_fields(

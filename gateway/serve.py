@@ -14,8 +14,10 @@ the policy that new decisions read; nothing in flight is disturbed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -156,7 +158,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
+        """Listen on each listener's address, or on `sockets` (bound already, one per listener in order:
+        the workers' shared ports, workers.py)."""
         loop = asyncio.get_running_loop()
         # Learn what each next hop can carry before the first EHLO, but do not hold the start for a next
         # hop that is down or slow: until it answers, EHLO offers only what any SMTP server can carry,
@@ -165,14 +169,15 @@ class Gateway:
         if probes:
             await asyncio.wait(probes, timeout=STARTUP_PROBE_WAIT)
         try:
-            for lst in self.listeners:
+            for index, lst in enumerate(self.listeners):
                 context = lst.context
-                lst.server = await loop.create_server(
-                    lambda context=context: EdgeProtocol(context),  # type: ignore[misc]
-                    lst.config.listen.host,
-                    lst.config.listen.port,
-                    reuse_address=True,
-                )
+                factory = functools.partial(EdgeProtocol, context)
+                if sockets is not None:
+                    lst.server = await loop.create_server(factory, sock=sockets[index])
+                else:
+                    lst.server = await loop.create_server(
+                        factory, lst.config.listen.host, lst.config.listen.port, reuse_address=True
+                    )
                 host, port = lst.address
                 log.info("listener %s (%s) on %s:%d", lst.config.name, lst.config.role.value, host, port)
         except OSError as error:
@@ -241,15 +246,35 @@ async def run(
     on_reload: Callable[[Gateway], Callable[[], None]] | None = None,
     ready: Callable[[Gateway], None] | None = None,
     stopping: Callable[[Gateway], None] | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    pass_on: Callable[[signal.Signals], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
     `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests); `stopping(gateway)`
-    when the drain begins (sd_notify STOPPING=1)."""
+    when the drain begins (sd_notify STOPPING=1). `sockets`: listening sockets bound already (workers.py);
+    `pass_on(signal)`: the main process of several workers hands SIGTERM and SIGHUP on to them."""
+    from . import workers
+
     gateway = Gateway(config, keyring, observers)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
-    await gateway.start()
-    installed = install_signals(loop, stopped.set, on_reload(gateway) if on_reload is not None else None)
+    await gateway.start(sockets)
+    reload = on_reload(gateway) if on_reload is not None else None
+
+    def stop() -> None:
+        if pass_on is not None:
+            pass_on(signal.SIGTERM)
+        stopped.set()
+
+    def hup() -> None:
+        if pass_on is not None:
+            pass_on(signal.SIGHUP)
+        if reload is not None:
+            reload()
+
+    installed = install_signals(loop, stop, hup if reload is not None or pass_on is not None else None)
+    # Signals that came before the loop handled them (a command that forks remembers them).
+    workers.replay_signals(stop, hup)
     try:
         if ready is not None:
             ready(gateway)
