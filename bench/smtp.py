@@ -917,7 +917,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--systems", default=",".join(RELAY_SYSTEMS), help="comma-separated: limit,naive,outbound,inbound"
     )
-    parser.add_argument("--workers", type=int, default=1, help="the gateway's [gateway] workers")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="the gateway's [gateway] workers (default: the CPUs this process may use, as an operator would)",
+    )
     parser.add_argument(
         "--gateway-arg", action="append", default=[], help="an extra flag for batv-gateway serve (repeatable)"
     )
