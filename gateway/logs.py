@@ -18,6 +18,7 @@ the envelope only), or a password. This module has no access to any of them, on 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
 import sys
@@ -70,9 +71,20 @@ def _clip(text: str) -> str:
 
 def render_value(value: object) -> str:
     """One logfmt value: bare when it is plain, otherwise double-quoted with escapes. Never spans a line."""
-    text = _clip(to_text(value))
-    if text and all(_is_plain(ch) for ch in text):
+    text = _clip(value if type(value) is str else to_text(value))
+    # The same test as `all(_is_plain(ch) ...)`, in C: str.isprintable() is per character too (and False
+    # for U+2028 and the other separators); every decision line takes this path once per value.
+    if (
+        text
+        and text.isprintable()
+        and " " not in text
+        and "=" not in text
+        and '"' not in text
+        and "\\" not in text
+    ):
         return text
+    if text.isprintable():  # a space, an = or a quote, but nothing to spell out: the two escapes only
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return '"' + "".join(_escape_char(ch) for ch in text) + '"'
 
 
@@ -95,6 +107,7 @@ def _json_value(value: object) -> object:
     return _clip(to_text(value))
 
 
+@functools.lru_cache(maxsize=256)  # keys are our own few field names: cached, rendered once each
 def _key(name: str) -> str:
     # Keys are ours, not the client's, but a key must never be able to break the format either.
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-.") else "_" for ch in name) or "_"
@@ -145,9 +158,16 @@ class StructuredFormatter(logging.Formatter):
         return format_logfmt(fields)
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]  # the last whole second rendered: one strftime a second
+
+
 def _timestamp(created: float) -> str:
     # RFC 3339 UTC with milliseconds: sorts as text, and every log shipper parses it.
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    whole = int(created)
+    second, seconds = _last_second[0]
+    if second != whole:
+        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _last_second[0] = (whole, seconds)
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
@@ -236,8 +256,22 @@ class DecisionLog:
         self._logger = logger if logger is not None else logging.getLogger(DECISION_LOGGER)
 
     def __call__(self, event: DecisionEvent) -> None:
-        fields = decision_fields(event)
-        self._logger.info("", extra={FIELDS_ATTR: fields})
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        # logger.info() would also walk the stack for the caller's file and line (findCaller), which a
+        # decision line does not show: the record is made and handled directly, one per message.
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            __file__,
+            0,
+            "",
+            (),
+            None,
+            extra={FIELDS_ATTR: decision_fields(event)},
+        )
+        logger.handle(record)
 
 
 def fan_out(*callbacks: Callable[[Any], None]) -> Callable[[Any], None]:

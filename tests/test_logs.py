@@ -218,3 +218,22 @@ def test_fan_out_survives_a_failing_observer(stream: io.StringIO) -> None:
     on_decision(Event())
     assert seen == [Event()]
     assert "a decision observer failed" in stream.getvalue()
+
+
+def _reference_render(text: str) -> str:
+    """render_value as first written, one character at a time: the fast paths must agree with it."""
+    text = logs._clip(text)
+    if text and all(logs._is_plain(ch) for ch in text):
+        return text
+    return '"' + "".join(logs._escape_char(ch) for ch in text) + '"'
+
+
+@given(st.text(alphabet=st.sampled_from('ab= "\\\n\r\t\x00\u2028é\U0001f600.@<>'), max_size=40) | st.text())
+def test_the_fast_render_paths_agree_with_the_per_character_rule(text: str) -> None:
+    assert logs.render_value(text) == _reference_render(text)
+
+
+def test_timestamps_across_a_second_boundary_keep_their_own_second() -> None:
+    assert logs._timestamp(86399.75) == "1970-01-01T23:59:59.750Z"
+    assert logs._timestamp(86400.0) == "1970-01-02T00:00:00.000Z"
+    assert logs._timestamp(86399.5) == "1970-01-01T23:59:59.500Z"
