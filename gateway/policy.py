@@ -281,7 +281,9 @@ class Policy:
         if domain == s.srs_alias and not s.srs_options.always_rewrite:
             return SenderVerdict(Action.RELAY, text, Reason.ALIAS_DOMAIN)
         try:
-            forwarded = srs.forward(text, s.srs_alias, self._srs_secrets, today, s.srs_options)
+            forwarded = srs.forward_address(
+                sender, s.srs_alias, self._srs_secrets, today, s.srs_options, text
+            )
         except GatewayError:
             return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
         # A quoted local part comes back quoted as a whole ("SRS1=...a b"@alias), so look past the quote.

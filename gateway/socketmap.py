@@ -35,7 +35,7 @@ from typing import Protocol, cast
 
 from .addresses import Address, parse_address
 from .errors import GatewayError
-from .policy import Action, Policy
+from .policy import Action, Policy, Reason
 
 log = logging.getLogger("gateway.socketmap")
 
@@ -213,7 +213,7 @@ def forward(policy: Policy, key: str, today: int) -> Answer:
         return NOT_FOUND
     if verdict.action is not Action.RELAY:
         return Answer(Status.TEMP, verdict.reply.text if verdict.reply else verdict.reason.value)
-    if verdict.address == str(sender):
+    if verdict.reason not in _REWRITTEN:  # every other verdict relays the sender as it is
         return NOT_FOUND
     return Answer(Status.OK, verdict.address)
 
@@ -226,6 +226,8 @@ def reverse(policy: Policy, key: str, today: int) -> Answer:
     original = policy.reverse_recipient(rcpt, today)
     return NOT_FOUND if original is None else Answer(Status.OK, original)
 
+
+_REWRITTEN = frozenset({Reason.PRVS, Reason.SRS0, Reason.SRS1})
 
 _LOOKUPS: dict[str, Callable[[Policy, str, int], Answer]] = {FORWARD: forward, REVERSE: reverse}
 

@@ -26,14 +26,15 @@ from __future__ import annotations
 import base64
 import enum
 import functools
-import hashlib
 import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .addresses import MAX_ADDRESS, MAX_LABEL, PLAIN_DOMAIN, Address, parse_domain, parse_path
 from .errors import AddressError, SrsError
+from .keyring import _pads as keyring_pads
 
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _BASE32_VALUE = {c: i for i, c in enumerate(_BASE32)} | {c.lower(): i for i, c in enumerate(_BASE32)}
@@ -128,13 +129,29 @@ def forward(
     """
     if not secrets:
         raise SrsError("no SRS secret: the keyring has no key that signs")
-    alias_host = _alias_host(alias)
+    _alias_host(alias)  # a bad alias is reported before a bad sender, as it always was
     try:
         parsed = parse_path(sender)
     except AddressError as exc:
         raise SrsError(f"cannot rewrite the sender: {exc}") from exc
     if parsed is None:
         raise SrsError("the null sender <> is never rewritten: bounces must keep an empty return path")
+    return forward_address(parsed, alias, secrets, today, options, sender)
+
+
+def forward_address(
+    parsed: Address,
+    alias: str,
+    secrets: Sequence[bytes],
+    today: int,
+    options: SrsOptions = DEFAULT_OPTIONS,
+    given: str | None = None,
+) -> str:
+    """`forward` for a sender parsed already (the policy has it as an Address: no second parse).
+    `given`: the sender as the caller wrote it, for error messages (default: the parsed form)."""
+    if not secrets:
+        raise SrsError("no SRS secret: the keyring has no key that signs")
+    alias_host = _alias_host(alias)
     local, host = parsed.local, parsed.domain
     # Compared in ASCII case only, like Perl's lc and C's strcasecmp in Mail::SRS and postsrsd.
     if not options.always_rewrite and host.encode().lower() == alias_host.encode().lower():
@@ -144,7 +161,9 @@ def forward(
         # Guarded: keep the original SRS0 host and its opaque part; only the hash and the alias change.
         fields = local[5:].split("=", 2)
         if len(fields) < 3 or not fields[1] or not fields[2]:
-            raise SrsError(f"{_short(sender)}: an SRS1 address must be SRS1=HASH=host=rest@domain")
+            raise SrsError(
+                f"{_short(given or str(parsed))}: an SRS1 address must be SRS1=HASH=host=rest@domain"
+            )
         h1, rest = fields[1], fields[2]
         new_local = f"SRS1{options.separator}{_hash(secrets[0], options, h1, rest)}={h1}={rest}"
     elif tag == "SRS0":
@@ -159,7 +178,8 @@ def forward(
     rewritten = str(Address(new_local, alias_host))
     if len(rewritten.encode()) > MAX_ADDRESS:
         raise SrsError(
-            f"{_short(sender)}: the SRS address would be over RFC 5321's {MAX_ADDRESS + 2}-octet path limit"
+            f"{_short(given or str(parsed))}: the SRS address would be over RFC 5321's "
+            f"{MAX_ADDRESS + 2}-octet path limit"
         )
     return rewritten
 
@@ -235,16 +255,20 @@ def _full_hash(secret: bytes, fields: Sequence[str]) -> str:
     bytes.lower() touches A-Z only, like Perl's lc on bytes and libsrs2's tolower in the C locale; UTF-8
     multi-byte sequences never contain A-Z bytes, so lowering the encoded field is exact.
     """
-    mac = _keyed(secret).copy()
-    for item in fields:
-        mac.update(item.encode("utf-8").lower())
-    return base64.b64encode(mac.digest())[:_FULL_HASH].decode("ascii")
+    # RFC 2104 from the cached pad states (as keyring.Keyring.mac does for prvs): two C-level copies are
+    # cheaper than HMAC.copy(). One update over the concatenation: HMAC is over the bytes, however fed.
+    inner_pad, outer_pad = _padded(secret)
+    inner = inner_pad.copy()
+    inner.update("".join(fields).encode("utf-8").lower())
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return base64.b64encode(outer.digest())[:_FULL_HASH].decode("ascii")
 
 
 @functools.lru_cache(maxsize=32)
-def _keyed(secret: bytes) -> hmac.HMAC:
-    """A keyed HMAC-SHA1 per secret, cached: copying it is cheaper than keying a new one per address."""
-    return hmac.new(secret, digestmod=hashlib.sha1)
+def _padded(secret: bytes) -> tuple[Any, Any]:
+    """The HMAC-SHA1 pad states per secret, cached: a copy per address instead of keying per address."""
+    return keyring_pads(secret)
 
 
 def _check_hash(given: str, secrets: Sequence[bytes], options: SrsOptions, *fields: str) -> str | None:
@@ -271,6 +295,7 @@ def _bad_hash_reason(given: str, options: SrsOptions) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)  # the configured alias, parsed once rather than per address
 def _alias_host(alias: str) -> str:
     """The alias domain from a domain or an address at it (the part after the last '@')."""
     host = alias.rpartition("@")[2]
