@@ -149,6 +149,17 @@ class Metrics:
         self._clock = clock
         # A process that has not reloaded yet has, by definition, a config that loaded.
         self.last_reload_success.set(1)
+        # The labelled children of the per-message metrics, kept: labels() validates and looks them up
+        # under a lock on every call, several times per message. Bounded: every label value is ours (a
+        # role, verdict, reason or command), never the client's.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # --- the edge's callbacks ---------------------------------------------------------------------
 
@@ -157,9 +168,9 @@ class Metrics:
         role = _label(getattr(event, "role", None))
         reason = _label(event.reason)
         verdict = _label(event.action)
-        self.decisions.labels(role, verdict, reason).inc()
+        self._child(self.decisions, role, verdict, reason).inc()
         if getattr(event, "would_reject", None) is not None:
-            self.would_reject.labels(role, reason).inc()
+            self._child(self.would_reject, role, reason).inc()
         # An SRS address reversed at RCPT, or a sender SRS-rewritten on the way out.
         if verdict == "relay" and reason == "valid-srs":
             self.srs.labels("reverse").inc()
@@ -177,10 +188,10 @@ class Metrics:
         # The commands are the gateway's own (MAIL, RCPT, DATA, ...), so the label set stays small;
         # the reply to the final dot is "DOT".
         label = "DOT" if command == "end of data" else command.upper()
-        self.next_hop_reply_seconds.labels(label).observe(seconds)
+        self._child(self.next_hop_reply_seconds, label).observe(seconds)
 
     def transaction_done(self, role: object, seconds: float) -> None:
-        self.transaction_seconds.labels(_label(role)).observe(seconds)
+        self._child(self.transaction_seconds, _label(role)).observe(seconds)
 
     def srs_rewrite(self, direction: str) -> None:
         self.srs.labels(direction).inc()
