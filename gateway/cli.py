@@ -61,6 +61,24 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- options shared by several commands
 
 
+def add_quickstart_flags(parser: argparse.ArgumentParser, listen_help: str) -> None:
+    """The flags serve, socketmap and policy share, so that each runs without a config file."""
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path, help="the TOML config (deploy/gateway.example.toml)"
+    )
+    parser.add_argument("--listen", metavar="HOST:PORT", help=listen_help)
+    parser.add_argument("--keyring", metavar="PATH", help="the keyring file")
+    parser.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        action="append",
+        default=[],
+        help="a local and signed domain (repeatable)",
+    )
+    parser.add_argument("--srs-alias", metavar="DOMAIN", help="the SRS alias domain for forwarded mail")
+
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the CLI takes from a config file, or the defaults when none is given."""

@@ -20,10 +20,10 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import workers as workers_module
+from .cli import add_quickstart_flags
 
 if TYPE_CHECKING:
     from . import keystore
@@ -36,22 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.postfix")
 
 
-def _common(parser: argparse.ArgumentParser, listen_default: str) -> None:
-    parser.add_argument(
-        "--config", metavar="FILE", type=Path, help="the TOML config (deploy/gateway.example.toml)"
-    )
-    parser.add_argument("--listen", metavar="HOST:PORT", help=f"where to listen (default {listen_default})")
-    parser.add_argument("--keyring", metavar="PATH", help="the keyring file")
-    parser.add_argument(
-        "--domain",
-        metavar="DOMAIN",
-        action="append",
-        default=[],
-        help="a local and signed domain (repeatable)",
-    )
-    parser.add_argument("--srs-alias", metavar="DOMAIN", help="the SRS alias domain for forwarded mail")
-
-
 def register(subparsers: Any) -> None:
     sm = subparsers.add_parser(
         "socketmap",
@@ -59,7 +43,7 @@ def register(subparsers: Any) -> None:
         description="Serve Postfix socketmap_table(5) maps 'forward' (sender_canonical_maps) and "
         "'reverse' (recipient_canonical_maps), and optionally tcp_table(5) ports as postsrsd 1.x has.",
     )
-    _common(sm, "127.0.0.1:10030")
+    add_quickstart_flags(sm, "where to listen (default 127.0.0.1:10030)")
     sm.add_argument("--tcp-forward", metavar="HOST:PORT", help="also serve 'forward' over tcp_table(5)")
     sm.add_argument("--tcp-reverse", metavar="HOST:PORT", help="also serve 'reverse' over tcp_table(5)")
     sm.set_defaults(handler=handle_socketmap, help_parser=sm)
@@ -69,7 +53,7 @@ def register(subparsers: Any) -> None:
         help="serve Postfix policy delegation: refuse forged bounces at RCPT",
         description="A Postfix policy service for check_policy_service in smtpd_recipient_restrictions.",
     )
-    _common(pd, "127.0.0.1:10031")
+    add_quickstart_flags(pd, "where to listen (default 127.0.0.1:10031)")
     pd.add_argument(
         "--observe", action="store_true", help="accept what would be refused; log it and PREPEND a header"
     )

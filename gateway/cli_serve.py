@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli import add_quickstart_flags
 from .errors import GatewayError
 
 if TYPE_CHECKING:
@@ -50,21 +51,9 @@ def register(subparsers: Any) -> None:
             "be used. Every config key: deploy/gateway.example.toml."
         ),
     )
-    parser.add_argument(
-        "--config", metavar="FILE", type=Path, help="the TOML config (deploy/gateway.example.toml)"
-    )
+    add_quickstart_flags(parser, "where to listen")
     parser.add_argument("--role", choices=ROLES, help="the listener's role")
-    parser.add_argument("--listen", metavar="HOST:PORT", help="where to listen")
     parser.add_argument("--next-hop", metavar="HOST:PORT", help="where mail goes on to")
-    parser.add_argument("--keyring", metavar="PATH", help="the keyring file")
-    parser.add_argument(
-        "--domain",
-        metavar="DOMAIN",
-        action="append",
-        default=[],
-        help="a local and signed domain (repeatable)",
-    )
-    parser.add_argument("--srs-alias", metavar="DOMAIN", help="the SRS alias domain for forwarded mail")
     parser.add_argument(
         "--trusted",
         metavar="CIDR",
