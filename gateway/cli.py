@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 success, 1 a 'no' verdict, 2 a usage error.",
     )
     parser.add_argument("--version", action="version", version=f"batv-gateway {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    subparsers = parser.add_subparsers(
+        title="commands", metavar="COMMAND", parser_class=_Parser, prog="batv-gateway"
+    )
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
