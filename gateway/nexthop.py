@@ -305,6 +305,15 @@ class NextHopConnection:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
             self._out_size = 0
+            if self._writer.transport.is_closing():
+                # The next hop closed (or we aborted). stdlib asyncio drops a write to a closed transport
+                # and the read then fails; uvloop raises RuntimeError at once. Either way it is BROKEN,
+                # which the relay answers with 451 (or replays a stale pooled connection on a fresh one).
+                error = _broken("the connection closed")
+                self._failure = error
+                self._fail_waiters(error)
+                self._writer.transport.abort()
+                raise error
             self._writer.write(data)
 
     async def _reply_for(self, waiter: _Waiter) -> NextHopReply:
