@@ -106,11 +106,14 @@ class Workers:
         return ok
 
     def reap(self, timeout: float = 30.0) -> None:
-        """Wait for every worker to exit (they were sent SIGTERM); after `timeout`, kill what is left."""
+        """Stop every worker (SIGTERM: a drain; a second one, after the main process passed it on, is
+        harmless) and wait for it to exit; after `timeout`, kill what is left. SIGTERM here too, so
+        that a main process leaving by an error rather than a signal does not wait on busy workers."""
         for fd in self._ready_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._ready_fds.clear()
+        self.pass_on(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for pid in self.pids:
             while True:
