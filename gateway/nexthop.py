@@ -199,6 +199,12 @@ class NextHopConnection:
         self.transactions = 0  # completed on this connection; for pool policy and tests
         self.on_reply: Callable[[str, float], None] | None = None  # (command, seconds): the metrics
         self.idle_since = time.monotonic()
+        # The reply deadline: one timer per connection whose deadline moves, as the edge's idle timer
+        # (see _await_by); asyncio.timeout() per reply cost more than the rest of reading it.
+        self._loop = asyncio.get_running_loop()
+        self._deadline: float | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     # ------------------------------------------------------------------ setup
 
@@ -263,8 +269,32 @@ class NextHopConnection:
             self._failure = _broken("connection closed by us")
         self._out.clear()  # held data (a body without its dot above all) must never go out now
         self._fail_waiters(self._failure)
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         transport = self._writer.transport
         transport.abort()
+
+    def _await_by(self, timeout: float) -> None:
+        """The next hop has `timeout` seconds for the reply we are about to read. Past that the connection
+        is cut: a late reply would be out of step, so nothing more can be read from it anyway."""
+        self._deadline = deadline = self._loop.time() + timeout
+        timer = self._deadline_timer
+        if timer is None or timer.when() > deadline:  # none set, or set for later than this deadline
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._deadline_timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return  # not waiting for a reply now; the next wait sets the timer again
+        if self._loop.time() < deadline:
+            self._deadline_timer = self._loop.call_at(deadline, self._check_deadline)
+            return
+        self._expired = True
+        self._writer.transport.abort()  # the reader sees the end of the stream: _read_reply says TIMEOUT
 
     async def quit(self) -> None:
         """Polite close; errors are of no interest any more."""
@@ -352,30 +382,32 @@ class NextHopConnection:
     async def _read_reply(self, timeout: float, what: str) -> NextHopReply:
         lines: list[str] = []
         code = 0
+        self._await_by(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    raw = await self._reader.readuntil(b"\n")
-                    if len(raw) < 4 or not raw[:3].isdigit() or raw[3:4] not in (b" ", b"-", b"\r", b"\n"):
-                        detail = f"garbled reply to {what}: {raw[:80]!r}"
-                        raise NextHopError(NextHopErrorKind.PROTOCOL, detail)
-                    this = int(raw[:3])
-                    if lines and this != code:
-                        raise NextHopError(NextHopErrorKind.PROTOCOL, f"mixed codes in reply to {what}")
-                    code = this
-                    lines.append(raw[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
-                    if raw[3:4] != b"-":
-                        break
-                    if len(lines) > _MAX_REPLY_LINES:
-                        raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply to {what} too long")
-        except TimeoutError:
-            raise NextHopError(NextHopErrorKind.TIMEOUT, f"no reply to {what} in {timeout:g}s") from None
-        except asyncio.IncompleteReadError:
+            while True:
+                raw = await self._reader.readuntil(b"\n")
+                if len(raw) < 4 or not raw[:3].isdigit() or raw[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                    detail = f"garbled reply to {what}: {raw[:80]!r}"
+                    raise NextHopError(NextHopErrorKind.PROTOCOL, detail)
+                this = int(raw[:3])
+                if lines and this != code:
+                    raise NextHopError(NextHopErrorKind.PROTOCOL, f"mixed codes in reply to {what}")
+                code = this
+                lines.append(raw[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
+                if raw[3:4] != b"-":
+                    break
+                if len(lines) > _MAX_REPLY_LINES:
+                    raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply to {what} too long")
+        except (asyncio.IncompleteReadError, OSError) as error:
+            if self._expired:
+                raise NextHopError(NextHopErrorKind.TIMEOUT, f"no reply to {what} in {timeout:g}s") from None
+            if isinstance(error, OSError):
+                raise _broken(f"awaiting reply to {what}: {error}") from None
             raise _broken(f"connection closed awaiting reply to {what}") from None
         except asyncio.LimitOverrunError:
             raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply line to {what} too long") from None
-        except OSError as error:
-            raise _broken(f"awaiting reply to {what}: {error}") from None
+        finally:
+            self._deadline = None
         if not 200 <= code <= 599:
             raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply code {code} to {what} out of range")
         return NextHopReply(code, tuple(lines))

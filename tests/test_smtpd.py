@@ -336,6 +336,44 @@ def test_an_idle_client_is_told_421_and_disconnected() -> None:
     run(body())
 
 
+def test_the_idle_timeout_counts_from_the_last_command_not_the_first() -> None:
+    # One timer per session whose deadline moves (smtpd._reset_timeout): a client that keeps talking for
+    # several timeouts in all must never be cut off by a deadline that has already moved on.
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port, limits={"command_timeout": 0.3})) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                for _ in range(6):  # 1.2 s in all, 0.2 s apart
+                    await asyncio.sleep(0.2)
+                    assert (await client.cmd("NOOP"))[0] == 250
+                assert await client.rest() == f"{replies.TIMEOUT}\r\n".encode()
+                await client.close()
+
+    run(body())
+
+
+def test_a_client_stalling_mid_data_is_cut_at_the_data_timeout() -> None:
+    # The DATA timeout is shorter than the command timeout here: the session's one timer, already set for
+    # the later command deadline, must be brought forward, not left to fire 30 s from now.
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            limits = {"command_timeout": 30, "data_timeout": 0.3}
+            async with running_gateway(gateway_config(hop.port, limits=limits)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<a@example.org>")
+                await client.cmd("RCPT TO:<bob@example.com>")
+                assert (await client.cmd("DATA"))[0] == 354
+                client.send(b"Subject: half a message\r\n")
+                rest = await asyncio.wait_for(client.rest(), 10)
+                assert rest == f"{replies.TIMEOUT}\r\n".encode()
+                await client.close()
+        assert hop.messages == []
+
+    run(body())
+
+
 def test_sessions_per_client_are_limited() -> None:
     async def body() -> None:
         async with FakeNextHop() as hop:
