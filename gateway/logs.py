@@ -17,6 +17,7 @@ the envelope only), or a password. This module has no access to any of them, on 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import json
@@ -171,18 +172,82 @@ def _timestamp(created: float) -> str:
     return f"{seconds}.{int(created % 1 * 1000):03d}Z"
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines of one turn of the event loop together.
+
+    A busy gateway logs a decision line per message; written one by one, each line is a write(2) and a
+    flush. Here the lines made while the event loop runs its callbacks go out in one write at the end of
+    that turn (a call_soon), which is milliseconds at most. Lines at WARNING and above, and lines logged
+    where no event loop runs (start-up, the CLI, other threads), are written at once, with whatever is
+    held before them, so order is kept. What is held is written by flush(), which logging.shutdown()
+    calls at exit.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # where a flush is set to run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._held.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno < logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                # Compared by loop, not by a flag: a flush set on a loop that has since stopped never runs.
+                if self._flush_loop is not loop:
+                    self._flush_loop = loop
+                    loop.call_soon(self.flush)
+                return
+        self._write_held()
+
+    def _write_held(self) -> None:
+        held = self._held
+        if held:
+            text = "\n".join(held) + "\n"
+            held.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                # As logging.Handler.handleError would: report on stderr (if raiseExceptions), never raise.
+                if logging.raiseExceptions:
+                    sys.stderr.write("--- logging error: the log stream could not be written\n")
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_loop = None
+            self._write_held()
+        finally:
+            self.release()
+
+
 def setup(
     fmt: LogFormat = LogFormat.LOGFMT, level: int | str = logging.INFO, stream: IO[str] | None = None
 ) -> None:
     """Route the `gateway` loggers to one stderr handler with the structured formatter.
 
     Idempotent: a second call (a reload that changed the log format) replaces the handler it installed.
+    It also stops logging from looking up the thread and process of every record (logging.logThreads
+    and friends, process-wide): the formatter never shows them, and on a decision line per message the
+    lookups cost more than the line's own fields.
     """
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("gateway")
     for handler in list(logger.handlers):
         if getattr(handler, "_batv_handler", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+            handler.flush()
+    handler = BatchingStreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(StructuredFormatter(fmt))
     handler._batv_handler = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import io
 import json
@@ -237,3 +238,79 @@ def test_timestamps_across_a_second_boundary_keep_their_own_second() -> None:
     assert logs._timestamp(86399.75) == "1970-01-01T23:59:59.750Z"
     assert logs._timestamp(86400.0) == "1970-01-02T00:00:00.000Z"
     assert logs._timestamp(86399.5) == "1970-01-01T23:59:59.500Z"
+
+
+class CountingStream(io.StringIO):
+    """A log stream that counts its writes: each write is a write(2) on a real stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def batching_logger(out: io.StringIO) -> logging.Logger:
+    logger = logging.getLogger("gateway.test-batching")
+    logger.handlers[:] = [logs.BatchingStreamHandler(out)]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_lines_of_one_loop_turn_leave_in_one_write_in_order() -> None:
+    out = CountingStream()
+    log = batching_logger(out)
+
+    async def body() -> None:
+        log.info("one")
+        log.info("two")
+        assert out.getvalue() == ""  # held until the loop has run this turn's callbacks
+        await asyncio.sleep(0)
+        assert out.getvalue() == "one\ntwo\n"
+        assert out.writes == 1
+
+    asyncio.run(body())
+
+
+def test_a_warning_is_written_at_once_after_what_is_held() -> None:
+    out = CountingStream()
+    log = batching_logger(out)
+
+    async def body() -> None:
+        log.info("held")
+        log.warning("now")
+        assert out.getvalue() == "held\nnow\n"
+
+    asyncio.run(body())
+
+
+def test_without_an_event_loop_a_line_is_written_at_once() -> None:
+    out = CountingStream()
+    batching_logger(out).info("start-up")
+    assert out.getvalue() == "start-up\n"
+
+
+def test_a_flush_set_on_a_loop_that_stopped_holds_nothing_back_later() -> None:
+    out = CountingStream()
+    log = batching_logger(out)
+
+    async def log_and_stop() -> None:
+        log.info("last words")  # its flush is set on this loop, which stops before running it
+        asyncio.get_running_loop().stop()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(log_and_stop())
+    loop.close()
+    assert out.getvalue() == ""
+    log.info("after")  # no loop: written at once, with what was held
+    assert out.getvalue() == "last words\nafter\n"
+
+    async def next_loop() -> None:
+        log.info("next")
+        await asyncio.sleep(0)
+        assert out.getvalue().endswith("next\n")
+
+    asyncio.run(next_loop())
