@@ -35,6 +35,8 @@ from .policy import Action, Policy, Reason
 from .replies import Reply
 from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
 
+_TRUSTED_CACHE_SIZE = 4096  # client addresses whose trust verdict is kept (OutboundRules)
+
 log = logging.getLogger("gateway.relay")
 
 ReplyLike = Reply | NextHopReply
@@ -189,8 +191,19 @@ class OutboundRules:
         self.holder = holder
         self.trusted = tuple(trusted)
         self.clock = clock
+        # The verdict per client address: an MTA relays through us from a handful of addresses, and
+        # parsing one costs more than the rest of MAIL. Bounded: cleared when it fills.
+        self._trusted_ips: dict[str, bool] = {}
 
     def _trusted(self, ip: str) -> bool:
+        known = self._trusted_ips.get(ip)
+        if known is None:
+            if len(self._trusted_ips) >= _TRUSTED_CACHE_SIZE:
+                self._trusted_ips.clear()
+            known = self._trusted_ips[ip] = self._in_trusted_networks(ip)
+        return known
+
+    def _in_trusted_networks(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -695,6 +708,8 @@ XFORWARD_UNAVAILABLE = "[UNAVAILABLE]"  # Postfix's word for "no reverse DNS nam
 
 def _xtext(value: str) -> str:
     """RFC 3461 §4 xtext: "+", "=" and anything outside 33-126 as +HH (of the UTF-8 bytes)."""
+    if value.isascii() and value.isprintable() and " " not in value and "+" not in value and "=" not in value:
+        return value  # nothing to encode (the usual IP address and HELO name), tested in C
     return "".join(
         chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
         for b in value.encode("utf-8", "surrogateescape")

@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keyring import Key, Keyring, KeyState
-from gateway.metrics import Metrics, MetricsServer
+from gateway.metrics import REPLY_BUCKETS, Metrics, MetricsServer
 from gateway.replies import bounce_refused
 
 
@@ -189,3 +192,38 @@ async def _close() -> None:
     await writer.wait_closed()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["MAIL", "RCPT", "DOT"]),
+            st.one_of(st.sampled_from(REPLY_BUCKETS), st.floats(0, 1000, allow_nan=False)),
+        ),
+        max_size=30,
+    )
+)
+def test_our_histogram_exposes_what_prometheus_clients_would(observations: list[tuple[str, float]]) -> None:
+    # metrics._Histogram replaces prometheus_client's Histogram on the hot path; scrapes must not change.
+    ours = Metrics()
+    registry = CollectorRegistry()
+    theirs = Histogram(
+        "batv_next_hop_reply_seconds", "x", ["command"], buckets=REPLY_BUCKETS, registry=registry
+    )
+    for command, seconds in observations:  # bucket bounds themselves included: le is inclusive
+        ours.next_hop_reply(command, seconds)
+        theirs.labels(command).observe(seconds)
+
+    def samples(reg: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in reg.collect()
+            if family.name == "batv_next_hop_reply_seconds"
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    mine, reference = samples(ours.registry), samples(registry)
+    assert mine.keys() == reference.keys()
+    for key, value in reference.items():
+        assert mine[key] == pytest.approx(value)

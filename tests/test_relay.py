@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gateway import prvs, replies
 from gateway.policy import Action, Reason
-from gateway.relay import DecisionEvent
+from gateway.relay import DecisionEvent, OutboundRules, _xtext
 from tests.smtp_peers import (
     AiosmtpdSink,
     FakeNextHop,
@@ -602,3 +606,27 @@ def test_a_client_gone_mid_data_leaves_nothing_delivered() -> None:
             assert hop.commands.count("DATA") == 1
 
     run(body())
+
+
+@given(st.text(max_size=40))
+def test_xtext_fast_path_encodes_as_the_full_rule(value: str) -> None:
+    # _xtext skips the per-character walk when nothing needs encoding; the answer must not change.
+    def by_rule(text: str) -> str:
+        return "".join(
+            chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
+            for b in text.encode("utf-8", "surrogateescape")
+        )
+
+    assert _xtext(value) == by_rule(value)
+    assert _xtext("192.0.2.1") == "192.0.2.1"
+    assert _xtext("a b=c+") == "a+20b+3Dc+2B"
+
+
+def test_the_trust_verdict_per_client_address_is_kept_and_bounded() -> None:
+    rules = OutboundRules(holder=None, trusted=[ipaddress.ip_network("192.0.2.0/24")])  # type: ignore[arg-type]
+    assert rules._trusted("192.0.2.7") and rules._trusted("::ffff:192.0.2.8")
+    assert not rules._trusted("198.51.100.1") and not rules._trusted("not an address")
+    for n in range(5000):
+        rules._trusted(f"10.0.{n // 256}.{n % 256}")
+    assert len(rules._trusted_ips) <= 4096
+    assert rules._trusted("192.0.2.7") and not rules._trusted("198.51.100.1")
