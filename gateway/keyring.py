@@ -117,7 +117,7 @@ class Keyring:
 
     @property
     def has_active(self) -> bool:
-        return any(k.state is KeyState.ACTIVE for k in self.keys)
+        return self._active_id is not None
 
     def get(self, key_id: int) -> Key | None:
         for key in self.keys:

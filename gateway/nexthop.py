@@ -154,12 +154,16 @@ def _broken(detail: str) -> NextHopError:
     return NextHopError(NextHopErrorKind.BROKEN, detail)
 
 
-@dataclass
 class _Waiter:
-    future: asyncio.Future[NextHopReply]
-    timeout: float
-    what: str
-    sent: float = field(default_factory=time.monotonic)  # for the reply-time metric
+    """A reply owed: its future, how long the next hop has for it, and what it answers."""
+
+    __slots__ = ("future", "sent", "timeout", "what")  # several per message: a plain slotted class
+
+    def __init__(self, future: asyncio.Future[NextHopReply], timeout: float, what: str) -> None:
+        self.future = future
+        self.timeout = timeout
+        self.what = what
+        self.sent = time.monotonic()  # for the reply-time metric
 
 
 class PendingReply:
@@ -317,7 +321,7 @@ class NextHopConnection:
             raise ValueError("command line contains CR or LF")
         # Held until someone waits for a reply: pipelined commands then leave in one segment.
         self._out.append(line.encode("utf-8", "surrogateescape") + b"\r\n")
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), timeout, line.split(" ", 1)[0])
+        waiter = _Waiter(self._loop.create_future(), timeout, line.split(" ", 1)[0])
         self._waiting.append(waiter)
         return PendingReply(self, waiter)
 
@@ -325,7 +329,7 @@ class NextHopConnection:
         return await self.send(line, timeout)
 
     async def _expect(self, timeout: float, what: str) -> NextHopReply:
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), timeout, what)
+        waiter = _Waiter(self._loop.create_future(), timeout, what)
         self._waiting.append(waiter)
         return await self._reply_for(waiter)
 
@@ -446,7 +450,7 @@ class NextHopConnection:
             raise self._failure
         self._out.append(b".\r\n")
         self.in_body = False
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), self.timeouts.data_term, "end of data")
+        waiter = _Waiter(self._loop.create_future(), self.timeouts.data_term, "end of data")
         self._waiting.append(waiter)
         return PendingReply(self, waiter)
 

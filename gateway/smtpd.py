@@ -509,8 +509,14 @@ class EdgeProtocol(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         data = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
-        self._writer.write(data + b"\r\n")
-        await self._writer.drain()
+        writer = self._writer
+        writer.write(data + b"\r\n")
+        transport = writer.transport
+        # drain() waits only while the client reads slower than we write, and raises once it is gone; a
+        # reply the socket took whole needs neither, and skipping the coroutine saves it seven times a
+        # message.
+        if transport.get_write_buffer_size() or transport.is_closing():
+            await writer.drain()
 
     # ------------------------------------------------------------------ the command loop
 
