@@ -254,6 +254,28 @@ class Policy:
                 return Reason.LOCAL_RECIPIENT
         return None
 
+    @property
+    def exempts_senders(self) -> bool:
+        """False when rewrite_exemption(sender, None) is None for every sender but the null one, so that a
+        caller on a hot path need not ask it per sender (socketmap.FastForward)."""
+        return bool(self.settings.exempt_senders)
+
+    def outbound_route(self, domain: str) -> Reason:
+        """The per-domain half of outbound_sender: what happens to an untagged sender at `domain`
+        (lowercase, no trailing dot) that no exemption covers. PRVS or SRS0 (SRS1 when the sender is an
+        SRS0 address) rewrite it; NOT_REWRITTEN and ALIAS_DOMAIN leave it alone; NO_ACTIVE_KEY defers it.
+        Callers that rewrite many senders may keep the answer per domain (socketmap.FastForward)."""
+        s = self.settings
+        if not self.keyring.has_active:
+            return Reason.NO_ACTIVE_KEY
+        if domain in s.signed_domains:
+            return Reason.PRVS
+        if s.srs_alias is None:
+            return Reason.NOT_REWRITTEN
+        if domain == s.srs_alias and not s.srs_options.always_rewrite:
+            return Reason.ALIAS_DOMAIN
+        return Reason.SRS0
+
     def outbound_sender(
         self, sender: Address | None, today: int, exemption: Reason | None = None
     ) -> SenderVerdict:
@@ -266,9 +288,10 @@ class Policy:
         domain = sender.domain.lower().rstrip(".")
         if prvs.is_prvs(sender.local) or (domain == s.srs_alias and srs.is_srs(text)):
             return SenderVerdict(Action.RELAY, text, Reason.ALREADY_TAGGED)
-        if not self.keyring.has_active:
+        route = self.outbound_route(domain)
+        if route is Reason.NO_ACTIVE_KEY:
             return SenderVerdict(Action.TEMPFAIL, text, Reason.NO_ACTIVE_KEY, replies.KEYRING_UNAVAILABLE)
-        if domain in s.signed_domains:
+        if route is Reason.PRVS:
             try:
                 tagged = prvs.sign(text, self.keyring, today, s.lifetime_days)
             except GatewayError:
@@ -276,10 +299,8 @@ class Policy:
                 # happens to be in one of our domains, or a result over the RFC 5321 path limit.
                 return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
             return SenderVerdict(Action.RELAY, tagged, Reason.PRVS, key_id=self.keyring.active.id)
-        if s.srs_alias is None:
-            return SenderVerdict(Action.RELAY, text, Reason.NOT_REWRITTEN)
-        if domain == s.srs_alias and not s.srs_options.always_rewrite:
-            return SenderVerdict(Action.RELAY, text, Reason.ALIAS_DOMAIN)
+        if route is not Reason.SRS0 or s.srs_alias is None:
+            return SenderVerdict(Action.RELAY, text, route)
         try:
             forwarded = srs.forward_address(
                 sender, s.srs_alias, self._srs_secrets, today, s.srs_options, text

@@ -155,6 +155,37 @@ def sign(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIF
     return tagged
 
 
+class PlainSigner:
+    """sign for the common sender, in bytes and without building objects: `local`@`domain` with a tag made
+    with the active key, or None when the tagged address would be over RFC 5321's path limit (sign raises).
+
+    Only for a sender that `addresses.parse_path` takes on its fast path (`local` a PLAIN_LOCAL within 64
+    octets, `domain` a PLAIN_DOMAIN) and whose local part does not start like a prvs or SRS tag: then the
+    result is byte for byte what sign returns, encoded (tests/test_prvs.py checks it with hypothesis).
+    Built once per keyring, day and lifetime by a caller that signs many senders (the socketmap); raises
+    PrvsError as sign does for a lifetime out of range or a keyring without an active key.
+    """
+
+    __slots__ = ("_key_id", "_keyring", "_stamp")
+
+    def __init__(self, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIFETIME) -> None:
+        _check_lifetime(lifetime)
+        try:
+            self._key_id = keyring.active_id
+        except KeyringError as exc:
+            raise PrvsError(f"cannot sign: {exc}") from exc
+        self._keyring = keyring
+        self._stamp = (str(self._key_id) + _STAMPS[(today + lifetime) % _DAYS]).encode()
+
+    def __call__(self, local: bytes, domain: bytes) -> bytes | None:
+        if len(local) + len(domain) + _TAG_LENGTH >= MAX_ADDRESS:
+            return None
+        digest = self._keyring.mac(self._key_id, self._stamp + local + b"@" + domain)
+        if digest is None:  # cannot happen: the active key always has a cached HMAC state
+            return None
+        return b"prvs=%b%b=%b@%b" % (self._stamp, digest[:3].hex().encode(), local, domain)
+
+
 def _signable(address: str) -> tuple[str, str]:
     """The slow path of sign: parse any address and refuse what must not be signed."""
     try:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from .addresses import Address, parse_address
+from . import prvs, srs
+from .addresses import MAX_ADDRESS, MAX_LABEL, MAX_LOCAL, PLAIN_DOMAIN, PLAIN_LOCAL, Address, parse_address
 from .errors import GatewayError
 from .policy import Action, Policy, Reason
 
@@ -45,8 +47,8 @@ MAPS = (FORWARD, REVERSE)
 
 DEFAULT_MAX_REQUEST = 4096  # octets of one request: an RFC 5321 path is at most 256
 DEFAULT_IDLE_TIMEOUT = 600.0  # Postfix reconnects when we close an idle connection; postsrsd uses 1800 s
-DEFAULT_CACHE_SIZE = 65536  # answers kept; a few hundred bytes each
-_CACHED_KEY_MAX = 300  # characters: an RFC 5321 path is at most 256 octets
+DEFAULT_CACHE_SIZE = 65536  # replies kept; about two hundred bytes each
+_CACHED_REQUEST_MAX = 320  # octets: a map name and an RFC 5321 path (at most 256 octets)
 
 
 class Status(enum.Enum):
@@ -131,6 +133,21 @@ class NetstringReader:
         payload = bytes(buf[colon + 1 : end])
         del buf[: end + 1]
         return payload
+
+    def whole(self, data: bytes) -> bytes | None:
+        """The payload when nothing is buffered and `data` is exactly one whole netstring that `next` would
+        take, else None (then `feed` it). Postfix writes one request and waits for its answer, so a read is
+        almost always exactly one request: this takes it without copying it into the buffer."""
+        if self._buf:
+            return None
+        colon = data.find(b":", 0, self._digits + 1)
+        if colon > 0 and data[-1:] == b",":
+            prefix = data[:colon]
+            if prefix.isdigit():
+                length = int(prefix)
+                if length <= self.max_length and length == len(data) - colon - 2:
+                    return data[colon + 1 : -1]
+        return None
 
     @property
     def buffered(self) -> int:
@@ -239,15 +256,134 @@ def lookup(policy: Policy, name: str, key: str, today: int) -> Answer:
     return table(policy, key, today)
 
 
+# A sender that addresses.parse_path takes on its fast path, with a local part that does not start like a
+# prvs or SRS tag (those take the general path, which tells a tag from a look-alike).
+_PLAIN_SENDER = re.compile(rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})".encode())
+_SHORT_KEY = 64  # octets: a plain address this short is within every RFC 5321 limit
+_ROUTES_MAX = 4096  # domains whose route is kept; a flood of new domains only costs a policy call each
+
+
+class FastForward:
+    """The forward map for the common sender, answered from bytes to bytes without the general parser.
+
+    The common sender is a plain ASCII address (`addresses.parse_path`'s fast path) that carries no tag.
+    What happens to it is decided by the policy, never here: `Policy.rewrite_exemption` for the sender
+    and `Policy.outbound_route` for its domain (kept per domain); the tag is made by
+    `prvs.PlainSigner` or `srs.PlainForwarder`, which write what prvs.sign and srs.forward_address write.
+    Anything else, and any case those decline, is None: the caller then takes `forward`, which answers
+    every key. The two agree byte for byte (tests/test_socketmap.py checks it with hypothesis).
+    One instance serves one policy on one day.
+    """
+
+    def __init__(self, policy: Policy, today: int) -> None:
+        self.policy = policy
+        self._routes: dict[bytes, Reason] = {}
+        s = policy.settings
+        self._sign: prvs.PlainSigner | None = None
+        self._srs0: srs.PlainForwarder | None = None
+        try:
+            self._sign = prvs.PlainSigner(policy.keyring, today, s.lifetime_days)
+        except GatewayError:
+            pass  # no active key or an impossible lifetime: the general path says what happens
+        if s.srs_alias is not None:
+            try:
+                self._srs0 = srs.PlainForwarder(
+                    s.srs_alias, policy.keyring.srs_secrets(), today, s.srs_options
+                )
+            except GatewayError:
+                pass
+
+    def __call__(self, key: bytes) -> bytes | None:
+        """The rewritten sender for an OK answer, or None: take the general path."""
+        m = _PLAIN_SENDER.fullmatch(key)
+        if m is None:
+            return None
+        local, domain = m.group(1, 2)
+        if len(key) > _SHORT_KEY and not _plain_lengths_ok(local, domain):
+            return None
+        lowered = domain.lower()
+        route = self._routes.get(lowered)
+        if route is None:
+            if len(self._routes) >= _ROUTES_MAX:
+                self._routes.clear()
+            route = self._routes[lowered] = self.policy.outbound_route(lowered.decode())
+        policy = self.policy
+        if policy.exempts_senders:
+            if policy.rewrite_exemption(Address(local.decode(), domain.decode()), None) is not None:
+                return None
+        if route is Reason.SRS0 and self._srs0 is not None:
+            return self._srs0(local, domain)
+        if route is Reason.PRVS and self._sign is not None:
+            return self._sign(local, domain)
+        return None
+
+
+def _plain_lengths_ok(local: bytes, domain: bytes) -> bool:
+    """addresses.parse_path's limits for a plain address (ASCII: characters are octets)."""
+    if len(local) > MAX_LOCAL or len(local) + len(domain) >= MAX_ADDRESS:
+        return False
+    return len(domain) <= MAX_LABEL or all(len(label) <= MAX_LABEL for label in domain.split(b"."))
+
+
 # --- the asyncio edge -------------------------------------------------------------------------------
 
 
+class _Replies:
+    """Wire replies by request, bounded. Two generations instead of an LRU list: when the young one is full
+    it becomes the old one and the old one is dropped, so keeping the cache bounded costs O(1); a hit in
+    the old generation moves the reply back to the young one. (Deleting a dict's first key one at a time
+    would not: finding the first key then walks past every deleted slot.)"""
+
+    __slots__ = ("_old", "_size", "_young")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._young: dict[bytes, bytes] = {}
+        self._old: dict[bytes, bytes] = {}
+
+    def get(self, request: bytes) -> bytes | None:
+        reply = self._young.get(request)
+        if reply is None:
+            reply = self._old.get(request)
+            if reply is not None:
+                self.put(request, reply)
+        return reply
+
+    def put(self, request: bytes, reply: bytes) -> None:
+        # Requests longer than any map name and RFC 5321 path are answered but not kept: the cache stays
+        # a few MB at most.
+        if self._size > 0 and len(request) <= _CACHED_REQUEST_MAX:
+            if len(self._young) * 2 >= self._size:
+                self._old, self._young = self._young, {}
+            self._young[request] = reply
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+    def __contains__(self, request: bytes) -> bool:
+        return request in self._young or request in self._old
+
+
+class _Day:
+    """What one policy on one day answers with: the fast path and the replies made so far."""
+
+    __slots__ = ("fast", "policy", "socketmap", "tcp", "today")
+
+    def __init__(self, policy: Policy, today: int, cache_size: int) -> None:
+        self.policy = policy
+        self.today = today
+        self.fast = FastForward(policy, today)
+        self.socketmap = _Replies(cache_size)
+        self.tcp = {name: _Replies(cache_size) for name in MAPS}
+
+
 class MapService:
-    """What every connection shares: the policy source, the clock, the limits and an answer cache.
+    """What every connection shares: the policy source, the clock, the limits and a reply cache.
 
     An answer depends only on the policy (config and keyring), the day and the key, and Postfix asks about
-    the same few senders over and over (once per message, from every cleanup process), so answers are
-    kept until the policy is swapped by a reload or the day changes. TEMP answers are never kept.
+    the same few senders over and over (once per message, from every cleanup process), so replies are
+    kept, by the request as it came over the wire, until the policy is swapped by a reload or the day
+    changes. TEMP answers and replies to requests that are not the protocol are never kept.
     """
 
     def __init__(
@@ -265,44 +401,91 @@ class MapService:
         self.clock = clock
         self.connections: set[asyncio.Transport] = set()
         self.cache_size = cache_size
-        # Two generations instead of an LRU list: when the young one is full it becomes the old one and
-        # the old one is dropped, so keeping the cache bounded costs O(1); a hit in the old generation
-        # moves the answer back to the young one. (Deleting a dict's first key one at a time would not:
-        # finding the first key then walks past every deleted slot.)
-        self._cache: dict[tuple[str, str], Answer] = {}
-        self._old: dict[tuple[str, str], Answer] = {}
-        self._cache_for: tuple[Policy, int] | None = None
+        self._day: _Day | None = None
 
     def close_connections(self) -> None:
         """On shutdown: a lookup is answered at once, so nothing is in flight to wait for."""
         for transport in list(self.connections):
             transport.close()
 
-    def answer(self, name: str, key: str) -> Answer:
+    def current(self) -> _Day:
         policy, today = self.source.policy, int(self.clock()) // 86400
-        if self._cache_for is None or self._cache_for[0] is not policy or self._cache_for[1] != today:
-            self._cache, self._old = {}, {}
-            self._cache_for = (policy, today)
-        entry = (name, key)
-        found = self._cache.get(entry)
-        if found is not None:
-            return found
-        found = self._old.get(entry)
-        if found is None:
-            try:
-                found = lookup(policy, name, key, today)
-            except Exception:
-                # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
-                log.exception("lookup failed")
-                return Answer(Status.TEMP, "internal error, see the gateway's log")
-            if found.status is Status.TEMP:
-                return found
-        # Keys longer than any RFC 5321 path are answered but not kept: the cache stays a few MB at most.
-        if self.cache_size > 0 and len(key) <= _CACHED_KEY_MAX:
-            if len(self._cache) * 2 >= self.cache_size:
-                self._old, self._cache = self._cache, {}
-            self._cache[entry] = found
-        return found
+        day = self._day
+        if day is None or day.policy is not policy or day.today != today:
+            day = self._day = _Day(policy, today, self.cache_size)
+        return day
+
+    def answer(self, name: str, key: str) -> Answer:
+        """One lookup by the general path (not cached)."""
+        return self._lookup(self.current(), name, key)
+
+    def _lookup(self, day: _Day, name: str, key: str) -> Answer:
+        try:
+            return lookup(day.policy, name, key, day.today)
+        except Exception:
+            # A bug must cost one lookup (Postfix defers that mail and asks again), never the server.
+            log.exception("lookup failed")
+            return _INTERNAL_ERROR
+
+    def socketmap_reply(self, payload: bytes) -> bytes:
+        """The netstring answering one socketmap request ("name key")."""
+        day = self.current()
+        reply = day.socketmap.get(payload)
+        if reply is not None:
+            return reply
+        try:
+            value = day.fast(payload[8:]) if payload.startswith(b"forward ") else None
+        except Exception:
+            # A bug in the fast path must not cost even the lookup: the general path answers it.
+            log.exception("fast forward lookup failed")
+            value = None
+        if value is not None:
+            reply = b"%d:OK %b," % (len(value) + 3, value)
+            day.socketmap.put(payload, reply)
+            return reply
+        try:
+            name, key = parse_request(payload)
+        except ProtocolError as exc:
+            # Framed, so the stream is still in step: answer and go on.
+            return Answer(Status.PERM, str(exc)).netstring()
+        found = self._lookup(day, name, key)
+        reply = found.netstring()
+        if found.status is not Status.TEMP:
+            day.socketmap.put(payload, reply)
+        return reply
+
+    def tcp_reply(self, map_name: str, line: bytes) -> bytes:
+        """The line answering one tcp_table request line (without its line end) for `map_name`."""
+        day = self.current()
+        replies = day.tcp[map_name]
+        reply = replies.get(line)
+        if reply is not None:
+            return reply
+        # Without a "%" in the line the key is the line as it is (tcp_decode), and a value in printable
+        # ASCII without "%" is written as it is (tcp_encode): the fast path writes no "%" and no space,
+        # and only a non-ASCII alias domain could make it write anything but ASCII.
+        try:
+            fast = map_name == FORWARD and line.startswith(b"get ") and b"%" not in line
+            value = day.fast(line[4:]) if fast else None
+        except Exception:
+            log.exception("fast forward lookup failed")
+            value = None
+        if value is not None and value.isascii():
+            reply = b"200 " + value + b"\n"
+            replies.put(line, reply)
+            return reply
+        try:
+            key = parse_tcp_request(line)
+        except ProtocolError as exc:
+            return Answer(Status.PERM, str(exc)).tcp_table()
+        found = self._lookup(day, map_name, key)
+        reply = found.tcp_table()
+        if found.status is not Status.TEMP:
+            replies.put(line, reply)
+        return reply
+
+
+_INTERNAL_ERROR = Answer(Status.TEMP, "internal error, see the gateway's log")
 
 
 class _Connection(asyncio.Protocol):
@@ -364,17 +547,17 @@ class SocketmapProtocol(_Connection):
     def data_received(self, data: bytes) -> None:
         self._last = time.monotonic()
         reader = self._reader
+        service = self.service
+        payload = reader.whole(data)
+        if payload is not None:  # one request, as Postfix sends it
+            if self.transport is not None:
+                self.transport.write(service.socketmap_reply(payload))
+            return
         reader.feed(data)
         replies = []
         try:
             while (payload := reader.next()) is not None:
-                try:
-                    name, key = parse_request(payload)
-                except ProtocolError as exc:
-                    # Framed, so the stream is still in step: answer and go on.
-                    replies.append(Answer(Status.PERM, str(exc)).netstring())
-                    continue
-                replies.append(self.service.answer(name, key).netstring())
+                replies.append(service.socketmap_reply(payload))
         except ProtocolError as exc:
             self._refuse(replies, Answer(Status.PERM, str(exc)).netstring(), exc)
             return
@@ -393,18 +576,16 @@ class TcpTableProtocol(_Connection):
     def data_received(self, data: bytes) -> None:
         self._last = time.monotonic()
         buf = self._buf
+        if not buf and data.find(b"\n") == len(data) - 1:  # one whole line, as Postfix sends it
+            if self.transport is not None:
+                self.transport.write(self.service.tcp_reply(self.map_name, data[:-1].rstrip(b"\r")))
+            return
         buf += data
         replies = []
         start = 0
         while (nl := buf.find(b"\n", start)) >= 0:
-            line = bytes(buf[start:nl]).rstrip(b"\r")
+            replies.append(self.service.tcp_reply(self.map_name, bytes(buf[start:nl]).rstrip(b"\r")))
             start = nl + 1
-            try:
-                key = parse_tcp_request(line)
-            except ProtocolError as exc:
-                replies.append(Answer(Status.PERM, str(exc)).tcp_table())
-                continue
-            replies.append(self.service.answer(self.map_name, key).tcp_table())
         del buf[:start]
         if len(buf) > self._max_line:
             error = ProtocolError(f"request line over {self._max_line} octets")

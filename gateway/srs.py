@@ -24,6 +24,7 @@ Where the implementations disagree this module chooses, and docs/interop.md expl
 from __future__ import annotations
 
 import base64
+import binascii
 import enum
 import functools
 import hmac
@@ -44,6 +45,7 @@ _SEPARATORS = ("=", "+", "-")
 _PLAIN_HOST = re.compile(PLAIN_DOMAIN)
 _TO_URLSAFE = str.maketrans("+/", "-_")
 _FROM_URLSAFE = str.maketrans("-_", "+/")
+_TO_URLSAFE_BYTES = bytes.maketrans(b"+/", b"-_")
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,53 @@ def forward_address(
             f"{MAX_ADDRESS + 2}-octet path limit"
         )
     return rewritten
+
+
+class PlainForwarder:
+    """forward_address for the common sender, in bytes and without building objects: an SRS0 address
+    for `local`@`host`, or None when the result would be over RFC 5321's path limit (forward_address
+    raises there) or `host` is the alias domain and always_rewrite is off (it returns the sender as it is).
+
+    Only for a sender that `addresses.parse_path` takes on its fast path (`local` a PLAIN_LOCAL within 64
+    octets, `host` a PLAIN_DOMAIN) and whose local part does not start like an SRS tag: then the result
+    is byte for byte what forward_address returns, encoded (tests/test_srs.py checks it with hypothesis).
+    Built once per alias, secret, day and options by a caller that forwards many senders (the socketmap).
+    """
+
+    __slots__ = ("_alias", "_alias_lower", "_always", "_inner", "_length", "_outer", "_prefix", "_stamp",
+                 "_stamp_lower", "_urlsafe")  # fmt: skip
+
+    def __init__(self, alias: str, secrets: Sequence[bytes], today: int, options: SrsOptions) -> None:
+        if not secrets:
+            raise SrsError("no SRS secret: the keyring has no key that signs")
+        alias_host = _alias_host(alias).encode()
+        self._alias = b"@" + alias_host
+        self._alias_lower = alias_host.lower()
+        self._always = options.always_rewrite
+        self._inner, self._outer = _padded(secrets[0])
+        stamp = timestamp(today).encode()
+        self._stamp = b"=" + stamp + b"="  # as written: =TT=
+        self._stamp_lower = stamp.lower()  # as hashed
+        self._prefix = b"SRS0" + options.separator.encode()
+        self._length = options.hash_length
+        self._urlsafe = options.base64url
+
+    def __call__(self, local: bytes, host: bytes) -> bytes | None:
+        lowered = host.lower()
+        if lowered == self._alias_lower and not self._always:
+            return None
+        # _full_hash over (stamp, host, local), ASCII-lowercased: the same bytes, fed in one update.
+        inner = self._inner.copy()
+        inner.update(self._stamp_lower + lowered + local.lower())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        digest = binascii.b2a_base64(outer.digest(), newline=False)[: self._length]
+        if self._urlsafe:
+            digest = digest.translate(_TO_URLSAFE_BYTES)
+        # Every part is a dot-string piece (base64 and base32 characters, a host name, a plain local
+        # part), so the local part needs no quotes: str(Address(...)) writes it as it is.
+        rewritten = b"".join((self._prefix, digest, self._stamp, host, b"=", local, self._alias))
+        return rewritten if len(rewritten) <= MAX_ADDRESS else None
 
 
 def reverse(

@@ -315,3 +315,35 @@ def test_keyring_mac_is_hmac_sha1(secret: bytes, message: bytes) -> None:
     assert keyring.mac(3, message) == hmac.digest(secret, message, "sha1")
     assert keyring.mac(4, message) is None
     assert keyring.active_id == 3
+
+
+_LONG_DOMAIN = "d" * 63 + "." + "e" * 63 + "." + "f" * 50 + ".org"  # 182 octets: some tags do not fit
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(
+    local=plain_locals,
+    domain=st.one_of(domains, st.just(_LONG_DOMAIN)),
+    pad=st.integers(0, 60),
+    key_id=st.integers(0, 9),
+    today=st.integers(0, 60000),
+    lifetime=st.integers(0, 999),
+)
+@example(local="a", domain=_LONG_DOMAIN, pad=55, key_id=0, today=0, lifetime=0)  # 255 octets tagged
+@example(local="a", domain=_LONG_DOMAIN, pad=54, key_id=0, today=0, lifetime=0)  # 254: fits
+def test_the_plain_signer_writes_what_sign_writes(
+    local: str, domain: str, pad: int, key_id: int, today: int, lifetime: int
+) -> None:
+    # Up to the local-part and path limits, so that some tags do not fit.
+    local = ("y" * pad + local)[: min(64, 253 - len(domain))].rstrip(".")
+    if prvs.is_prvs(local) or local[:5].lower() == "prvs=" or local[:4].upper() in ("SRS0", "SRS1"):
+        local = "x" + local[:63]
+    keyring = Keyring.from_secrets([(key_id, SECRET)])
+    address = f"{local}@{domain}"
+    assert parse_address(address) == Address(local, domain)  # the signer's precondition
+    got = prvs.PlainSigner(keyring, today, lifetime)(local.encode(), domain.encode())
+    try:
+        expected: bytes | None = prvs.sign(address, keyring, today, lifetime).encode()
+    except PrvsError:
+        expected = None
+    assert got == expected

@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from postfix_instance import (
     DEPLOY_POSTFIX,
     PostfixError,
@@ -34,6 +37,7 @@ from gateway.policy import Policy, PolicySettings
 from gateway.relay import PolicyHolder
 from gateway.socketmap import (
     Answer,
+    FastForward,
     MapService,
     NetstringReader,
     ProtocolError,
@@ -220,6 +224,135 @@ def test_wire_forms_of_answers() -> None:
     assert Answer(Status.PERM, "bad request").tcp_table() == b"500 bad%20request\n"
 
 
+# --- the fast path answers exactly what the general path answers ----------------------------------------
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_LONG_DOMAIN = "d" * 63 + "." + "e" * 63 + "." + "f" * 50 + ".org"  # 182 octets: a tag may not fit
+_LABEL_CHARS = "abzAZ09_-"
+
+
+@st.composite
+def forward_keys(draw: st.DrawFn) -> str:
+    """Keys near the fast path's edge: plain senders in our domains and foreign ones, look-alike tags,
+    bad dots, long parts, the alias in any case, trailing dots, quotes, non-ASCII, partial keys."""
+    local = draw(
+        st.one_of(
+            st.text(_ATEXT + ".", min_size=1, max_size=12),
+            st.sampled_from(["user", "a.b", "Joe", "list-bounces", "x" * 64, "x" * 65, "postmaster"]),
+            st.integers(40, 70).map(lambda n: "y" * n),
+            st.builds(
+                lambda tag, rest: tag + rest,
+                st.sampled_from(
+                    ["prvs=", "PRVS=", "prvs=3123abcdef=", "SRS0=", "srs1+", "SRS0-", "Srs1=", "srs2="]
+                ),
+                st.text(_ATEXT + ".", max_size=12),
+            ),
+            st.just('"a b"'),
+            st.just("\u00e9t\u00e9"),
+            st.text(min_size=1, max_size=6),
+        )
+    )
+    domain = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "example.org",
+                    "EXAMPLE.org",
+                    "foreign.test",
+                    "fwd.example.net",
+                    "FWD.Example.NET",
+                    "example.org.",
+                    "exempt.test",
+                    "signed2.test",
+                    "ex\u00e4mple.test",
+                    "[192.0.2.1]",
+                ]
+            ),
+            st.lists(st.text(_LABEL_CHARS, min_size=1, max_size=8), min_size=1, max_size=3).map(".".join),
+            st.builds(lambda n: ".".join(["d" * 63] * n) + ".test", st.integers(1, 4)),
+            st.just(_LONG_DOMAIN),
+            st.just("x" * 64 + ".test"),
+        )
+    )
+    form = draw(st.sampled_from(["plain", "plain", "plain", "partial", "no-at", "two-at"]))
+    if form == "partial":
+        return draw(st.sampled_from([local, "@" + domain, local + "@"]))
+    if form == "no-at":
+        return local + domain
+    if form == "two-at":
+        return f"{local}@x@{domain}"
+    return f"{local}@{domain}"
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> Policy:
+    active = draw(st.booleans()) or draw(st.booleans())
+    keyring = Keyring((Key(3, b"s" * 32, KeyState.ACTIVE if active else KeyState.VERIFY),
+                       Key(1, b"o" * 32, KeyState.VERIFY)))  # fmt: skip
+    options = srs.SrsOptions(
+        separator=draw(st.sampled_from(["=", "+", "-"])),
+        hash_length=(length := draw(st.integers(1, 27))),
+        hash_min=length,
+        always_rewrite=draw(st.booleans()),
+        base64url=draw(st.booleans()),
+    )
+    settings_ = PolicySettings(
+        local_domains=frozenset({"example.org"}),
+        signed_domains=frozenset(
+            draw(st.sets(st.sampled_from(["example.org", "Signed2.test", "fwd.example.net", _LONG_DOMAIN])))
+        ),
+        srs_alias=draw(st.sampled_from([ALIAS, "FWD.example.net.", None, "bounces@fwd.example.net",
+                                        "fwd.ex\u00e4mple.net", "not a domain"])),
+        srs_options=options,
+        lifetime_days=draw(st.sampled_from([7, 0, 999, 1000, -1])),
+        exempt_senders=frozenset(draw(st.sets(st.sampled_from(
+            ["list-bounces@example.org", "exempt.test", "Joe@foreign.test", "user@EXAMPLE.org"])))),
+    )  # fmt: skip
+    return Policy(settings_, keyring)
+
+
+@settings(max_examples=1500, derandomize=True, deadline=None)
+@given(policy=policies(), key=forward_keys(), day=st.integers(0, 60000))
+@example(policy=POLICY, key="user@example.org", day=TODAY)
+@example(policy=POLICY, key="joe@foreign.test", day=TODAY)
+@example(  # the alias given as an address: a sender in its domain is answered as it is, not rewritten
+    policy=Policy(replace(SETTINGS, srs_alias="bounces@" + ALIAS), KEYRING), key="joe@" + ALIAS, day=TODAY
+)
+@example(  # a tag that would not fit in RFC 5321's path
+    policy=Policy(replace(SETTINGS, signed_domains=frozenset({_LONG_DOMAIN})), KEYRING),
+    key="y" * 56 + "@" + _LONG_DOMAIN,
+    day=TODAY,
+)
+@example(policy=POLICY, key="a" * 40 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 63 + ".org", day=TODAY)
+def test_the_fast_path_gives_the_general_paths_reply_byte_for_byte(
+    policy: Policy, key: str, day: int
+) -> None:
+    general = lookup(policy, "forward", key, day)
+    fast = FastForward(policy, day)(key.encode())
+    if fast is not None:
+        assert general.status is Status.OK and fast == general.data.encode()
+    # And over the wire: what a connection is answered, first (computed) and again (cached).
+    svc = MapService(PolicyHolder(policy), clock=lambda: day * 86400 + 5)
+    for _ in range(2):
+        assert svc.socketmap_reply(b"forward " + key.encode()) == general.netstring()
+        assert svc.tcp_reply("forward", b"get " + tcp_encode(key)) == general.tcp_table()
+        raw = b"get " + key.encode()  # as Postfix sends most keys: no %XX, as nothing needs it
+        if b"%" not in raw:
+            assert svc.tcp_reply("forward", raw) == general.tcp_table()
+
+
+def test_the_fast_path_takes_the_common_senders() -> None:
+    fast = FastForward(POLICY, TODAY)
+    assert fast(b"user@example.org") == prvs.sign("user@example.org", KEYRING, TODAY).encode()
+    assert (
+        fast(b"Joe.Smith@Foreign.test")
+        == srs.forward("Joe.Smith@Foreign.test", ALIAS, KEYRING.srs_secrets(), TODAY, SRS_OPTIONS).encode()
+    )
+    for declined in (b"list-bounces@example.org", b"someone@" + ALIAS.encode(), b"prvs=x@example.org",
+                     b'"a b"@foreign.test', b"user", b"\xc3\xa9@foreign.test"):  # fmt: skip
+        assert fast(declined) is None, declined
+
+
 # --- the servers, over sockets ---------------------------------------------------------------------------
 
 
@@ -227,23 +360,32 @@ def service(**kw: object) -> MapService:
     return MapService(PolicyHolder(POLICY), clock=lambda: TODAY * 86400 + 3600, **kw)  # type: ignore[arg-type]
 
 
-def test_answers_are_cached_per_policy_and_day_and_the_cache_is_bounded() -> None:
+def test_replies_are_cached_per_policy_and_day_and_the_cache_is_bounded() -> None:
     now = [TODAY * 86400.0]
     holder = PolicyHolder(POLICY)
     svc = MapService(holder, clock=lambda: now[0], cache_size=10)
-    first = svc.answer("forward", "user@example.org")
-    assert svc.answer("forward", "user@example.org") is first, "a repeated lookup is served from the cache"
+    request = b"forward user@example.org"
+    first = svc.socketmap_reply(request)
+    assert svc.socketmap_reply(request) is first, "a repeated lookup is served from the cache"
+    odd = b'forward "odd one"@foreign.test'  # the general path's replies are kept too
+    assert svc.socketmap_reply(odd) is svc.socketmap_reply(odd)
     now[0] += 86400  # a new day: a new day stamp in the tag
-    assert svc.answer("forward", "user@example.org").data == prvs.sign("user@example.org", KEYRING, TODAY + 1)
+    tagged = prvs.sign("user@example.org", KEYRING, TODAY + 1).encode()
+    assert svc.socketmap_reply(request) == netstring(b"OK " + tagged)
     rotated = Keyring((Key(5, b"r" * 32, KeyState.ACTIVE),))
     holder.replace(Policy(SETTINGS, rotated))  # what a reload does
-    assert svc.answer("forward", "user@example.org").data.startswith("prvs=5")
+    assert svc.socketmap_reply(request).startswith(b"35:OK prvs=5")
+    assert svc.tcp_reply("forward", b"get user@example.org").startswith(b"200 prvs=5")
     for n in range(100):
-        svc.answer("forward", f"user{n}@example.org")
-    assert len(svc._cache) + len(svc._old) <= 10
+        svc.socketmap_reply(b"forward user%d@example.org" % n)
+        svc.tcp_reply("forward", b"get user%d@example.org" % n)
+    day = svc.current()
+    assert len(day.socketmap) <= 10 and len(day.tcp["forward"]) <= 10
     holder.replace(Policy(SETTINGS, Keyring((Key(1, b"o" * 32, KeyState.VERIFY),))))
-    assert svc.answer("forward", "user@example.org").status is Status.TEMP
-    assert ("forward", "user@example.org") not in svc._cache, "TEMP is never kept"
+    assert b":TEMP " in svc.socketmap_reply(request)
+    assert svc.tcp_reply("forward", b"get user@example.org").startswith(b"400 ")
+    assert request not in svc.current().socketmap, "TEMP is never kept"
+    assert b"get user@example.org" not in svc.current().tcp["forward"]
 
 
 def socketmap_server(svc: MapService) -> ServerThread:

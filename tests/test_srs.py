@@ -363,3 +363,53 @@ def test_srs_tag_case_is_ascii_only() -> None:
     assert srs.reverse(lookalike + "@" + ALIAS, [SECRET], TODAY).verdict is SrsVerdict.NOT_SRS
     forwarded = srs.forward(lookalike + "@example.org", ALIAS, [SECRET], TODAY)
     assert forwarded.startswith("SRS0=") and forwarded.endswith(f"=example.org={lookalike}@{ALIAS}")
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(
+    local=st.lists(st.text(_ATEXT, min_size=1, max_size=8), min_size=1, max_size=3).map(".".join),
+    pad=st.integers(0, 60),
+    host=st.one_of(
+        st.from_regex(r"[a-zA-Z0-9_]{1,8}(-[a-zA-Z0-9_]{1,4})?(\.[a-zA-Z0-9]{1,8}){0,2}", fullmatch=True),
+        st.sampled_from([ALIAS, ALIAS.upper(), "d" * 63 + "." + "e" * 63 + "." + "f" * 50 + ".org"]),
+    ),
+    alias=st.sampled_from([ALIAS, "bounces@" + ALIAS, "fwd.ex\u00e4mple.net", "a." + "b" * 60 + ".net"]),
+    today=st.integers(0, 60000),
+    separator=st.sampled_from(["=", "+", "-"]),
+    hash_length=st.integers(1, 27),
+    always_rewrite=st.booleans(),
+    base64url=st.booleans(),
+)
+def test_the_plain_forwarder_writes_what_forward_address_writes(
+    local: str,
+    pad: int,
+    host: str,
+    alias: str,
+    today: int,
+    separator: str,
+    hash_length: int,
+    always_rewrite: bool,
+    base64url: bool,
+) -> None:
+    # Up to the local-part and path limits, so that some results do not fit.
+    local = ("y" * pad + local)[: min(64, 253 - len(host))].rstrip(".")
+    if srs.is_srs(local):
+        local = "x" + local[:63]
+    options = SrsOptions(
+        separator, hash_length, hash_length, always_rewrite=always_rewrite, base64url=base64url
+    )
+    parsed = parse_address(f"{local}@{host}")
+    assert parsed == Address(local, host)  # the forwarder's precondition
+    got = srs.PlainForwarder(alias, [SECRET, OLD], today, options)(local.encode(), host.encode())
+    try:
+        forwarded = srs.forward_address(parsed, alias, [SECRET, OLD], today, options)
+    except SrsError:
+        assert got is None
+        return
+    if forwarded == str(parsed):  # the alias domain itself, left alone: the forwarder declines it
+        assert got is None
+    else:
+        assert got == forwarded.encode()
