@@ -402,6 +402,12 @@ class RawClient:
         assert greeting[0] == 220, greeting
         return await self.cmd(f"EHLO {name}")
 
+    async def open_data(self, sender: str, recipient: str) -> None:
+        """MAIL, RCPT and DATA, each answered positively: the server now waits for the message."""
+        assert (await self.cmd(f"MAIL FROM:<{sender}>"))[0] == 250
+        assert (await self.cmd(f"RCPT TO:<{recipient}>"))[0] == 250
+        assert (await self.cmd("DATA"))[0] == 354
+
     async def close(self) -> None:
         self.writer.transport.abort()
         with contextlib.suppress(Exception):

@@ -593,9 +593,7 @@ def test_a_client_gone_mid_data_leaves_nothing_delivered() -> None:
         async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
             client = await RawClient.connect(gateway_port(gw))
             await client.ehlo()
-            await client.cmd("MAIL FROM:<a@example.org>")
-            await client.cmd("RCPT TO:<bob@example.com>")
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("a@example.org", "bob@example.com")
             client.send(b"Subject: cut\r\n\r\n" + b"x" * 100_000 + b"\r\n")
             await client.writer.drain()
             client.writer.write_eof()  # the client is gone before its final dot

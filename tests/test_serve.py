@@ -91,9 +91,7 @@ def test_a_client_that_half_closes_after_pipelining_dot_and_quit_gets_its_transa
         ):
             client = await RawClient.connect(gateway_port(gw))
             await client.ehlo()
-            await client.cmd("MAIL FROM:<alice@example.org>")
-            await client.cmd("RCPT TO:<bob@example.com>")
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("alice@example.org", "bob@example.com")
             client.send(b"Subject: last\r\n\r\nbye\r\n.\r\nQUIT\r\n")
             client.writer.write_eof()
             await wait_for(lambda: hop.commands.count("DATA") == 1)
@@ -113,9 +111,7 @@ def test_past_the_deadline_a_transaction_is_cut_and_nothing_is_delivered() -> No
         async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
             client = await RawClient.connect(gateway_port(gw))
             await client.ehlo()
-            await client.cmd("MAIL FROM:<alice@example.org>")
-            await client.cmd("RCPT TO:<bob@example.com>")
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("alice@example.org", "bob@example.com")
             client.send(b"Subject: never finished\r\n")
             await client.writer.drain()
             await gw.stop(0.2)

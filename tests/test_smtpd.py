@@ -362,9 +362,7 @@ def test_a_client_stalling_mid_data_is_cut_at_the_data_timeout() -> None:
             async with running_gateway(gateway_config(hop.port, limits=limits)) as gw:
                 client = await RawClient.connect(gateway_port(gw))
                 await client.ehlo()
-                await client.cmd("MAIL FROM:<a@example.org>")
-                await client.cmd("RCPT TO:<bob@example.com>")
-                assert (await client.cmd("DATA"))[0] == 354
+                await client.open_data("a@example.org", "bob@example.com")
                 client.send(b"Subject: half a message\r\n")
                 rest = await asyncio.wait_for(client.rest(), 10)
                 assert rest == f"{replies.TIMEOUT}\r\n".encode()
@@ -427,9 +425,7 @@ def test_starttls_when_the_listener_has_a_certificate(tmp_path: Path) -> None:
             assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 503
             code, ehlo = await client.cmd("EHLO client.test")
             assert code == 250 and "STARTTLS" not in ehlo.split("\n")
-            await client.cmd("MAIL FROM:<a@example.org>")
-            await client.cmd("RCPT TO:<bob@example.com>")
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("a@example.org", "bob@example.com")
             assert (await client.cmd("secret\r\n."))[0] == 250
             assert (await client.cmd("QUIT"))[0] == 221
             await client.close()
