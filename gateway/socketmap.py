@@ -140,13 +140,11 @@ class NetstringReader:
         almost always exactly one request: this takes it without copying it into the buffer."""
         if self._buf:
             return None
-        colon = data.find(b":", 0, self._digits + 1)
-        if colon > 0 and data[-1:] == b",":
-            prefix = data[:colon]
-            if prefix.isdigit():
-                length = int(prefix)
-                if length <= self.max_length and length == len(data) - colon - 2:
-                    return data[colon + 1 : -1]
+        prefix, colon, rest = data.partition(b":")
+        if colon and rest[-1:] == b"," and len(prefix) <= self._digits and prefix.isdigit():
+            length = int(prefix)
+            if length <= self.max_length and length == len(rest) - 1:
+                return rest[:-1]
         return None
 
     @property
@@ -278,6 +276,7 @@ class FastForward:
     def __init__(self, policy: Policy, today: int) -> None:
         self.policy = policy
         self._routes: dict[bytes, Reason] = {}
+        self._exempting = policy.exempts_senders
         s = policy.settings
         self._sign: prvs.PlainSigner | None = None
         self._srs0: srs.PlainForwarder | None = None
@@ -307,9 +306,8 @@ class FastForward:
             if len(self._routes) >= _ROUTES_MAX:
                 self._routes.clear()
             route = self._routes[lowered] = self.policy.outbound_route(lowered.decode())
-        policy = self.policy
-        if policy.exempts_senders:
-            if policy.rewrite_exemption(Address(local.decode(), domain.decode()), None) is not None:
+        if self._exempting:
+            if self.policy.rewrite_exemption(Address(local.decode(), domain.decode()), None) is not None:
                 return None
         if route is Reason.SRS0 and self._srs0 is not None:
             return self._srs0(local, domain)

@@ -102,6 +102,30 @@ def test_broken_netstrings_are_protocol_errors(data: bytes, why: str) -> None:
         reader.next()
 
 
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(
+    data=st.one_of(
+        st.builds(netstring, st.binary(max_size=80)),
+        st.builds(lambda a, b: netstring(a) + b, st.binary(max_size=20), st.binary(min_size=1, max_size=8)),
+        st.builds(lambda n, body: b"%s:%s," % (n, body),
+                  st.from_regex(rb"[0-9]{0,4}|0+[0-9]{1,3}", fullmatch=True), st.binary(max_size=70)),
+        st.binary(max_size=20),
+    )
+)  # fmt: skip
+@example(data=b"0064:" + b"x" * 64 + b",")  # leading zeros beyond the digits the limit has
+@example(data=b"65:" + b"x" * 65 + b",")  # over the limit
+def test_a_whole_netstring_is_taken_at_once_exactly_when_the_reader_would_take_it(data: bytes) -> None:
+    fast = NetstringReader(64).whole(data)
+    reader = NetstringReader(64)
+    reader.feed(data)
+    try:
+        general = reader.next()
+    except ProtocolError:
+        general = None
+    # Exactly one whole netstring and nothing after it: taken at once; anything else is left to the reader.
+    assert fast == (general if general is not None and reader.buffered == 0 else None)
+
+
 def test_a_request_is_a_map_name_a_space_and_a_key() -> None:
     assert parse_request(b"forward user@example.org") == ("forward", "user@example.org")
     for bad in (b"forward", b"forward ", b" user@example.org", b"forward \xff@x"):
