@@ -193,6 +193,7 @@ class Metrics:
         # under a lock on every call, several times per message. Bounded: every label value is ours (a
         # role, verdict, reason or command), never the client's.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._decision_labels: dict[tuple[object, object, object], tuple[str, ...]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), labels)
@@ -205,9 +206,11 @@ class Metrics:
 
     def on_decision(self, event: Any) -> None:
         """Counts one decision event (the same event the log line is made from: logs.DecisionEvent)."""
-        role = _label(getattr(event, "role", None))
-        reason = _label(event.reason)
-        verdict = _label(event.action)
+        key = (getattr(event, "role", None), event.action, event.reason)
+        labels = self._decision_labels.get(key)
+        if labels is None:  # our own enums and strings: a few dozen combinations at most
+            labels = self._decision_labels[key] = tuple(_label(value) for value in key)
+        role, verdict, reason = labels
         self._child(self.decisions, role, verdict, reason).inc()
         if getattr(event, "would_reject", None) is not None:
             self._child(self.would_reject, role, reason).inc()

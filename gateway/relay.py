@@ -651,6 +651,8 @@ class RelaySession:
 
     def reset(self) -> None:
         """RSET, HELO/EHLO, QUIT or STARTTLS from the client."""
+        if self._mail is None and self._conn is None:
+            return  # nothing begun since the last end (MAIL starts every transaction): already clean
         self._end()
 
     def abort(self) -> None:

@@ -343,8 +343,7 @@ def _bad_hash_reason(given: str, options: SrsOptions) -> str:
     )
 
 
-@functools.lru_cache(maxsize=64)
-@functools.lru_cache(maxsize=32)  # the configured alias, parsed once rather than per address
+@functools.lru_cache(maxsize=64)  # the configured alias, parsed once rather than per address
 def _alias_host(alias: str) -> str:
     """The alias domain from a domain or an address at it (the part after the last '@')."""
     host = alias.rpartition("@")[2]
