@@ -920,10 +920,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        # One worker is the gateway's own default, and on a 2-CPU box that smtp-source and smtp-sink share
-        # it did better than 2 (bench/README.md): 2 workers starved them at 10 MiB.
-        help="the gateway's [gateway] workers (default 1, the gateway's default)",
+        default=os.cpu_count() or 1,
+        # As a dedicated gateway host runs it: one worker per CPU (bench/socketmap.py does the same).
+        # `--workers 1` is the gateway's own default; bench/README.md has both, measured.
+        help="the gateway's [gateway] workers (default: the CPU count; 1 is the gateway's own default)",
     )
     parser.add_argument(
         "--gateway-arg", action="append", default=[], help="an extra flag for batv-gateway serve (repeatable)"
