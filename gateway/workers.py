@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import os
 import select
 import signal
@@ -152,6 +153,10 @@ def fork(count: int, worker: Callable[[Callable[[], None]], int]) -> Workers:
             except BaseException:
                 traceback.print_exc()
             finally:
+                # os._exit skips atexit, and with it logging.shutdown(): log lines still held for the
+                # end of an event-loop turn (logs.BatchingStreamHandler) must not die with the worker.
+                with contextlib.suppress(Exception):
+                    logging.shutdown()
                 os._exit(code)
         os.close(write_fd)
         workers.pids.append(pid)

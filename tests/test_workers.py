@@ -3,16 +3,19 @@ and stops every one on SIGTERM (socketmap's workers: tests/test_socketmap.py).""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import signal
 import smtplib
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway import keystore, workers
+from gateway import keystore, logs, workers
 from tests.smtp_peers import LOCALHOST, SmtpSink, free_port
 from tests.test_serve import Serving, example_config, keyring_file  # noqa: F401  (a fixture)
 from tests.test_socketmap import children_of
@@ -122,3 +125,27 @@ def test_signals_before_the_loop_are_replayed_in_order() -> None:
     assert handled == ["reload", "stop"]
     workers.replay_signals(lambda: handled.append("again"), lambda: handled.append("again"))
     assert handled == ["reload", "stop"], "each signal is replayed once"
+
+
+def test_a_worker_writes_the_log_lines_it_still_held_when_it_exits(tmp_path: Path) -> None:
+    # A worker leaves by os._exit (no atexit): lines held for the end of a loop turn that never came
+    # (the loop stopped first) must still reach the log.
+    log_file = tmp_path / "worker.log"
+
+    def worker(say_ready: Callable[[], None]) -> int:
+        logs.setup(stream=log_file.open("w"))
+
+        async def log_and_stop() -> None:
+            logging.getLogger("gateway.test").info("the last line")
+            asyncio.get_running_loop().stop()
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(log_and_stop())
+        loop.close()
+        return 0
+
+    children = workers.fork(1, worker)
+    (pid,) = children.pids
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "the last line" in log_file.read_text()
