@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import replies
+from .deadlines import Deadline
 from .errors import GatewayError
 from .replies import Reply
 
@@ -203,11 +204,11 @@ class NextHopConnection:
         self.transactions = 0  # completed on this connection; for pool policy and tests
         self.on_reply: Callable[[str, float], None] | None = None  # (command, seconds): the metrics
         self.idle_since = time.monotonic()
-        # The reply deadline: one timer per connection whose deadline moves, as the edge's idle timer
-        # (see _await_by); asyncio.timeout() per reply cost more than the rest of reading it.
         self._loop = asyncio.get_running_loop()
-        self._deadline: float | None = None
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        # Past a reply's deadline the connection is cut: a late reply would be out of step, so nothing
+        # more can be read from it anyway. The reader then sees the end of the stream, and _read_reply
+        # reports TIMEOUT because of _expired.
+        self._reply_deadline = Deadline(self._loop, self._expire)
         self._expired = False
 
     # ------------------------------------------------------------------ setup
@@ -273,32 +274,13 @@ class NextHopConnection:
             self._failure = _broken("connection closed by us")
         self._out.clear()  # held data (a body without its dot above all) must never go out now
         self._fail_waiters(self._failure)
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
+        self._reply_deadline.cancel()
         transport = self._writer.transport
         transport.abort()
 
-    def _await_by(self, timeout: float) -> None:
-        """The next hop has `timeout` seconds for the reply we are about to read. Past that the connection
-        is cut: a late reply would be out of step, so nothing more can be read from it anyway."""
-        self._deadline = deadline = self._loop.time() + timeout
-        timer = self._deadline_timer
-        if timer is None or timer.when() > deadline:  # none set, or set for later than this deadline
-            if timer is not None:
-                timer.cancel()
-            self._deadline_timer = self._loop.call_at(deadline, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._deadline_timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return  # not waiting for a reply now; the next wait sets the timer again
-        if self._loop.time() < deadline:
-            self._deadline_timer = self._loop.call_at(deadline, self._check_deadline)
-            return
+    def _expire(self) -> None:
         self._expired = True
-        self._writer.transport.abort()  # the reader sees the end of the stream: _read_reply says TIMEOUT
+        self._writer.transport.abort()
 
     async def quit(self) -> None:
         """Polite close; errors are of no interest any more."""
@@ -386,7 +368,7 @@ class NextHopConnection:
     async def _read_reply(self, timeout: float, what: str) -> NextHopReply:
         lines: list[str] = []
         code = 0
-        self._await_by(timeout)
+        self._reply_deadline.set(timeout)
         try:
             while True:
                 raw = await self._reader.readuntil(b"\n")
@@ -411,7 +393,7 @@ class NextHopConnection:
         except asyncio.LimitOverrunError:
             raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply line to {what} too long") from None
         finally:
-            self._deadline = None
+            self._reply_deadline.clear()
         if not 200 <= code <= 599:
             raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply code {code} to {what} out of range")
         return NextHopReply(code, tuple(lines))
