@@ -133,23 +133,24 @@ def test_a_slow_next_hop_times_out() -> None:
     run(body())
 
 
-def test_a_connection_dropped_mid_data_is_broken() -> None:
-    async def body() -> None:
-        async with FakeNextHop(Script(drop_after_bytes=1000)) as hop:
-            conn = await connect(hop.port)
-            await conn.command("MAIL FROM:<>", 2)
-            await conn.command("RCPT TO:<b@example.com>", 2)
-            await conn.command("DATA", 2)
-            with pytest.raises(NextHopError) as caught:
-                for _ in range(1000):
-                    await conn.send_data(b"x" * 100 + b"\r\n")
-                    await asyncio.sleep(0)
-                await conn.end_data()
-            assert caught.value.kind is NextHopErrorKind.BROKEN
-            assert caught.value.reply.code == 451
-            assert hop.messages == []
+async def dropped_mid_data() -> None:
+    async with FakeNextHop(Script(drop_after_bytes=1000)) as hop:
+        conn = await connect(hop.port)
+        await conn.command("MAIL FROM:<>", 2)
+        await conn.command("RCPT TO:<b@example.com>", 2)
+        await conn.command("DATA", 2)
+        with pytest.raises(NextHopError) as caught:
+            for _ in range(1000):
+                await conn.send_data(b"x" * 100 + b"\r\n")
+                await asyncio.sleep(0)
+            await conn.end_data()
+        assert caught.value.kind is NextHopErrorKind.BROKEN
+        assert caught.value.reply.code == 451
+        assert hop.messages == []
 
-    run(body())
+
+def test_a_connection_dropped_mid_data_is_broken() -> None:
+    run(dropped_mid_data())
 
 
 def test_a_connection_dropped_mid_data_is_broken_on_uvloop_too() -> None:
@@ -157,22 +158,7 @@ def test_a_connection_dropped_mid_data_is_broken_on_uvloop_too() -> None:
     where stdlib asyncio drops the write: the connection must still fail as BROKEN, never crash."""
     import uvloop
 
-    async def body() -> None:
-        async with FakeNextHop(Script(drop_after_bytes=1000)) as hop:
-            conn = await connect(hop.port)
-            await conn.command("MAIL FROM:<>", 2)
-            await conn.command("RCPT TO:<b@example.com>", 2)
-            await conn.command("DATA", 2)
-            with pytest.raises(NextHopError) as caught:
-                for _ in range(1000):
-                    await conn.send_data(b"x" * 100 + b"\r\n")
-                    await asyncio.sleep(0)
-                await conn.end_data()
-            assert caught.value.kind is NextHopErrorKind.BROKEN
-            assert caught.value.reply.code == 451
-            assert hop.messages == []
-
-    uvloop.run(asyncio.wait_for(body(), 60))
+    uvloop.run(asyncio.wait_for(dropped_mid_data(), 60))
 
 
 def test_garbage_is_a_protocol_error() -> None:
