@@ -125,11 +125,7 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     workers_module.remember_signals()
     config = load_config(args)
     kf = keystore.load(config.keyring_path)
-    try:
-        fmt = logs.LogFormat(config.log.format)
-    except ValueError:
-        fmt = logs.LogFormat.LOGFMT
-    logs.setup(fmt, config.log.level.upper())
+    logs.setup_from(config.log)
     count = config.workers if args.command == "socketmap" else 1
     bound = _bind_all(args.command, config, shared=count > 1)
     for what, sock in bound:

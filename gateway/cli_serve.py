@@ -93,11 +93,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.config is None and args.keyring is None and not config.keyring_path.exists():
         _create_development_keyring(config.keyring_path)
     kf = keystore.load(config.keyring_path)
-    try:
-        fmt = logs.LogFormat(config.log.format)
-    except ValueError:
-        fmt = logs.LogFormat.LOGFMT
-    logs.setup(fmt, config.log.level.upper())
+    logs.setup_from(config.log)
     if config.workers == 1:
         return workers.run(_serve(args, config, kf))
     # Several processes on the same ports: bound here, once, so that a port 0 listener is one port.

@@ -256,6 +256,20 @@ def setup(
     logger.propagate = False
 
 
+class LogSettings(Protocol):
+    """The config's [log] table (config.LogConfig), validated there: a known format, a level name."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def level(self) -> str: ...
+
+
+def setup_from(settings: LogSettings) -> None:
+    """setup() as the config's [log] table says (at start-up, and again on a reload that changed it)."""
+    setup(LogFormat(settings.format), settings.level.upper())
+
+
 def log_fields(logger: logging.Logger, level: int, message: str, /, **fields: object) -> None:
     """Log one record with structured fields (the non-decision events: reloads, startup, shutdown)."""
     logger.log(level, message, extra={FIELDS_ATTR: fields})

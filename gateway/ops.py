@@ -114,7 +114,7 @@ class Operations:
             gateway.apply(config, keyring)
             if config.log != self.config.log:
                 # The log format and level are reloadable too: the handler is replaced, not added.
-                logs.setup(logs.LogFormat(config.log.format), config.log.level.upper())
+                logs.setup_from(config.log)
             self.config = config
 
         return apply
