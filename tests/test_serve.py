@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -229,38 +231,20 @@ def keyring_file(tmp_path: Path) -> keystore.KeyringFile:
     return kf
 
 
-@needs_postfix
-def test_serve_with_the_example_config_relays_to_smtp_sink_and_refuses_a_forged_bounce(
-    tmp_path: Path, keyring_file: keystore.KeyringFile
-) -> None:
-    dumps = tmp_path / "dumps"
+@contextlib.contextmanager
+def serving_into_smtp_sink(folder: Path) -> Iterator[tuple[Serving, SmtpSink]]:
+    """`serve` with the example config, relaying to a fresh smtp-sink and ready to accept mail.
+
+    On the way out (unless the test failed) the process must exit 0 when stopped, and the sink is given
+    time to write its first message: read it with `sink.messages()` after the `with`."""
+    dumps = folder / "dumps"
     dumps.mkdir()
     inbound, outbound = free_port(), free_port()
     with SmtpSink(dumps) as sink:
-        serving = Serving(example_config(tmp_path, inbound, outbound, sink.port), inbound)
+        serving = Serving(example_config(folder, inbound, outbound, sink.port), inbound)
         try:
             serving.wait_ready()
-            tag = prvs.sign("bob@example.com", keyring_file.keyring, TODAY)
-            swaks = ["swaks", "--server", f"{LOCALHOST}:{inbound}", "--from", "<>", "--timeout", "20"]
-            good = subprocess.run(
-                [*swaks, "--to", tag, "--header", "Subject: a genuine bounce", "--body", "returned"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert good.returncode == 0, good.stdout + good.stderr
-            forged = subprocess.run(
-                [*swaks, "--to", "bob@example.com", "--quit-after", "RCPT"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            # swaks exits 24 when the server refuses the recipient.
-            assert forged.returncode == 24, forged.stdout
-            assert (
-                "<** 550 5.7.1 <bob@example.com>: bounce to an address we never signed (unsigned)"
-                in forged.stdout
-            )
+            yield serving, sink
         finally:
             code, err = serving.stop()
         assert code == 0, err
@@ -268,51 +252,66 @@ def test_serve_with_the_example_config_relays_to_smtp_sink_and_refuses_a_forged_
             if sink.messages():
                 break
             time.sleep(0.05)
-        (message,) = sink.messages()
-        assert b"X-Mail-Args: <>" in message
-        assert b"X-Rcpt-Args: <bob@example.com>" in message
-        assert b"Subject: a genuine bounce" in message
+
+
+@needs_postfix
+def test_serve_with_the_example_config_relays_to_smtp_sink_and_refuses_a_forged_bounce(
+    tmp_path: Path, keyring_file: keystore.KeyringFile
+) -> None:
+    with serving_into_smtp_sink(tmp_path) as (serving, sink):
+        tag = prvs.sign("bob@example.com", keyring_file.keyring, TODAY)
+        swaks = ["swaks", "--server", f"{LOCALHOST}:{serving.port}", "--from", "<>", "--timeout", "20"]
+        good = subprocess.run(
+            [*swaks, "--to", tag, "--header", "Subject: a genuine bounce", "--body", "returned"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert good.returncode == 0, good.stdout + good.stderr
+        forged = subprocess.run(
+            [*swaks, "--to", "bob@example.com", "--quit-after", "RCPT"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        # swaks exits 24 when the server refuses the recipient.
+        assert forged.returncode == 24, forged.stdout
+        assert (
+            "<** 550 5.7.1 <bob@example.com>: bounce to an address we never signed (unsigned)"
+            in forged.stdout
+        )
+    (message,) = sink.messages()
+    assert b"X-Mail-Args: <>" in message
+    assert b"X-Rcpt-Args: <bob@example.com>" in message
+    assert b"Subject: a genuine bounce" in message
 
 
 @needs_postfix
 def test_sigterm_during_data_completes_the_transaction(
     tmp_path: Path, keyring_file: keystore.KeyringFile
 ) -> None:
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    inbound, outbound = free_port(), free_port()
-    with SmtpSink(dumps) as sink:
-        serving = Serving(example_config(tmp_path, inbound, outbound, sink.port), inbound)
-        try:
-            serving.wait_ready()
+    with serving_into_smtp_sink(tmp_path) as (serving, sink):
 
-            async def body() -> None:
-                client = await RawClient.connect(inbound)
-                await client.ehlo()
-                assert (await client.cmd("MAIL FROM:<>"))[0] == 250
-                tag = prvs.sign("carol@example.org", keyring_file.keyring, TODAY)
-                assert (await client.cmd(f"RCPT TO:<{tag}>"))[0] == 250
-                assert (await client.cmd("DATA"))[0] == 354
-                client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
-                await client.writer.drain()
-                serving.process.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)  # the signal is handled; the listener is closed
-                client.send(b"second half\r\n.\r\n")
-                assert (await client.reply())[0] == 250
-                assert await client.rest() == SHUTTING_DOWN
-                await client.close()
+        async def body() -> None:
+            client = await RawClient.connect(serving.port)
+            await client.ehlo()
+            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+            tag = prvs.sign("carol@example.org", keyring_file.keyring, TODAY)
+            assert (await client.cmd(f"RCPT TO:<{tag}>"))[0] == 250
+            assert (await client.cmd("DATA"))[0] == 354
+            client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+            await client.writer.drain()
+            serving.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)  # the signal is handled; the listener is closed
+            client.send(b"second half\r\n.\r\n")
+            assert (await client.reply())[0] == 250
+            assert await client.rest() == SHUTTING_DOWN
+            await client.close()
 
-            run(body())
-        finally:
-            code, err = serving.stop()
-        assert code == 0, err
-        for _ in range(50):
-            if sink.messages():
-                break
-            time.sleep(0.05)
-        (message,) = sink.messages()
-        assert b"X-Rcpt-Args: <carol@example.org>" in message
-        assert message.rstrip().endswith(b"first half\nsecond half")  # smtp-sink dumps with LF
+        run(body())
+    (message,) = sink.messages()
+    assert b"X-Rcpt-Args: <carol@example.org>" in message
+    assert message.rstrip().endswith(b"first half\nsecond half")  # smtp-sink dumps with LF
 
 
 def test_serve_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
