@@ -10,13 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway import keystore
 from gateway.cli import main
+from tests.smtp_peers import make_cert
 
 NOW = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
 REPO = Path(__file__).resolve().parent.parent
@@ -109,38 +106,17 @@ def test_config_option_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--config" in capsys.readouterr().err
 
 
-def make_cert(folder: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.com")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW)
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_certificates_are_loaded(
     setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
 ) -> None:
     config, _ = setup
-    cert, key = make_cert(config.parent, "a")
+    (config.parent / "a").mkdir()
+    (config.parent / "b").mkdir()
+    cert, key = make_cert(config.parent / "a")
     write_config(config.parent, f'tls_cert = "{cert}"\ntls_key = "{key}"')
     assert main(["check-config", "--config", str(config), "-q"]) == 0
     # A key that does not belong to the certificate.
-    _, other_key = make_cert(config.parent, "b")
+    _, other_key = make_cert(config.parent / "b")
     write_config(config.parent, f'tls_cert = "{cert}"\ntls_key = "{other_key}"')
     assert main(["check-config", "--config", str(config)]) == 2
     err = capsys.readouterr().err
