@@ -622,24 +622,24 @@ class EdgeProtocol(SMTP):
 
     # ------------------------------------------------------------------ commands
 
-    async def smtp_HELO(self, arg: str | None) -> None:
+    async def _greet(self, verb: str, arg: str | None, esmtp: bool) -> bool:
+        """HELO and EHLO alike: a name is required; the transaction and the client's name start afresh."""
         if not arg:
-            await self._reply(Reply(501, "5.5.4", "Syntax: HELO hostname"))
-            return
+            await self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return False
         await self._reset_transaction()
-        self.helo, self.esmtp = arg, False
+        self.helo, self.esmtp = arg, esmtp
         if self.relay is not None:
-            self.relay.greeted(arg, esmtp=False, tls=self._tls_protocol is not None)
-        await self._reply(Reply(250, "", self.hostname))
+            self.relay.greeted(arg, esmtp=esmtp, tls=self._tls_protocol is not None)
+        return True
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        if await self._greet("HELO", arg, esmtp=False):
+            await self._reply(Reply(250, "", self.hostname))
 
     async def smtp_EHLO(self, arg: str | None) -> None:
-        if not arg:
-            await self._reply(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+        if not await self._greet("EHLO", arg, esmtp=True):
             return
-        await self._reset_transaction()
-        self.helo, self.esmtp = arg, True
-        if self.relay is not None:
-            self.relay.greeted(arg, esmtp=True, tls=self._tls_protocol is not None)
         offer = self.ctx.offer()
         if self._tls_protocol is not None:
             offer = Offer(offer.size, offer.eight_bit, offer.smtputf8, offer.dsn, starttls=False)
