@@ -129,22 +129,19 @@ def test_tls_certificates_are_loaded(
 
 def test_as_a_subprocess(setup: tuple[Path, keystore.KeyringFile]) -> None:
     config, _ = setup
-    ok = subprocess.run(
-        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+
+    def check_config() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
+    ok = check_config()
     assert ok.returncode == 0 and ": ok" in ok.stdout, ok.stderr
     write_config(config.parent, lifetime="0")
-    bad = subprocess.run(
-        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+    bad = check_config()
     assert bad.returncode == 2 and "lifetime_days" in bad.stderr
