@@ -136,6 +136,17 @@ async def send_through(port: int, *transactions: tuple[str, list[str]]) -> list[
         await client.close()
 
 
+async def relay_outbound(
+    *transactions: tuple[str, list[str]], policy: dict[str, Any] | None = None
+) -> tuple[list[Received], list[list[tuple[int, str]]]]:
+    """The transactions, in one session, through a fresh outbound gateway: what the next hop got, and
+    every reply the client heard."""
+    async with FakeNextHop() as hop:
+        async with running_gateway(outbound_config(hop.port, policy=policy)) as gw:
+            results = await send_through(gateway_port(gw), *transactions)
+        return hop.messages, results
+
+
 def srs_hash(*fields: str, secret: bytes = SECRET) -> str:
     """tests/vectors/README.md: base64 of HMAC-SHA1 over the ASCII-lowercased fields, 4 characters."""
     mac = hmac.new(secret, b"".join(f.lower().encode() for f in fields), hashlib.sha1)
@@ -195,13 +206,9 @@ def test_a_foreign_sender_gets_srs0_and_an_srs_sender_gets_srs1() -> None:
     ]
 
     async def body() -> list[Received]:
-        async with FakeNextHop() as hop:
-            async with running_gateway(outbound_config(hop.port)) as gw:
-                results = await send_through(
-                    gateway_port(gw), *((s, ["friend@elsewhere.test"]) for s in senders)
-                )
-                assert all(r[-1][0] == 250 for r in results), results
-            return hop.messages
+        messages, results = await relay_outbound(*((s, ["friend@elsewhere.test"]) for s in senders))
+        assert all(r[-1][0] == 250 for r in results), results
+        return messages
 
     day, messages = on_one_day(body)
     srs0, wrapped, rewrapped = (sender_of(m) for m in messages)
@@ -223,13 +230,9 @@ def test_the_null_sender_and_tagged_senders_are_left_alone() -> None:
     senders = ["", tagged, ours]
 
     async def body() -> list[Received]:
-        async with FakeNextHop() as hop:
-            async with running_gateway(outbound_config(hop.port)) as gw:
-                results = await send_through(
-                    gateway_port(gw), *((s, ["friend@elsewhere.test"]) for s in senders)
-                )
-                assert all(r[-1][0] == 250 for r in results), results
-            return hop.messages
+        messages, results = await relay_outbound(*((s, ["friend@elsewhere.test"]) for s in senders))
+        assert all(r[-1][0] == 250 for r in results), results
+        return messages
 
     assert [m.mail for m in run(body())] == [f"MAIL FROM:<{s}>".encode() for s in senders]
 
@@ -237,18 +240,15 @@ def test_the_null_sender_and_tagged_senders_are_left_alone() -> None:
 def test_exempt_senders_are_not_rewritten() -> None:
     policy = {"exempt_senders": ["lists.example.com", "noreply@example.com"]}
 
-    async def body() -> list[Received]:
-        async with FakeNextHop() as hop:
-            async with running_gateway(outbound_config(hop.port, policy=policy)) as gw:
-                await send_through(
-                    gateway_port(gw),
-                    ("announce@lists.example.com", ["friend@elsewhere.test"]),
-                    ("NoReply@Example.com", ["friend@elsewhere.test"]),
-                    ("alice@example.com", ["friend@elsewhere.test"]),  # the control: not exempt
-                )
-            return hop.messages
-
-    exempt_domain, exempt_address, control = (sender_of(m) for m in run(body()))
+    messages, _ = run(
+        relay_outbound(
+            ("announce@lists.example.com", ["friend@elsewhere.test"]),
+            ("NoReply@Example.com", ["friend@elsewhere.test"]),
+            ("alice@example.com", ["friend@elsewhere.test"]),  # the control: not exempt
+            policy=policy,
+        )
+    )
+    exempt_domain, exempt_address, control = (sender_of(m) for m in messages)
     assert (exempt_domain, exempt_address) == ("announce@lists.example.com", "NoReply@Example.com")
     assert control.startswith("prvs=") and control.endswith("=alice@example.com")
 
@@ -258,18 +258,14 @@ def test_exempt_recipients_leave_their_transaction_unrewritten() -> None:
     transaction of the same session is signed again, and a transaction is never half rewritten."""
     policy = {"exempt_recipients": ["list.example.net", "ml@lists.example.org"]}
 
-    async def body() -> tuple[list[Received], list[list[tuple[int, str]]]]:
-        async with FakeNextHop() as hop:
-            async with running_gateway(outbound_config(hop.port, policy=policy)) as gw:
-                results = await send_through(
-                    gateway_port(gw),
-                    ("alice@example.com", ["members@list.example.net"]),
-                    ("alice@example.com", ["ML@lists.example.org"]),
-                    ("alice@example.com", ["friend@elsewhere.test", "members@list.example.net"]),
-                )
-            return hop.messages, results
-
-    messages, results = run(body())
+    messages, results = run(
+        relay_outbound(
+            ("alice@example.com", ["members@list.example.net"]),
+            ("alice@example.com", ["ML@lists.example.org"]),
+            ("alice@example.com", ["friend@elsewhere.test", "members@list.example.net"]),
+            policy=policy,
+        )
+    )
     assert [sender_of(m) for m in messages[:2]] == ["alice@example.com", "alice@example.com"]
     assert sender_of(messages[2]).startswith("prvs=")
     assert messages[2].rcpts == [b"RCPT TO:<friend@elsewhere.test>"]
@@ -278,15 +274,12 @@ def test_exempt_recipients_leave_their_transaction_unrewritten() -> None:
 
 def test_all_local_recipients_are_not_rewritten_when_configured() -> None:
     async def body(skip: bool) -> list[Received]:
-        policy = {"skip_local_recipients": skip}
-        async with FakeNextHop() as hop:
-            async with running_gateway(outbound_config(hop.port, policy=policy)) as gw:
-                await send_through(
-                    gateway_port(gw),
-                    ("alice@example.com", ["bob@example.org", "carol@example.com"]),
-                    ("alice@example.com", ["friend@elsewhere.test"]),
-                )
-            return hop.messages
+        messages, _ = await relay_outbound(
+            ("alice@example.com", ["bob@example.org", "carol@example.com"]),
+            ("alice@example.com", ["friend@elsewhere.test"]),
+            policy={"skip_local_recipients": skip},
+        )
+        return messages
 
     local, remote = run(body(skip=True))
     assert sender_of(local) == "alice@example.com"
