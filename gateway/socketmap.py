@@ -413,10 +413,6 @@ class MapService:
             day = self._day = _Day(policy, today, self.cache_size)
         return day
 
-    def answer(self, name: str, key: str) -> Answer:
-        """One lookup by the general path (not cached)."""
-        return self._lookup(self.current(), name, key)
-
     def _lookup(self, day: _Day, name: str, key: str) -> Answer:
         try:
             return lookup(day.policy, name, key, day.today)
