@@ -1,4 +1,4 @@
-"""Suite-wide reporting: how many recorded interop cases ran, by the file they came from.
+"""Suite-wide: the `log_stream` fixture, and a report of how many recorded interop cases ran, by file.
 
 tests/test_vectors.py runs one test per case id (`prvs-exim-0001`, `srs-postsrsd-0042`, ...). The count
 is printed at the end of every run, so a CI log shows that every case of every vector file was run.
@@ -6,9 +6,30 @@ is printed at the end of every run, so a CI log shows that every case of every v
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
+
+from gateway import logs
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The gateway's logging set up in logfmt into a string; reset afterwards (no handler, NOTSET)."""
+    stream = io.StringIO()
+    logs.setup(logs.LogFormat.LOGFMT, stream=stream)
+    yield stream
+    logger = logging.getLogger("gateway")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
 
 _CASE = re.compile(r"tests/test_vectors\.py::\w+\[((?:prvs|srs)-[a-z-]+?)-\d+\]$")
 _passed: Counter[str] = Counter()

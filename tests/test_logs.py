@@ -7,7 +7,6 @@ import enum
 import io
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -40,18 +39,6 @@ class Event:
     next_hop_reply: object = None
     duration: float | None = 0.0125
     would_reject: object = None
-
-
-@pytest.fixture
-def stream() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    logs.setup(LogFormat.LOGFMT, stream=out)
-    yield out
-    logger = logging.getLogger("gateway")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
 
 
 def parse_logfmt(line: str) -> dict[str, str]:
@@ -94,9 +81,9 @@ def parse_logfmt(line: str) -> dict[str, str]:
     return fields
 
 
-def test_decision_line_has_every_field_in_logfmt(stream: io.StringIO) -> None:
+def test_decision_line_has_every_field_in_logfmt(log_stream: io.StringIO) -> None:
     logs.DecisionLog()(Event(key_id=3, next_hop_reply="250 2.1.5 Ok"))
-    lines = stream.getvalue().splitlines()
+    lines = log_stream.getvalue().splitlines()
     assert len(lines) == 1
     fields = parse_logfmt(lines[0])
     assert fields["event"] == "decision"
@@ -114,10 +101,10 @@ def test_decision_line_has_every_field_in_logfmt(stream: io.StringIO) -> None:
     assert fields["ts"].endswith("Z")
 
 
-def test_decision_line_in_json(stream: io.StringIO) -> None:
-    logs.setup(LogFormat.JSON, stream=stream)
+def test_decision_line_in_json(log_stream: io.StringIO) -> None:
+    logs.setup(LogFormat.JSON, stream=log_stream)
     logs.DecisionLog()(Event(sender="alice@example.org", key_id=None))
-    (line,) = stream.getvalue().splitlines()
+    (line,) = log_stream.getvalue().splitlines()
     record = json.loads(line)
     assert record["sender"] == "alice@example.org"
     assert record["verdict"] == "reject"
@@ -137,9 +124,9 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("address", HOSTILE)
-def test_hostile_address_cannot_forge_a_line_or_a_field(stream: io.StringIO, address: str) -> None:
+def test_hostile_address_cannot_forge_a_line_or_a_field(log_stream: io.StringIO, address: str) -> None:
     logs.DecisionLog()(Event(recipient=address, sender=address or None))
-    text = stream.getvalue()
+    text = log_stream.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")
     line = text[:-1]
     assert "\r" not in line and "\u2028" not in line and "\u0085" not in line and "\x00" not in line
@@ -149,10 +136,10 @@ def test_hostile_address_cannot_forge_a_line_or_a_field(stream: io.StringIO, add
 
 
 @pytest.mark.parametrize("address", HOSTILE)
-def test_hostile_address_in_json_stays_one_record(stream: io.StringIO, address: str) -> None:
-    logs.setup(LogFormat.JSON, stream=stream)
+def test_hostile_address_in_json_stays_one_record(log_stream: io.StringIO, address: str) -> None:
+    logs.setup(LogFormat.JSON, stream=log_stream)
     logs.DecisionLog()(Event(recipient=address))
-    (line,) = stream.getvalue().splitlines()
+    (line,) = log_stream.getvalue().splitlines()
     assert line.isascii()
     record = json.loads(line)
     assert record["rcpt"] == address and record["verdict"] == "reject"
@@ -167,39 +154,39 @@ def test_render_value_round_trips_and_is_one_token(text: str) -> None:
     assert parsed == {"k": expected}
 
 
-def test_long_values_are_cut(stream: io.StringIO) -> None:
+def test_long_values_are_cut(log_stream: io.StringIO) -> None:
     logs.DecisionLog()(Event(recipient="a" * 100_000 + "@example.com"))
-    line = stream.getvalue()
+    line = log_stream.getvalue()
     assert len(line) < 2 * logs.MAX_VALUE_CHARS
 
 
-def test_exceptions_stay_on_one_line(stream: io.StringIO) -> None:
+def test_exceptions_stay_on_one_line(log_stream: io.StringIO) -> None:
     log = logging.getLogger("gateway.test")
     try:
         raise RuntimeError("boom\nlevel=info forged")
     except RuntimeError:
         log.exception("it failed")
-    lines = stream.getvalue().splitlines()
+    lines = log_stream.getvalue().splitlines()
     assert len(lines) == 1
     fields = parse_logfmt(lines[0])
     assert fields["level"] == "error" and fields["msg"] == "it failed"
     assert "Traceback" in fields["exc"] and "forged" in fields["exc"]
 
 
-def test_log_fields_and_formatter_keep_reserved_fields(stream: io.StringIO) -> None:
+def test_log_fields_and_formatter_keep_reserved_fields(log_stream: io.StringIO) -> None:
     logs.log_fields(
         logging.getLogger("gateway.reload"), logging.WARNING, "refused", level="info", path="/x y"
     )
-    fields = parse_logfmt(stream.getvalue().strip())
+    fields = parse_logfmt(log_stream.getvalue().strip())
     assert fields["level"] == "warning"  # a caller's field cannot overwrite the record's own
     assert fields["path"] == "/x y"
 
 
-def test_setup_twice_keeps_one_handler(stream: io.StringIO) -> None:
-    logs.setup(LogFormat.JSON, stream=stream)
-    logs.setup(LogFormat.LOGFMT, stream=stream)
+def test_setup_twice_keeps_one_handler(log_stream: io.StringIO) -> None:
+    logs.setup(LogFormat.JSON, stream=log_stream)
+    logs.setup(LogFormat.LOGFMT, stream=log_stream)
     logging.getLogger("gateway.x").info("hello")
-    assert len(stream.getvalue().splitlines()) == 1
+    assert len(log_stream.getvalue().splitlines()) == 1
 
 
 def test_formatter_key_names_are_sanitised() -> None:
@@ -209,7 +196,7 @@ def test_formatter_key_names_are_sanitised() -> None:
     assert "bad_key_x=1" in line
 
 
-def test_fan_out_survives_a_failing_observer(stream: io.StringIO) -> None:
+def test_fan_out_survives_a_failing_observer(log_stream: io.StringIO) -> None:
     seen: list[object] = []
 
     def broken(event: object) -> None:
@@ -218,7 +205,7 @@ def test_fan_out_survives_a_failing_observer(stream: io.StringIO) -> None:
     on_decision = logs.fan_out(broken, seen.append)
     on_decision(Event())
     assert seen == [Event()]
-    assert "a decision observer failed" in stream.getvalue()
+    assert "a decision observer failed" in log_stream.getvalue()
 
 
 def _reference_render(text: str) -> str:
@@ -241,7 +228,7 @@ def test_timestamps_across_a_second_boundary_keep_their_own_second() -> None:
 
 
 class CountingStream(io.StringIO):
-    """A log stream that counts its writes: each write is a write(2) on a real stream."""
+    """A log log_stream that counts its writes: each write is a write(2) on a real log_stream."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,22 +10,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import logging
 import os
 import re
 import signal
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config as config_mod
-from gateway import keystore, logs, prvs, serve
+from gateway import keystore, prvs, serve
 from gateway.ops import Operations
 from tests.smtp_peers import FakeNextHop, RawClient
 
@@ -57,18 +55,6 @@ listen = "127.0.0.1:0"
 
 def today() -> int:
     return int(time.time()) // 86400
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    logs.setup(logs.LogFormat.LOGFMT, stream=stream)
-    yield stream
-    logger = logging.getLogger("gateway")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    logger.propagate = True
-    logger.setLevel(logging.NOTSET)
 
 
 class Running:
