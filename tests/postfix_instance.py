@@ -96,20 +96,25 @@ def reap(pids: Sequence[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def zombie_children() -> list[int]:
-    """Our exited but unreaped children: stop() must leave none (see the module docstring)."""
-    me = str(os.getpid())
-    found = []
+def children(pid: int) -> dict[int, str]:
+    """Every child of pid, with its state letter from /proc (R, S, ..., Z for exited but unreaped)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
+            # After the last ")": the command name may itself hold spaces and parentheses.
             state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if state == "Z" and ppid == me:
-                found.append(int(entry))
+            if ppid == str(pid):
+                found[int(entry)] = state
     return found
+
+
+def zombie_children() -> list[int]:
+    """Our exited but unreaped children: stop() must leave none (see the module docstring)."""
+    return [child for child, state in children(os.getpid()).items() if state == "Z"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -41,7 +41,7 @@ from gateway import srs
 from gateway.addresses import parse_address
 from gateway.keyring import Key, Keyring, KeyState
 from gateway.policy import Action, Policy, PolicySettings, Reason
-from tests.postfix_instance import POSTSRSD, become_subreaper, free_port, reap, wait_for_port
+from tests.postfix_instance import POSTSRSD, become_subreaper, children, free_port, reap, wait_for_port
 
 VECTORS = Path(__file__).parent / "vectors"
 ALIAS = "fwd.gateway.test"
@@ -103,21 +103,10 @@ def running_postsrsd(folder: Path, secret: bytes, separator: str = "=") -> Itera
         _stop(proc)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError):
-            if entry.isdigit() and re.search(
-                rf"^PPid:\s+{pid}$", Path(f"/proc/{entry}/status").read_text(), re.M
-            ):
-                found.append(int(entry))
-    return found
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop postsrsd and leave no zombie: it forks a child per connection and reaps them only lazily, so
     its last children outlive it. As a child subreaper the test adopts them and reaps exactly those."""
-    children = _children(proc.pid)
+    adopted = list(children(proc.pid))
     proc.terminate()
     try:
         proc.wait(timeout=10)
@@ -127,7 +116,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.stderr is not None:
         proc.stderr.close()
     deadline = time.monotonic() + 5.0
-    while (left := [p for p in children if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+    while (left := [p for p in adopted if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
         reap(left)
         time.sleep(0.01)
     assert not left, f"postsrsd children {left} outlived it"
