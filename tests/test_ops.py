@@ -266,9 +266,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one_and_sessions_in_flight_fi
             # A transaction in flight: the client is in the middle of its message.
             client = await RawClient.connect(r.smtp_port)
             await client.ehlo()
-            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
-            assert (await client.cmd(f"RCPT TO:<{genuine}>"))[0] == 250
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("", genuine)
             client.send("Subject: in flight\r\n\r\nfirst half")
             await client.writer.drain()
 
@@ -473,9 +471,7 @@ def test_outbound_counters_and_srs_forward(tmp_path: Path, log_stream: io.String
                 for sender in ("alice@example.com", "someone@forwarded.example"):
                     client = await RawClient.connect(port)
                     await client.ehlo()
-                    assert (await client.cmd(f"MAIL FROM:<{sender}>"))[0] == 250
-                    assert (await client.cmd("RCPT TO:<bob@remote.example>"))[0] == 250
-                    assert (await client.cmd("DATA"))[0] == 354
+                    await client.open_data(sender, "bob@remote.example")
                     assert (await client.cmd("Subject: out\r\n\r\nhello\r\n."))[0] == 250
                     await client.cmd("QUIT")
                     await client.close()

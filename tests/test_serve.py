@@ -295,10 +295,7 @@ def test_sigterm_during_data_completes_the_transaction(
         async def body() -> None:
             client = await RawClient.connect(serving.port)
             await client.ehlo()
-            assert (await client.cmd("MAIL FROM:<>"))[0] == 250
-            tag = prvs.sign("carol@example.org", keyring_file.keyring, TODAY)
-            assert (await client.cmd(f"RCPT TO:<{tag}>"))[0] == 250
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.open_data("", prvs.sign("carol@example.org", keyring_file.keyring, TODAY))
             client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
             await client.writer.drain()
             serving.process.send_signal(signal.SIGTERM)

@@ -179,26 +179,18 @@ def test_nothing_the_next_hop_gets_is_bare_or_ends_data_early(junk: bytes, cuts:
 # ------------------------------------------------------------------------------------------------ the edge
 
 
-async def start_transaction(client: RawClient, rcpt: str = "bob@example.com") -> None:
-    await client.ehlo()
-    assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
-    assert (await client.cmd(f"RCPT TO:<{rcpt}>"))[0] == 250
-
-
 def test_past_the_size_limit_the_next_hop_transaction_is_dropped_without_the_final_dot() -> None:
     async def body() -> None:
         async with FakeNextHop() as hop:
             cfg = gateway_config(hop.port, limits={"message_size_limit": 10_000})
             async with running_gateway(cfg) as gw:
                 client = await RawClient.connect(gateway_port(gw))
-                await start_transaction(client)
-                assert (await client.cmd("DATA"))[0] == 354
+                await client.ehlo()
+                await client.open_data("alice@example.org", "bob@example.com")
                 client.send((b"z" * 98 + b"\r\n") * 300 + b".\r\n")
                 assert await client.reply() == (552, "5.3.4 " + replies.MESSAGE_TOO_BIG.text)
                 # The session goes on, and a message within the limit is relayed.
-                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
-                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
-                assert (await client.cmd("DATA"))[0] == 354
+                await client.open_data("alice@example.org", "bob@example.com")
                 assert await client.cmd("small\r\n.") == (250, "2.0.0 Ok: queued as FAKE")
                 await client.close()
             assert len(hop.messages) == 1 and hop.messages[0].data == b"small\r\n"
@@ -211,8 +203,8 @@ def test_smuggling_with_bare_newlines_does_not_make_a_second_message() -> None:
     async def body() -> None:
         async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
             client = await RawClient.connect(gateway_port(gw))
-            await start_transaction(client)
-            assert (await client.cmd("DATA"))[0] == 354
+            await client.ehlo()
+            await client.open_data("alice@example.org", "bob@example.com")
             client.send(
                 b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<bob@example.com>\n"
                 b"DATA\nSubject: two\r\n.\r\n"
@@ -234,8 +226,8 @@ def test_a_line_over_the_limit_is_refused() -> None:
         async with FakeNextHop() as hop:
             async with running_gateway(gateway_config(hop.port, limits={"line_length_limit": 100})) as gw:
                 client = await RawClient.connect(gateway_port(gw))
-                await start_transaction(client)
-                assert (await client.cmd("DATA"))[0] == 354
+                await client.ehlo()
+                await client.open_data("alice@example.org", "bob@example.com")
                 client.send(b"a" * 200 + b"\r\n.\r\n")
                 assert await client.reply() == (500, "5.5.2 Line too long")
                 await client.close()
@@ -249,7 +241,9 @@ def test_too_many_recipients() -> None:
         async with FakeNextHop() as hop:
             async with running_gateway(gateway_config(hop.port, limits={"recipient_limit": 2})) as gw:
                 client = await RawClient.connect(gateway_port(gw))
-                await start_transaction(client)
+                await client.ehlo()
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
                 # A refused recipient does not use up the limit (Postfix counts accepted ones).
                 assert (await client.cmd("RCPT TO:<someone@elsewhere.test>"))[0] == 554
                 assert (await client.cmd("RCPT TO:<carol@example.com>"))[0] == 250
