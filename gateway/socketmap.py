@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from . import prvs, srs
-from .addresses import MAX_ADDRESS, MAX_LABEL, MAX_LOCAL, PLAIN_DOMAIN, PLAIN_LOCAL, Address, parse_address
+from .addresses import MAX_LOCAL, PLAIN_DOMAIN, PLAIN_LOCAL, Address, parse_address, plain_lengths_ok
 from .errors import GatewayError
 from .policy import Action, Policy, Reason
 
@@ -298,8 +298,10 @@ class FastForward:
         if m is None:
             return None
         local, domain = m.group(1, 2)
-        if len(key) > _SHORT_KEY and not _plain_lengths_ok(local, domain):
-            return None
+        if len(key) > _SHORT_KEY and (
+            len(local) > MAX_LOCAL or not plain_lengths_ok(local.decode(), domain.decode())
+        ):
+            return None  # over a limit addresses.parse_path checks: the general path says which
         lowered = domain.lower()
         route = self._routes.get(lowered)
         if route is None:
@@ -314,13 +316,6 @@ class FastForward:
         if route is Reason.PRVS and self._sign is not None:
             return self._sign(local, domain)
         return None
-
-
-def _plain_lengths_ok(local: bytes, domain: bytes) -> bool:
-    """addresses.parse_path's limits for a plain address (ASCII: characters are octets)."""
-    if len(local) > MAX_LOCAL or len(local) + len(domain) >= MAX_ADDRESS:
-        return False
-    return len(domain) <= MAX_LABEL or all(len(label) <= MAX_LABEL for label in domain.split(b"."))
 
 
 # --- the asyncio edge -------------------------------------------------------------------------------
