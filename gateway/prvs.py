@@ -48,8 +48,10 @@ _SRS_PREFIX = re.compile(r"srs[01][=+-]", re.IGNORECASE | re.ASCII)
 # (Angle brackets and everything else unusual take the slow path.)
 _PLAIN_TAGGED = re.compile(rf"[pP][rR][vV][sS]=[0-9]{{4}}[0-9a-fA-F]{{6}}=({PLAIN_LOCAL})@({PLAIN_DOMAIN})")
 # A plain address to sign; a local part that starts like a prvs or SRS tag goes to the slow path, which
-# tells a real tag (refused) from a look-alike.
-_PLAIN_SIGNABLE = re.compile(rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})", re.ASCII)
+# tells a real tag (refused) from a look-alike. The source is PlainSigner's precondition too, and
+# socketmap.FastForward compiles it for bytes.
+PLAIN_SIGNABLE = rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})"
+_PLAIN_SIGNABLE = re.compile(PLAIN_SIGNABLE, re.ASCII)
 # Day stamps as text and back, computed once: formatting them per call costs more than a lookup.
 _STAMPS = tuple(f"{day:03d}" for day in range(_DAYS))
 _DAY_OF = {stamp: day for day, stamp in enumerate(_STAMPS)}

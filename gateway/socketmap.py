@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from . import prvs, srs
-from .addresses import MAX_LOCAL, PLAIN_DOMAIN, PLAIN_LOCAL, Address, parse_address, plain_lengths_ok
+from .addresses import MAX_LOCAL, Address, parse_address, plain_lengths_ok
 from .errors import GatewayError
 from .policy import Action, Policy, Reason
 
@@ -255,8 +255,9 @@ def lookup(policy: Policy, name: str, key: str, today: int) -> Answer:
 
 
 # A sender that addresses.parse_path takes on its fast path, with a local part that does not start like a
-# prvs or SRS tag (those take the general path, which tells a tag from a look-alike).
-_PLAIN_SENDER = re.compile(rf"(?!(?i:prvs=|srs[01][=+-]))({PLAIN_LOCAL})@({PLAIN_DOMAIN})".encode())
+# prvs or SRS tag (those take the general path, which tells a tag from a look-alike): what prvs.sign
+# takes on its fast path, as bytes.
+_PLAIN_SENDER = re.compile(prvs.PLAIN_SIGNABLE.encode())
 _SHORT_KEY = 64  # octets: a plain address this short is within every RFC 5321 limit
 _ROUTES_MAX = 4096  # domains whose route is kept; a flood of new domains only costs a policy call each
 
