@@ -287,6 +287,21 @@ def test_command_syntax_and_sequence() -> None:
     run(body())
 
 
+def test_helo_and_ehlo_without_a_name_are_refused_and_the_session_goes_on() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            assert (await client.reply())[0] == 220
+            assert await client.cmd("HELO") == (501, "5.5.4 Syntax: HELO hostname")
+            assert await client.cmd("EHLO") == (501, "5.5.4 Syntax: EHLO hostname")
+            assert await client.cmd("MAIL FROM:<a@example.org>") == (503, "5.5.1 Error: send HELO/EHLO first")
+            assert (await client.cmd("HELO client.test"))[0] == 250
+            assert (await client.cmd("EHLO client.test"))[0] == 250
+            await client.close()
+
+    run(body())
+
+
 def test_odd_but_valid_addresses_take_the_slow_path_and_pass_unchanged() -> None:
     async def body() -> None:
         async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
