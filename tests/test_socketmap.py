@@ -515,17 +515,23 @@ def postfix_config(root: Path) -> PostfixInstance:
     return PostfixInstance(root / "pf").configure()
 
 
+def assert_postmap_round_trips(postfix: PostfixInstance, forward_table: str, reverse_table: str) -> None:
+    """What postmap sees through either kind of table: a signed sender, an SRS0 sender, both reversed, and
+    an untagged recipient left alone."""
+    tagged = postfix.postmap_query("user@example.org", forward_table)
+    assert tagged == prvs.sign("user@example.org", KEYRING, TODAY)
+    forwarded = postfix.postmap_query("joe@foreign.test", forward_table)
+    assert forwarded is not None and forwarded.startswith("SRS0=")
+    assert postfix.postmap_query(tagged, reverse_table) == "user@example.org"
+    assert postfix.postmap_query(forwarded, reverse_table) == "joe@foreign.test"
+    assert postfix.postmap_query("user@example.org", reverse_table) is None
+
+
 def test_postmap_queries_both_socketmap_maps(postfix_config: PostfixInstance) -> None:
     svc = service()
     with socketmap_server(svc) as srv:
         table = f"socketmap:inet:127.0.0.1:{srv.port}"
-        tagged = postfix_config.postmap_query("user@example.org", f"{table}:forward")
-        assert tagged == prvs.sign("user@example.org", KEYRING, TODAY)
-        forwarded = postfix_config.postmap_query("joe@foreign.test", f"{table}:forward")
-        assert forwarded is not None and forwarded.startswith("SRS0=")
-        assert postfix_config.postmap_query(tagged, f"{table}:reverse") == "user@example.org"
-        assert postfix_config.postmap_query(forwarded, f"{table}:reverse") == "joe@foreign.test"
-        assert postfix_config.postmap_query("user@example.org", f"{table}:reverse") is None
+        assert_postmap_round_trips(postfix_config, f"{table}:forward", f"{table}:reverse")
         assert postfix_config.postmap_query("prvs=3000000000=user@example.org", f"{table}:reverse") is None
         with pytest.raises(PostfixError, match="permanent error"):
             postfix_config.postmap_query("user@example.org", f"{table}:nosuchmap")
@@ -542,14 +548,8 @@ def test_postmap_sees_temp_when_no_key_can_sign(postfix_config: PostfixInstance)
 def test_postmap_queries_the_tcp_table_ports(postfix_config: PostfixInstance) -> None:
     svc = service()
     with tcp_server(svc, "forward") as fwd, tcp_server(svc, "reverse") as rev:
-        tagged = postfix_config.postmap_query("user@example.org", f"tcp:127.0.0.1:{fwd.port}")
-        assert tagged == prvs.sign("user@example.org", KEYRING, TODAY)
-        forwarded = postfix_config.postmap_query("joe@foreign.test", f"tcp:127.0.0.1:{fwd.port}")
-        assert forwarded is not None and forwarded.startswith("SRS0=")
-        assert postfix_config.postmap_query(tagged, f"tcp:127.0.0.1:{rev.port}") == "user@example.org"
-        assert postfix_config.postmap_query(forwarded, f"tcp:127.0.0.1:{rev.port}") == "joe@foreign.test"
+        assert_postmap_round_trips(postfix_config, f"tcp:127.0.0.1:{fwd.port}", f"tcp:127.0.0.1:{rev.port}")
         assert postfix_config.postmap_query("postmaster", f"tcp:127.0.0.1:{fwd.port}") is None
-        assert postfix_config.postmap_query("user@example.org", f"tcp:127.0.0.1:{rev.port}") is None
 
 
 # --- the command, and Postfix rewriting real mail through it -------------------------------------------
