@@ -112,6 +112,11 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
+def live_children(pid: int) -> list[int]:
+    """The children of pid that have not exited (a zombie has, and only waits to be reaped)."""
+    return [child for child, state in children(pid).items() if state != "Z"]
+
+
 def zombie_children() -> list[int]:
     """Our exited but unreaped children: stop() must leave none (see the module docstring)."""
     return [child for child, state in children(os.getpid()).items() if state == "Z"]

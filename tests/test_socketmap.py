@@ -26,6 +26,7 @@ from postfix_instance import (
     ServerThread,
     SmtpSink,
     free_port,
+    live_children,
     load_snippet,
     parse_main_cf,
     private_root,
@@ -743,20 +744,6 @@ def test_postfix_signs_only_submitted_mail_with_the_master_cf_snippet(root: Path
     assert by_subject["inbound"].mail_from == "joe@foreign.test"
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[1] == str(pid) and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def test_workers_share_the_sockets_and_all_reload_on_sighup(
     root: Path, postfix_config: PostfixInstance
 ) -> None:
@@ -771,9 +758,9 @@ def test_workers_share_the_sockets_and_all_reload_on_sighup(
     try:
         port = cmd.wait_listening(1)["maps forward, reverse"]
         deadline = time.monotonic() + 10
-        while len(children_of(cmd.proc.pid)) < 2 and time.monotonic() < deadline:
+        while len(live_children(cmd.proc.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)  # the workers are forked just after the sockets are bound and announced
-        assert len(children_of(cmd.proc.pid)) == 2, "the main process and two workers"
+        assert len(live_children(cmd.proc.pid)) == 2, "the main process and two workers"
         table = f"socketmap:inet:127.0.0.1:{port}:forward"
         tags = {postfix_config.postmap_query("user@example.org", table) for _ in range(6)}
         assert tags == {prvs.sign("user@example.org", kf.keyring, today())}
@@ -790,13 +777,13 @@ def test_workers_share_the_sockets_and_all_reload_on_sighup(
                 break
             assert time.monotonic() < deadline, f"not every worker reloaded: {seen}"
             time.sleep(0.1)
-        workers = children_of(cmd.proc.pid)
+        workers = live_children(cmd.proc.pid)
     finally:
         code, log = cmd.stop()
     assert code == 0, log
     assert log.count("reload applied") >= 3, "the main process and each worker reloaded"
-    assert all(not Path(f"/proc/{pid}").exists() or children_of(pid) == [] for pid in workers)
-    assert children_of(cmd.proc.pid) == []
+    assert all(not Path(f"/proc/{pid}").exists() or live_children(pid) == [] for pid in workers)
+    assert live_children(cmd.proc.pid) == []
 
 
 def test_a_signal_during_start_up_still_stops_every_worker(root: Path) -> None:

@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import keystore, logs, workers
+from tests.postfix_instance import live_children
 from tests.smtp_peers import LOCALHOST, SmtpSink, free_port
 from tests.test_serve import Serving, example_config, keyring_file  # noqa: F401  (a fixture)
-from tests.test_socketmap import children_of
 
 
 def dumped(sink: SmtpSink) -> set[Path]:
@@ -68,9 +68,9 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
         try:
             serving.wait_ready()
             deadline = time.monotonic() + 10
-            while len(children_of(serving.process.pid)) < 1 and time.monotonic() < deadline:
+            while len(live_children(serving.process.pid)) < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            (worker,) = children_of(serving.process.pid)
+            (worker,) = live_children(serving.process.pid)
             # One process binds the metrics endpoint (a second would fail to start), and it answers
             # /readyz 200 once every worker is up (the ports are bound before the fork: listening is not
             # being ready).
@@ -109,7 +109,7 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
     assert err.count("reload applied") >= 2, "the main process and the worker reloaded"
     assert err.count("shutting down") == 2, err
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
-    assert children_of(serving.process.pid) == []
+    assert live_children(serving.process.pid) == []
 
 
 def test_signals_before_the_loop_are_replayed_in_order() -> None:
