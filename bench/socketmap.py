@@ -1,7 +1,8 @@
 """Postfix lookup rates: `batv-gateway socketmap` (socketmap and tcp_table) next to postsrsd 1.10's tcp_table.
 
-    python bench/socketmap.py                 # about two minutes
+    python bench/socketmap.py                 # about two and a half minutes
     python bench/socketmap.py --seconds 1 --rounds 1   # a quick look
+    python bench/socketmap.py --no-placement  # without the pinned 1-connection table
 
 Both servers run on 127.0.0.1, started here: our command with a throwaway keyring, and the Debian postsrsd
 (`postsrsd -s SECRETFILE -d ALIAS -l 127.0.0.1 -f PORT -r PORT`, foreground) with its own secret file.
@@ -97,8 +98,20 @@ def _read_line(sock: socket.socket, buf: bytearray) -> bytes:
     return line
 
 
-def client(port: int, kind: str, pattern: str, ok: bytes, seconds: float, name: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    """Ask in a loop for `seconds`; put (lookups per second, wrong answers) on `out`."""
+def client(
+    port: int,
+    kind: str,
+    pattern: str,
+    ok: bytes,
+    seconds: float,
+    name: str,
+    out: mp.Queue,  # type: ignore[type-arg]
+    cpus: set[int] | None = None,
+) -> None:
+    """Ask in a loop for `seconds`; put (lookups per second, wrong answers) on `out`. `cpus`: run only
+    there (the placement table)."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     addresses = keys(pattern, name)
     if kind == "socketmap":
         requests, read = socketmap_requests("forward", addresses), _read_netstring
@@ -131,13 +144,21 @@ def client(port: int, kind: str, pattern: str, ok: bytes, seconds: float, name: 
 _measurements = 0
 
 
-def measure(port: int, kind: str, pattern: str, ok: bytes, connections: int, seconds: float) -> float:
+def measure(
+    port: int,
+    kind: str,
+    pattern: str,
+    ok: bytes,
+    connections: int,
+    seconds: float,
+    cpus: set[int] | None = None,
+) -> float:
     """Lookups per second over all connections."""
     global _measurements
     _measurements += 1
     out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     procs = [
-        mp.Process(target=client, args=(port, kind, pattern, ok, seconds, f"{_measurements}c{no}", out))
+        mp.Process(target=client, args=(port, kind, pattern, ok, seconds, f"{_measurements}c{no}", out, cpus))
         for no in range(connections)
     ]
     for p in procs:
@@ -221,6 +242,14 @@ class Servers:
         )  # fmt: skip
         wait_port(self.postsrsd_port)
 
+    def pin(self, cpus: set[int]) -> None:
+        """Run both servers, every process and thread of them, only on `cpus` (postsrsd's per-connection
+        children inherit it from their parent)."""
+        assert self.ours is not None and self.postsrsd is not None
+        for pid in _tree(self.ours.pid) + _tree(self.postsrsd.pid):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), cpus)
+
     def stop(self) -> None:
         for proc in (self.ours, self.postsrsd):
             if proc is not None and proc.poll() is None:
@@ -234,6 +263,55 @@ class Servers:
             self.ours.stderr.close()
 
 
+def _tree(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid] + [p for child in children for p in _tree(int(child))]
+
+
+PLACEMENTS = (
+    # (label, the servers' CPUs, the client's CPUs) on CPUs 0 and 1
+    ("same CPU", {0}, {0}),
+    ("separate CPUs", {0}, {1}),
+)
+
+
+def placement_table(servers: Servers, rounds: int, seconds: float) -> None:
+    """One connection with the servers and the client held on fixed CPUs, for both servers alike.
+
+    One connection is a ping-pong: its rate is mostly how fast each side is woken, and that depends on
+    where the scheduler puts the two. When the other CPU is idle it wakes the server there, and on a
+    virtual machine a wake-up across CPUs is a trip through the hypervisor. Pinning shows both cases."""
+    everywhere = os.sched_getaffinity(0)
+    cases = [
+        ("postsrsd tcp_table", servers.postsrsd_port, "tcp", "srs/new", b"200 SRS0="),
+        ("ours socketmap", servers.socketmap_port, "socketmap", "srs/new", b"OK SRS0="),
+        ("postsrsd tcp_table", servers.postsrsd_port, "tcp", "srs/repeated", b"200 SRS0="),
+        ("ours socketmap", servers.socketmap_port, "socketmap", "srs/repeated", b"OK SRS0="),
+    ]
+    results: dict[tuple[str, str, str], list[float]] = {}
+    try:
+        for r in range(rounds):
+            order = cases[r % len(cases) :] + cases[: r % len(cases)]
+            for where, server_cpus, client_cpus in PLACEMENTS:
+                servers.pin(server_cpus)
+                for label, port, kind, pattern, ok in order:
+                    rate = measure(port, kind, pattern, ok, 1, seconds, client_cpus)
+                    results.setdefault((where, label, pattern), []).append(rate)
+    finally:
+        servers.pin(everywhere)
+    median = {k: statistics.median(v) for k, v in results.items()}
+    print()
+    print(f"1 connection, pinned (median of {rounds} rounds): servers on CPU 0, the client as named")
+    print(f"{'server':20}{'senders':16}" + "".join(f"{where:>22}" for where, _, _ in PLACEMENTS))
+    for label, _, _, pattern, _ in cases:
+        cells = []
+        for where, _, _ in PLACEMENTS:
+            rate = median[(where, label, pattern)]
+            base = median[(where, "postsrsd tcp_table", pattern)]
+            cells.append(f"{rate:10.0f} ({rate / base:4.2f}x)")
+        print(f"{label:20}{pattern:16}" + "".join(f"{c:>22}" for c in cells))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one measurement")
@@ -241,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=4, help="the 'several connections' case")
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="our server's processes (default: CPUs)"
+    )
+    parser.add_argument(
+        "--no-placement", action="store_true", help="skip the pinned 1-connection table (needs 2 CPUs)"
     )
     args = parser.parse_args(argv)
     if shutil.which("postsrsd") is None:
@@ -286,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             "(x) = the ratio to postsrsd 1.10's tcp_table SRS rate for the same kind of senders, in this run;"
         )
         print("      the target is at least 1.00x. prvs rows: postsrsd has no BATV; the ratio is to its SRS.")
+        if not args.no_placement and {0, 1} <= os.sched_getaffinity(0):
+            placement_table(servers, args.rounds, args.seconds)
     finally:
         servers.stop()
         shutil.rmtree(work, ignore_errors=True)
