@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from . import keystore
     from .config import Config, HostPort
     from .relay import PolicyHolder
+    from .socketmap import MapService
 
     Started = tuple[list[asyncio.Server], Callable[[], None]]
     Starter = Callable[[Config, PolicyHolder, "Bound"], Awaitable[Started]]
@@ -148,10 +149,17 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
         children.reap()
 
 
-async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
-    from .socketmap import FORWARD, REVERSE, MapService, SocketmapProtocol, TcpTableProtocol
+def map_service(config: Config, holder: PolicyHolder) -> MapService:
+    from .socketmap import MapService
 
-    service = MapService(holder, max_request=config.socketmap.max_request)
+    sm = config.socketmap
+    return MapService(holder, max_request=sm.max_request, cache_size=sm.cache_size)
+
+
+async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
+    from .socketmap import FORWARD, REVERSE, SocketmapProtocol, TcpTableProtocol
+
+    service = map_service(config, holder)
     loop = asyncio.get_running_loop()
     servers = []
     for what, sock in bound:

@@ -117,6 +117,7 @@ class SocketmapConfig:
     tcp_forward: HostPort | None = None  # tcp_table(5), as postsrsd 1.x's forward port
     tcp_reverse: HostPort | None = None
     max_request: int = 4096
+    cache_size: int = 65536  # replies kept, about two hundred bytes each; 0: none
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
         tcp_forward=sm.hostport("tcp_forward", None),
         tcp_reverse=sm.hostport("tcp_reverse", None),
         max_request=sm.integer("max_request", 4096, 64, 1 << 20),
+        cache_size=sm.integer("cache_size", 65536, 0, 1 << 24),
     )
     sm.done()
 

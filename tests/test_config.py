@@ -35,6 +35,7 @@ def test_the_example_config_loads_with_every_key() -> None:
     assert relay.trusted == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert cfg.metrics.listen == HostPort("127.0.0.1", 9425)
     assert cfg.socketmap.tcp_forward is None
+    assert cfg.socketmap.cache_size == 65536
 
 
 def test_the_embedded_default_needs_no_file() -> None:
@@ -88,6 +89,10 @@ def test_signed_domains_default_to_local_domains(tmp_path: Path) -> None:
             "[limits] hard_error_limit: must not be below soft_error_limit",
         ),
         ("[log]\nformat = 'xml'\n", "[log] format: expected 'logfmt' or 'json'"),
+        (
+            "[socketmap]\ncache_size = -1\n",
+            "[socketmap] cache_size: expected a whole number from 0 to 16777216, got -1",
+        ),
         ("[srs]\nalways_rewrite = true\n", "[srs] always_rewrite: needs [srs] alias"),
         ("[gateway\n", "not valid TOML"),
     ],

@@ -32,11 +32,14 @@ from postfix_instance import (
     private_root,
 )
 
+from gateway import config as gateway_config
 from gateway import keystore, prvs, srs
+from gateway.cli_postfix import map_service
 from gateway.keyring import Key, Keyring, KeyState
 from gateway.policy import Policy, PolicySettings
 from gateway.relay import PolicyHolder
 from gateway.socketmap import (
+    DEFAULT_CACHE_SIZE,
     Answer,
     FastForward,
     MapService,
@@ -411,6 +414,19 @@ def test_replies_are_cached_per_policy_and_day_and_the_cache_is_bounded() -> Non
     assert svc.tcp_reply("forward", b"get user@example.org").startswith(b"400 ")
     assert request not in svc.current().socketmap, "TEMP is never kept"
     assert b"get user@example.org" not in svc.current().tcp["forward"]
+
+
+def test_the_config_sizes_the_reply_cache(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text("[socketmap]\nmax_request = 256\ncache_size = 0\n")
+    svc = map_service(gateway_config.load(path), PolicyHolder(POLICY))
+    assert svc.max_request == 256
+    request = b"forward user@example.org"
+    assert svc.socketmap_reply(request) == svc.socketmap_reply(request)
+    assert svc.tcp_reply("forward", b"get user@example.org").startswith(b"200 prvs=")
+    day = svc.current()
+    assert len(day.socketmap) == 0 and len(day.tcp["forward"]) == 0, "cache_size = 0 keeps no reply"
+    assert map_service(gateway_config.default(), PolicyHolder(POLICY)).cache_size == DEFAULT_CACHE_SIZE
 
 
 def socketmap_server(svc: MapService) -> ServerThread:
