@@ -52,9 +52,13 @@ def test_inbound_snippet_passes_postfix_check(root: Path) -> None:
     pf.add_master(load_snippet(INBOUND))
     assert pf.check() == ""
     params = pf.postconf(
-        "-P", "127.0.0.1:10025/inet/mynetworks", "127.0.0.1:10025/inet/smtpd_relay_restrictions"
+        "-P",
+        "127.0.0.1:10025/inet/mynetworks",
+        "127.0.0.1:10025/inet/smtpd_relay_restrictions",
+        "127.0.0.1:10025/inet/smtpd_authorized_xforward_hosts",
     )
     assert "mynetworks =" in params and "reject_unauth_destination" in params
+    assert "smtpd_authorized_xforward_hosts = 127.0.0.0/8" in params
 
 
 class Gateway:
@@ -158,11 +162,16 @@ next_hop = "127.0.0.1:{reinject}"
             assert prvs.verify(out.mail_from, kf.keyring, day).verdict is prvs.PrvsVerdict.VALID
 
             # Inbound: the genuine bounce to that return path reaches alice's mailbox, untagged...
-            with smtplib.SMTP("127.0.0.1", gateway_in, timeout=30) as client:
+            # (sent from another loopback address: Postfix must log that client, not the gateway)
+            with smtplib.SMTP("127.0.0.1", gateway_in, timeout=30, source_address=("127.0.0.2", 0)) as client:
                 client.sendmail("<>", [out.mail_from], b"Subject: bounce\r\n\r\nundeliverable\r\n")
             messages = sink.wait_for_messages(2, timeout=30)
             bounce = messages[-1]
             assert bounce.mail_from == "" and bounce.rcpts == ("alice@example.com",)
+            # ... and Postfix, told by XFORWARD, logs the real client next to the gateway.
+            pf.wait_for_log(
+                r"postfix/batv-in/smtpd\[\d+\]: [0-9A-F]+: client=\S+, orig_client=unknown\[127\.0\.0\.2\]"
+            )
             # ... and a forged one is refused at RCPT by the gateway; Postfix never sees it.
             with smtplib.SMTP("127.0.0.1", gateway_in, timeout=30) as client:
                 client.ehlo()
