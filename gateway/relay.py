@@ -116,6 +116,10 @@ class RoleRules(Protocol):
         """At the client's MAIL: the transaction's rules, or the refusal (an untrusted client, ...)."""
         ...
 
+    def forwards_client(self, ip: str) -> bool:
+        """May this client say, with XFORWARD, who its own client was (an MTA handing us its mail)?"""
+        ...
+
 
 class PolicyHolder:
     """The policy that new transactions read. A reload swaps it; a transaction takes it once at MAIL, so
@@ -144,6 +148,9 @@ class InboundRules:
 
     def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction:
         return _InboundTransaction(self.holder.policy, mail, self.observe, self.clock)
+
+    def forwards_client(self, ip: str) -> bool:
+        return False  # the internet is the client here: nobody speaks for anyone else
 
 
 @dataclass
@@ -217,6 +224,10 @@ class OutboundRules:
         if not self._trusted(info.client_ip):
             return replies.client_not_trusted(info.client_ip)
         return _OutboundTransaction(self.holder.policy, mail, self.clock)
+
+    def forwards_client(self, ip: str) -> bool:
+        # The MTA we relay for (Postfix's smtp_send_xforward_command) may name its own client.
+        return self._trusted(ip)
 
 
 @dataclass
@@ -347,6 +358,9 @@ class RelaySession:
         self.info = info
         self.helo: str | None = None
         self.protocol = "SMTP"
+        # What a trusted client said with XFORWARD about its own client (xtext, as received), for the
+        # next transaction only: an MTA sends it ahead of each message.
+        self.forwarded: dict[str, str] = {}
         self._clear()
 
     def greeted(self, helo: str, esmtp: bool, tls: bool) -> None:
@@ -354,16 +368,28 @@ class RelaySession:
         self.helo = helo
         self.protocol = ("ESMTPS" if tls else "ESMTP") if esmtp else "SMTP"
 
+    @property
+    def offers_xforward(self) -> bool:
+        return self.relay.rules.forwards_client(self.info.client_ip)
+
+    def xforward(self, attributes: dict[str, str]) -> None:
+        """XFORWARD from a client that may send it (offers_xforward): attributes add up until the end
+        of the next transaction, as Postfix's smtpd keeps them."""
+        self.forwarded.update(attributes)
+
     def _xforward(self, conn: NextHopConnection) -> None:
-        """Postfix's XFORWARD (only where the next hop offers it, i.e. trusts us): its logs and its own
-        client checks then see the real client, not the gateway. Pipelined ahead of MAIL; each value
-        xtext-encoded, so nothing a client chose can break the command line."""
+        """Postfix's XFORWARD (only where the next hop offers it, i.e. trusts us): its logs then name
+        the real client, not the gateway: ours, or the one a trusted client forwarded to us. Pipelined
+        ahead of MAIL; each value xtext-encoded, so nothing a client chose can break the command line."""
+        forwarded = self.forwarded
         fields = [
-            f"NAME={XFORWARD_UNAVAILABLE}",
-            f"ADDR={_xtext(self.info.client_ip)}",
-            f"PROTO={self.protocol}",
+            f"NAME={forwarded.get('NAME', XFORWARD_UNAVAILABLE)}",
+            f"ADDR={forwarded.get('ADDR') or _xtext(self.info.client_ip)}",
+            f"PROTO={forwarded.get('PROTO', self.protocol)}",
         ]
-        if self.helo:
+        if "HELO" in forwarded:
+            fields.append(f"HELO={forwarded['HELO']}")
+        elif self.helo:
             fields.append(f"HELO={_xtext(self.helo[:255])}")
         # The reply is read in order ahead of MAIL's; a refusal of XFORWARD costs nothing but the data.
         conn.send("XFORWARD " + " ".join(fields), conn.timeouts.command)
@@ -648,9 +674,11 @@ class RelaySession:
             else:
                 self.relay.pool.reset_later(conn)
         self._clear()
+        self.forwarded.clear()
 
     def reset(self) -> None:
         """RSET, HELO/EHLO, QUIT or STARTTLS from the client."""
+        self.forwarded.clear()
         if self._mail is None and self._conn is None:
             return  # nothing begun since the last end (MAIL starts every transaction): already clean
         self._end()
@@ -661,6 +689,7 @@ class RelaySession:
             self._conn.abort()
             self._conn = None
         self._clear()
+        self.forwarded.clear()
 
     async def close(self) -> None:
         if self._in_data:

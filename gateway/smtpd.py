@@ -263,6 +263,30 @@ class RcptCommand:
     bare_postmaster: bool = False
 
 
+# XFORWARD (Postfix's XFORWARD_README): the attributes we pass on to a next hop that offers it.
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
+XFORWARD_OFFER = "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)
+_XFORWARD_VALUE_MAX = 255  # octets, as Postfix's smtpd allows
+
+
+def parse_xforward(arg: str) -> dict[str, str]:
+    """XFORWARD's "NAME=value ..." → {NAME: value}, names upper-cased, values kept as xtext (they go on
+    to the next hop as they came). Raises ValueError with the 501 text for anything else."""
+    attributes: dict[str, str] = {}
+    words = arg.split()
+    if not words:
+        raise ValueError("Syntax: XFORWARD attribute=value...")
+    for word in words:
+        name, equals, value = word.partition("=")
+        name = name.upper()
+        if not equals or name not in XFORWARD_ATTRIBUTES:
+            raise ValueError(f"Bad XFORWARD attribute name: {word[:40]}")
+        if not value or len(value) > _XFORWARD_VALUE_MAX or not _XTEXT.match(value):
+            raise ValueError(f"Bad XFORWARD attribute value for {name}: not xtext of 1 to 255 octets")
+        attributes[name] = value
+    return attributes
+
+
 class CommandError(Exception):
     """A MAIL or RCPT we cannot take; carries the reply (never shown to anyone but the client)."""
 
@@ -655,6 +679,8 @@ class EdgeProtocol(SMTP):
             lines.append("DSN")
         if offer.starttls:
             lines.append("STARTTLS")
+        if self.relay is not None and self.relay.offers_xforward:
+            lines.append(XFORWARD_OFFER)
         lines.append("ENHANCEDSTATUSCODES")
         await self._reply(NextHopReply(250, tuple(lines)))
 
@@ -681,6 +707,22 @@ class EdgeProtocol(SMTP):
 
     async def smtp_HELP(self, arg: str | None) -> None:
         await self._reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        # Postfix's XFORWARD_README: between transactions only, and only from a client we offered it to.
+        if self.relay is None or not self.relay.offers_xforward:
+            await self._reply(Reply(550, "5.7.0", "Error: insufficient authorization"))
+            return
+        if self.mail is not None:
+            await self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            return
+        try:
+            attributes = parse_xforward(arg or "")
+        except ValueError as error:
+            await self._reply(Reply(501, "5.5.4", str(error)))
+            return
+        self.relay.xforward(attributes)
+        await self._reply(replies.OK)
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if self.tls_context is None or self._tls_protocol is not None:
@@ -950,6 +992,7 @@ EdgeProtocol._COMMANDS = {
         "smtp_VRFY",
         "smtp_EXPN",
         "smtp_HELP",
+        "smtp_XFORWARD",
         "smtp_STARTTLS",
         "smtp_MAIL",
         "smtp_RCPT",

@@ -507,6 +507,61 @@ def test_no_xforward_where_it_is_not_offered() -> None:
     run(body())
 
 
+def test_a_trusted_client_names_its_own_client_with_xforward_for_one_transaction() -> None:
+    """Postfix relaying through us with smtp_send_xforward_command: the next hop logs Postfix's client."""
+
+    async def body() -> None:
+        script = Script(extensions=(*Script().extensions, "XFORWARD NAME ADDR PROTO HELO"))
+        async with FakeNextHop(script) as hop:
+            async with running_gateway(gateway_config(hop.port, listener=OUTBOUND)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                code, text = await client.ehlo()
+                assert code == 250 and "XFORWARD NAME ADDR PROTO HELO" in text.splitlines()
+                assert await client.cmd("XFORWARD NAME=mua.example.org ADDR=192.0.2.7") == (250, "2.0.0 OK")
+                assert (await client.cmd("xforward helo=pc+2B1 proto=ESMTPSA"))[0] == 250  # adds up
+                for _ in range(2):  # the second transaction has no XFORWARD: ours again
+                    await client.cmd("MAIL FROM:<alice@example.com>")
+                    await client.cmd("RCPT TO:<friend@elsewhere.test>")
+                    assert (await send_message(client))[0] == 250
+                await client.close()
+            forwarded = [line for line in hop.lines if line.startswith(b"XFORWARD ")]
+            assert forwarded == [
+                b"XFORWARD NAME=mua.example.org ADDR=192.0.2.7 PROTO=ESMTPSA HELO=pc+2B1",
+                b"XFORWARD NAME=[UNAVAILABLE] ADDR=127.0.0.1 PROTO=ESMTP HELO=client.test",
+            ]
+
+    run(body())
+
+
+def test_xforward_is_refused_where_it_is_not_offered_and_checked_where_it_is() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            async with running_gateway(gateway_config(hop.port)) as gw:  # inbound: the internet
+                client = await RawClient.connect(gateway_port(gw))
+                assert "XFORWARD" not in (await client.ehlo())[1]
+                assert await client.cmd("XFORWARD ADDR=192.0.2.7") == (
+                    550,
+                    "5.7.0 Error: insufficient authorization",
+                )
+                await client.close()
+            async with running_gateway(gateway_config(hop.port, listener=OUTBOUND)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                for bad in ("", " NAME", " SOURCE=LOCAL", " NAME=a=b", " NAME=a+2", " ADDR=" + "1" * 256):
+                    code, text = await client.cmd("XFORWARD" + bad)
+                    assert code == 501 and text.startswith("5.5.4 "), (bad, code, text)
+                await client.cmd("MAIL FROM:<alice@example.com>")
+                assert await client.cmd("XFORWARD ADDR=192.0.2.7") == (
+                    503,
+                    "5.5.1 Error: MAIL transaction in progress",
+                )
+                await client.cmd("RCPT TO:<friend@elsewhere.test>")
+                assert (await send_message(client))[0] == 250, "the session goes on"
+                await client.close()
+
+    run(body())
+
+
 def test_a_client_gone_while_the_next_hop_thinks_leaves_no_half_transaction_behind() -> None:
     async def body() -> None:
         async with (
