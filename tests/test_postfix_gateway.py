@@ -153,13 +153,17 @@ next_hop = "127.0.0.1:{reinject}"
 """,
             )
             # Outbound: a user submits; the message reaches "the internet" with a signed return path.
-            with smtplib.SMTP("127.0.0.1", submission, timeout=30) as client:
+            with smtplib.SMTP("127.0.0.1", submission, timeout=30, source_address=("127.0.0.3", 0)) as client:
                 client.sendmail("alice@example.com", ["bob@remote.test"], b"Subject: out\r\n\r\nhello\r\n")
             (out,) = sink.wait_for_messages(1, timeout=30)
             assert prvs.is_prvs(out.mail_from) and out.mail_from.endswith("=alice@example.com")
             assert out.rcpts == ("bob@remote.test",)
             day = int(time.time()) // 86400
             assert prvs.verify(out.mail_from, kf.keyring, day).verdict is prvs.PrvsVerdict.VALID
+            # Postfix told the gateway who submitted (XFORWARD), and the gateway told the reinjection.
+            pf.wait_for_log(
+                r"postfix/batv-reinject/smtpd\[\d+\]: [0-9A-F]+: client=\S+, orig_client=\S*\[127\.0\.0\.3\]"
+            )
 
             # Inbound: the genuine bounce to that return path reaches alice's mailbox, untagged...
             # (sent from another loopback address: Postfix must log that client, not the gateway)
