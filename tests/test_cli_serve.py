@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,3 +199,40 @@ def test_start_up_warns_of_an_unqualified_hostname_and_says_it_observes(tmp_path
     assert 'msg="inbound listener mx observes:' in mode
     assert mode.rstrip().endswith("mode=observe observe=example.com")
     assert rest.strip().splitlines()[-1].endswith("msg=stopped event=stop status=0")
+
+
+def test_a_reload_that_leaves_the_inbound_listener_no_domain_is_refused(tmp_path: Path) -> None:
+    keystore.save(tmp_path / "keyring.toml", keystore.new_keyring(datetime.now(UTC)))
+    path = tmp_path / "gateway.toml"
+    text = (
+        f'[gateway]\nhostname = "mx.test"\nkeyring = "{tmp_path / "keyring.toml"}"\n'
+        'local_domains = ["example.com"]\n'
+        '[[listener]]\nname = "mx"\nlisten = "127.0.0.1:0"\nnext_hop = "127.0.0.1:1"\n'
+    )
+    path.write_text(text)
+    proc = start_serve(tmp_path, "--config", str(path))
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr or ()], daemon=True)
+    reader.start()
+
+    def line_with(text: str) -> str:
+        while True:
+            line = lines.get(timeout=20)
+            if text in line:
+                return line
+
+    try:
+        line_with("msg=ready")
+        path.write_text(text.replace('local_domains = ["example.com"]', ""))
+        proc.send_signal(signal.SIGHUP)
+        refused = line_with("event=reload")
+        assert "outcome=refused" in refused and 'listener \\"mx\\" (inbound) has no local domain' in refused
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=40)
+        reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == 0
