@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from .logs import DecisionLog, log_fields
 from .metrics import Metrics, MetricsServer
 from .reload import DEFAULT_POLL_INTERVAL, Reloader
 from .sdnotify import Notifier
+from .serve import bind_failure
 
 _log = logging.getLogger("gateway.ops")
 
@@ -159,11 +159,6 @@ class Operations:
             self.metrics.count_sessions(role, _session_counter(listeners))
 
 
-def bind_failure(error: OSError) -> str:
-    """"Address already in use", not asyncio's "[Errno 98] error while attempting to bind on ..." line."""
-    return os.strerror(error.errno) if error.errno else str(error)
-
-
 def announce(config: Config) -> None:
     """serve's start-up lines, once per command (not per worker): the config's warnings, and for each
     inbound listener whether it refuses forged bounces or only logs and counts them, so an operator
@@ -177,7 +172,8 @@ def announce(config: Config) -> None:
         observed = signed if listener.observe else sorted(config.policy.observe_domains & set(signed))
         enforced = [domain for domain in signed if domain not in observed]
         if not signed:
-            mode, what = "off", "signs no domain ([gateway] signed_domains is empty): every bounce is relayed"
+            mode = "off"
+            what = "checks no domain ([gateway] signed_domains is empty): untagged bounces are relayed"
         elif not enforced:
             mode = "observe"
             what = "observes: a bounce to an address we never signed is logged and counted, and accepted"

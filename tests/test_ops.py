@@ -545,6 +545,12 @@ def test_start_up_names_the_domains_observed_one_by_one(log_stream: io.StringIO)
     ) in line
 
 
+def test_start_up_says_when_an_inbound_listener_has_nothing_to_check(log_stream: io.StringIO) -> None:
+    (line,) = announced(log_stream, {"gateway": {**DOMAINS, "signed_domains": []}, "listener": LISTENERS})
+    assert "inbound listener mx checks no domain ([gateway] signed_domains is empty)" in line
+    assert line.endswith("listener=mx mode=off")
+
+
 def test_start_up_warns_of_what_the_config_warns_of(log_stream: io.StringIO) -> None:
     from gateway.ops import announce
 
