@@ -7,6 +7,8 @@ It runs the same strict loaders that `serve` and a reload run, so a file that pa
     batv-gateway check-config --config /etc/batv-gateway/gateway.toml && systemctl reload batv-gateway
 
 Exit codes: 0 when everything loads, 2 with one line naming the file and the key when something does not.
+What loads but is probably a mistake (no [gateway] hostname on a host without a fully qualified name) is a
+warning on stderr, even with --quiet, and exit 0.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def register(subparsers: Any) -> None:
         usage="batv-gateway check-config --config FILE [--keyring PATH] [--quiet]",
         description="Load the config file and the keyring it names (or --keyring) with the same strict "
         "checks as serve and reload, and the TLS certificates of each listener. Exit 0 if all load; "
-        "exit 2 with the error otherwise.",
+        "exit 2 with the error otherwise. What loads but is likely a mistake (no hostname on a host "
+        "without a fully qualified name) is a warning on stderr, even with --quiet.",
     )
     parser.add_argument("--config", metavar="FILE", type=Path, required=True, help="the config file to check")
     parser.add_argument(
@@ -46,6 +49,7 @@ def check(
 ) -> tuple[config_mod.Config, keystore.KeyringFile]:
     """Load and check everything; raises GatewayError (ConfigError, KeyringError) naming file and key."""
     config = config_mod.load(config_path)
+    config_mod.check_listeners(config)
     kf = keystore.load(keyring_path if keyring_path is not None else config.keyring_path)
     for listener in config.listeners:
         if listener.tls_cert is not None and listener.tls_key is not None:
@@ -74,6 +78,8 @@ def _check_tls(config_path: Path, name: str, cert: Path, key: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config, kf = check(args.config, args.keyring)
+    for warning in config.warnings:
+        print(f"batv-gateway: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         active = kf.keyring.active
         keyring_path = args.keyring if args.keyring is not None else config.keyring_path

@@ -18,6 +18,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from .errors import GatewayError
 
 if TYPE_CHECKING:
     from . import keystore
-    from .config import Config
+    from .config import Config, MetricsConfig
     from .workers import Workers
 
 log = logging.getLogger("gateway.serve")
@@ -47,8 +48,10 @@ def register(subparsers: Any) -> None:
             "signals: SIGTERM or SIGINT stop accepting, let transactions in flight finish within "
             "shutdown_deadline and close idle sessions with 421 4.3.2; SIGHUP reloads the config and the "
             "keyring (a bad file is refused and the running one stays); a changed keyring file is picked "
-            "up without a signal. Exit status: 0 after a clean stop, 2 for a config or keyring that cannot "
-            "be used. Every config key: deploy/gateway.example.toml."
+            "up without a signal. At start-up a line per inbound listener says whether it enforces or "
+            "observes; the last line after a clean stop is msg=stopped. Exit status: 0 after a clean stop, "
+            "2 for a config or keyring that cannot be used, or an address already taken. Every config key: "
+            "deploy/gateway.example.toml."
         ),
     )
     add_quickstart_flags(parser, "where to listen")
@@ -61,6 +64,12 @@ def register(subparsers: Any) -> None:
         default=[],
         help="a network allowed to relay (repeatable)",
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT|off",
+        help="serve /metrics, /healthz and /readyz here instead of at [metrics] listen; 'off' for none "
+        "(the embedded default has 127.0.0.1:9425)",
+    )
     parser.set_defaults(handler=handle, help_parser=parser)
 
 
@@ -69,7 +78,7 @@ def load_config(args: argparse.Namespace) -> Config:
     from .config import Role
 
     base = config_module.load(args.config) if args.config is not None else config_module.embedded_serve()
-    return config_module.with_flags(
+    config = config_module.with_flags(
         base,
         role=Role(args.role) if args.role else None,
         listen=args.listen,
@@ -79,10 +88,28 @@ def load_config(args: argparse.Namespace) -> Config:
         srs_alias=args.srs_alias,
         trusted=tuple(args.trusted),
     )
+    if args.metrics is not None:
+        config = replace(config, metrics=metrics_flag(args.metrics))
+    # After the flags: `--domain` can give an inbound listener the domains its file lacks.
+    config_module.check_listeners(config)
+    return config
+
+
+def metrics_flag(text: str) -> MetricsConfig:
+    from .config import HostPort, MetricsConfig
+    from .errors import ConfigError
+
+    if text == "off":
+        return MetricsConfig(None)
+    try:
+        return MetricsConfig(HostPort.parse(text, "--metrics"))
+    except ConfigError:
+        example = "for example 127.0.0.1:9425"
+        raise ConfigError(f"--metrics: {text!r} is not HOST:PORT or off ({example})") from None
 
 
 def handle(args: argparse.Namespace) -> int:
-    from . import keystore, logs, workers
+    from . import keystore, logs, ops, workers
 
     # Before anything slow: a SIGTERM or SIGHUP during start-up is handled once the loop is up, not
     # fatal to a main process whose workers would then be orphaned (workers.py).
@@ -94,6 +121,16 @@ def handle(args: argparse.Namespace) -> int:
         _create_development_keyring(config.keyring_path)
     kf = keystore.load(config.keyring_path)
     logs.setup_from(config.log)
+    ops.announce(config)
+    code = _run(args, config, kf)
+    # Once every process of ours is gone: what a supervisor or an operator waits for after SIGTERM.
+    logs.log_fields(log, logging.INFO, "stopped", event="stop", status=code)
+    return code
+
+
+def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
+    from . import workers
+
     if config.workers == 1:
         return workers.run(_serve(args, config, kf))
     # Several processes on the same ports: bound here, once, so that a port 0 listener is one port.

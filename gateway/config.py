@@ -7,11 +7,12 @@ silently; a mail gateway must not). Every key is documented in deploy/gateway.ex
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 import socket
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from .policy import InvalidTagAction, PolicySettings
 from .srs import SrsOptions
 
 DEFAULT_KEYRING = Path("keys/keyring.toml")
+# Where [gateway] hostname comes from when it is not set; a module attribute so tests can replace it.
+host_fqdn: Callable[[], str] = socket.getfqdn
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -140,6 +143,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
+    # One line each, naming the file and the key: what loads but is probably not what the operator wants.
+    # check-config prints them and serve logs them at start-up.
+    warnings: tuple[str, ...] = ()
 
     @property
     def srs_max_age_days(self) -> int:
@@ -155,6 +161,9 @@ class _Table:
             raise self.error(None, f"must be a table, not {type(data).__name__}")
         self.data: dict[str, Any] = data
         self.used: set[str] = set()
+        # Every key the parser asks for, present or not: parse() asks for each key of the schema before
+        # done(), so this is what the table allows.
+        self.asked: set[str] = set()
 
     def error(self, key: str | None, what: str) -> ConfigError:
         where = f"[{self.name}]" + (f" {key}" if key else "")
@@ -162,6 +171,7 @@ class _Table:
 
     def _get(self, key: str, types: type | tuple[type, ...], expected: str) -> Any:
         self.used.add(key)
+        self.asked.add(key)
         value = self.data[key]
         if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
             raise self.error(key, f"expected {expected}, got {value!r}")
@@ -170,15 +180,19 @@ class _Table:
         return value
 
     def has(self, key: str) -> bool:
+        self.asked.add(key)
         return key in self.data
 
     def string(self, key: str, default: str) -> str:
+        self.asked.add(key)
         return str(self._get(key, str, "a string")) if key in self.data else default
 
     def boolean(self, key: str, default: bool) -> bool:
+        self.asked.add(key)
         return bool(self._get(key, bool, "true or false")) if key in self.data else default
 
     def integer(self, key: str, default: int, low: int = 0, high: int | None = None) -> int:
+        self.asked.add(key)
         if key not in self.data:
             return default
         value = int(self._get(key, int, "a whole number"))
@@ -188,6 +202,7 @@ class _Table:
         return value
 
     def number(self, key: str, default: float, low: float = 0.0) -> float:
+        self.asked.add(key)
         if key not in self.data:
             return default
         value = float(self._get(key, (int, float), "a number"))
@@ -196,6 +211,7 @@ class _Table:
         return value
 
     def strings(self, key: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+        self.asked.add(key)
         if key not in self.data:
             return tuple(default)
         value = self._get(key, list, "a list of strings")
@@ -204,6 +220,7 @@ class _Table:
         return tuple(value)
 
     def choice(self, key: str, enum_type: type[E], default: E) -> E:
+        self.asked.add(key)
         if key not in self.data:
             return default
         value = self._get(key, str, "a string")
@@ -214,6 +231,7 @@ class _Table:
             raise self.error(key, f"expected one of {allowed}, got {value!r}") from None
 
     def hostport(self, key: str, default: HostPort | None) -> HostPort | None:
+        self.asked.add(key)
         if key not in self.data:
             return default
         text = self.string(key, "")
@@ -241,16 +259,25 @@ class _Table:
 
     def table(self, key: str) -> _Table:
         self.used.add(key)
+        self.asked.add(key)
         return _Table(self.origin, f"{self.name}.{key}" if self.name else key, self.data.get(key, {}))
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            known = ", ".join(sorted(self.used)) or "none read here"
-            raise self.error(
-                unknown[0],
-                f"unknown key (known keys in this table: {known}; see deploy/gateway.example.toml)",
-            )
+            raise unknown_error(self.origin, f"[{self.name}]", "key", unknown[0], sorted(self.asked))
+
+
+def unknown_error(origin: str, where: str, kind: str, name: str, allowed: Sequence[str]) -> ConfigError:
+    """`gateway.toml: [inbound] unknown key "oberve"; did you mean "observe"? allowed: ...`: a misspelling
+    is the usual cause, so the closest allowed name comes first, then the whole list."""
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else ";"
+    where = f"{where} " if where else ""
+    return ConfigError(
+        f'{origin}: {where}unknown {kind} "{name}"{hint} allowed: {", ".join(allowed) or "none"}'
+        " (see deploy/gateway.example.toml)"
+    )
 
 
 _TOP = ("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd")
@@ -270,16 +297,36 @@ def _limits(table: _Table, base: Limits) -> Limits:
     return Limits(**values)
 
 
-def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = None) -> Config:
+def qualified(hostname: str) -> bool:
+    """A name other mail servers can check: it has a dot and is not localhost (RFC 5321 4.1.1.1, 4.1.3)."""
+    name = hostname.lower().rstrip(".")
+    return "." in name and name != "localhost" and not name.startswith("localhost.")
+
+
+def parse(
+    data: dict[str, Any],
+    origin: str = "<config>",
+    path: Path | None = None,
+    fqdn: Callable[[], str] | None = None,
+) -> Config:
+    """`fqdn`: where the hostname comes from when [gateway] hostname is not set (default: host_fqdn)."""
     root = _Table(origin, "", data)
+    warnings: list[str] = []
     for key in data:
         if key not in _TOP:
-            raise root.error(
-                key, f"unknown table (known tables: {', '.join(_TOP)}; see deploy/gateway.example.toml)"
-            )
+            raise unknown_error(origin, "", "table", key, _TOP)
 
     gw = root.table("gateway")
-    hostname = gw.string("hostname", "") or socket.getfqdn()
+    hostname = gw.string("hostname", "")
+    if not hostname:
+        hostname = (fqdn or host_fqdn)()
+        if not qualified(hostname):
+            # socket.getfqdn() gives "localhost" (or the bare host name) on a host whose name is not
+            # set up, and a greeting or EHLO as that is refused or scored as spam by many peers.
+            warnings.append(
+                f"{origin}: [gateway] hostname: not set, and this host has no fully qualified name, so the "
+                f'gateway would greet and say EHLO as "{hostname}"; set [gateway] hostname = "mx.example.com"'
+            )
     keyring_path = gw.path("keyring", DEFAULT_KEYRING) or DEFAULT_KEYRING
     local = gw.strings("local_domains")
     signed = gw.strings("signed_domains", local) if gw.has("signed_domains") else local
@@ -410,7 +457,22 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
         metrics=metrics,
         socketmap=socketmap,
         policyd=policyd,
+        warnings=tuple(warnings),
     )
+
+
+def check_listeners(config: Config) -> None:
+    """What a listener needs from the rest of the config, checked once flags are applied (serve, and
+    check-config): an inbound listener with no domain of ours would answer every RCPT with
+    554 5.7.1 Relay access denied."""
+    origin = str(config.path) if config.path is not None else "<embedded default>"
+    for listener in config.listeners:
+        if listener.role is Role.INBOUND and not config.policy.our_domains:
+            raise ConfigError(
+                f'{origin}: listener "{listener.name}" (inbound) has no local domain, so it would refuse '
+                'every recipient with 554 5.7.1 Relay access denied; set [gateway] local_domains = '
+                '["example.com"] (or give --domain)'
+            )
 
 
 def load(path: Path) -> Config:

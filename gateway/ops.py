@@ -20,12 +20,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import keystore, logs
-from .config import Config
+from .config import Config, Role
+from .errors import GatewayError
 from .keyring import Keyring
 from .logs import DecisionLog, log_fields
 from .metrics import Metrics, MetricsServer
 from .reload import DEFAULT_POLL_INTERVAL, Reloader
 from .sdnotify import Notifier
+from .serve import bind_failure
 
 _log = logging.getLogger("gateway.ops")
 
@@ -73,7 +75,14 @@ class Operations:
         listen = self.config.metrics.listen
         if listen is not None and self._serve_metrics:
             self.metrics_server = MetricsServer(self.metrics, ready=lambda: self.is_ready)
-            await self.metrics_server.start(listen.host, listen.port)
+            try:
+                await self.metrics_server.start(listen.host, listen.port)
+            except OSError as error:
+                # Most often another gateway (the quick start's serve) holds the port.
+                raise GatewayError(
+                    f"metrics endpoint: cannot listen on {listen}: {bind_failure(error)}"
+                    " (set [metrics] listen, or give --metrics HOST:PORT or --metrics off)"
+                ) from None
             log_fields(
                 _log,
                 logging.INFO,
@@ -148,6 +157,45 @@ class Operations:
             roles.setdefault(lst.config.role.value, []).append(lst)
         for role, listeners in roles.items():
             self.metrics.count_sessions(role, _session_counter(listeners))
+
+
+def announce(config: Config) -> None:
+    """serve's start-up lines, once per command (not per worker): the config's warnings, and for each
+    inbound listener whether it refuses forged bounces or only logs and counts them, so an operator
+    never has to guess from the config which mode is running."""
+    for warning in config.warnings:
+        _log.warning("%s", warning)
+    signed = sorted(config.policy.signed_domains)
+    for listener in config.listeners:
+        if listener.role is not Role.INBOUND:
+            continue
+        observed = signed if listener.observe else sorted(config.policy.observe_domains & set(signed))
+        enforced = [domain for domain in signed if domain not in observed]
+        if not signed:
+            mode = "off"
+            what = "checks no domain ([gateway] signed_domains is empty): untagged bounces are relayed"
+        elif not enforced:
+            mode = "observe"
+            what = "observes: a bounce to an address we never signed is logged and counted, and accepted"
+        elif observed:
+            mode = "mixed"
+            what = (
+                f"enforces for {', '.join(enforced)} and observes for {', '.join(observed)}"
+                " ([policy] observe_domains)"
+            )
+        else:
+            mode = "enforce"
+            what = "enforces: a bounce to an address we never signed is refused at RCPT with 550 5.7.1"
+        log_fields(
+            _log,
+            logging.INFO,
+            f"inbound listener {listener.name} {what}",
+            event="start",
+            listener=listener.name,
+            mode=mode,
+            enforce=",".join(enforced) or None,
+            observe=",".join(observed) or None,
+        )
 
 
 def _session_counter(listeners: Sequence[Any]) -> Callable[[], float]:

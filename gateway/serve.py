@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -168,8 +169,10 @@ class Gateway:
         probes = [lst.relay.pool.probe_soon() for lst in self.listeners]
         if probes:
             await asyncio.wait(probes, timeout=STARTUP_PROBE_WAIT)
+        where = "cannot listen"
         try:
             for index, lst in enumerate(self.listeners):
+                where = f"listener {lst.config.name}: cannot listen on {lst.config.listen}"
                 context = lst.context
                 factory = functools.partial(EdgeProtocol, context)
                 if sockets is not None:
@@ -182,7 +185,7 @@ class Gateway:
                 log.info("listener %s (%s) on %s:%d", lst.config.name, lst.config.role.value, host, port)
         except OSError as error:
             await self.stop(0)
-            raise ConfigError(f"cannot listen: {error}") from None
+            raise ConfigError(f"{where}: {bind_failure(error)}") from None
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish within `deadline` seconds, then cut."""
@@ -221,6 +224,11 @@ class Gateway:
         files and limits are bound at start; the reloader reports those as needing a restart."""
         self.holder.replace(Policy(config.policy, keyring))
         self.config = config
+
+
+def bind_failure(error: OSError) -> str:
+    """"Address already in use", not asyncio's "[Errno 98] error while attempting to bind on ..." line."""
+    return os.strerror(error.errno) if error.errno else str(error)
 
 
 def install_signals(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import config as config_mod
 from gateway import keystore
 from gateway.cli import main
 from tests.smtp_peers import make_cert
@@ -145,3 +146,32 @@ def test_as_a_subprocess(setup: tuple[Path, keystore.KeyringFile]) -> None:
     write_config(config.parent, lifetime="0")
     bad = check_config()
     assert bad.returncode == 2 and "lifetime_days" in bad.stderr
+
+
+def test_an_inbound_listener_without_a_local_domain_fails_the_check(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It would load, and then refuse every recipient with 554 Relay access denied."""
+    config, _ = setup
+    config.write_text(config.read_text().replace('local_domains = ["example.com"]', ""))
+    assert main(["check-config", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'batv-gateway: error: {config}: listener "mx" (inbound) has no local domain')
+    assert "[gateway] local_domains" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_host_without_a_qualified_name_is_a_warning_naming_hostname(
+    setup: tuple[Path, keystore.KeyringFile],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config, _ = setup
+    monkeypatch.setattr(config_mod, "host_fqdn", lambda: "localhost")
+    assert main(["check-config", "--config", str(config), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")  # hostname is set in the file: the host is not asked
+    config.write_text(config.read_text().replace('hostname = "mx.example.com"', ""))
+    assert main(["check-config", "--config", str(config), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"batv-gateway: warning: {config}: [gateway] hostname: not set")
+    assert 'as "localhost"' in err and len(err.strip().splitlines()) == 1

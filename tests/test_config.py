@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,8 @@ def test_signed_domains_default_to_local_domains(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[gateway]\nkeyrnig = 'x'\n", "[gateway] keyrnig: unknown key"),
-        ("[gatway]\n", "gatway: unknown table"),
+        ("[gateway]\nkeyrnig = 'x'\n", '[gateway] unknown key "keyrnig"; did you mean "keyring"?'),
+        ("[gatway]\n", 'unknown table "gatway"; did you mean "gateway"?'),
         ("[batv]\nlifetime_days = 'seven'\n", "[batv] lifetime_days: expected a whole number, got 'seven'"),
         ("[batv]\nlifetime_days = true\n", "[batv] lifetime_days: expected a whole number, got True"),
         ("[batv]\nlifetime_days = 0\n", "[batv] lifetime_days: expected a whole number from 1 to 365, got 0"),
@@ -82,7 +83,7 @@ def test_signed_domains_default_to_local_domains(tmp_path: Path) -> None:
         (
             "[[listener]]\nlisten = '127.0.0.1:1'\nnext_hop = '127.0.0.1:2'\n"
             "[listener.limits]\nmax_sesions = 3\n",
-            "[listener 1.limits] max_sesions: unknown key",
+            '[listener 1.limits] unknown key "max_sesions"; did you mean "max_sessions"?',
         ),
         (
             "[limits]\nsoft_error_limit = 30\n",
@@ -150,3 +151,85 @@ def test_a_bad_flag_is_a_config_error() -> None:
 def test_invalid_tag_action_is_typed(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, "[policy]\ninvalid_tag_with_sender = 'reject'\n"))
     assert cfg.policy.invalid_tag_with_sender is InvalidTagAction.REJECT
+
+
+def test_an_unknown_key_lists_what_the_table_allows_and_the_closest(tmp_path: Path) -> None:
+    """The allowed keys are the schema's, not only those the file happens to hold."""
+    path = write(tmp_path, "[[listener]]\nlisten = '127.0.0.1:1'\nnext_hop = '127.0.0.1:2'\noberve = true\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value) == (
+        f'{path}: [listener 1] unknown key "oberve"; did you mean "observe"? allowed: limits, listen, name, '
+        "next_hop, observe, role, tls_cert, tls_key, trusted (see deploy/gateway.example.toml)"
+    )
+
+
+def test_an_unknown_key_like_no_other_gets_the_list_alone(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(tmp_path, "[log]\nzzz = 1\n"))
+    message = str(caught.value)
+    assert '[log] unknown key "zzz"; allowed: format, level (' in message
+    assert "did you mean" not in message
+
+
+def test_every_key_of_the_example_is_allowed_where_it_stands() -> None:
+    """The schema the errors list is the one the example documents: no table allows less than it shows."""
+    data = tomllib.loads(EXAMPLE.read_text())
+    for table, values in data.items():
+        rows = values if isinstance(values, list) else [values]
+        for row in rows:
+            for key in row:
+                misspelt = {**row, key + "x": 1}
+                broken = {**data, table: [misspelt] if isinstance(values, list) else misspelt}
+                with pytest.raises(ConfigError) as caught:
+                    config.parse(broken, "example")
+                assert f'did you mean "{key}"?' in str(caught.value)
+
+
+def test_hostname_comes_from_the_host_and_warns_when_it_is_not_qualified() -> None:
+    cfg = config.parse({}, "gateway.toml", fqdn=lambda: "localhost")
+    assert cfg.hostname == "localhost"
+    (warning,) = cfg.warnings
+    assert warning.startswith("gateway.toml: [gateway] hostname: not set")
+    assert 'greet and say EHLO as "localhost"' in warning and "\n" not in warning
+    bare = config.parse({}, "gateway.toml", fqdn=lambda: "vm")
+    assert bare.warnings == (warning.replace('"localhost"', '"vm"'),)
+    qualified = config.parse({}, "gateway.toml", fqdn=lambda: "mx1.example.com")
+    assert qualified.hostname == "mx1.example.com" and qualified.warnings == ()
+
+
+def test_a_hostname_in_the_file_does_not_ask_the_host() -> None:
+    def no_lookup() -> str:
+        raise AssertionError("the host's name was looked up")
+
+    cfg = config.parse({"gateway": {"hostname": "mx.example.com"}}, "gateway.toml", fqdn=no_lookup)
+    assert cfg.hostname == "mx.example.com" and cfg.warnings == ()
+
+
+@pytest.mark.parametrize("name", ["localhost", "localhost.localdomain", "vm", "mx.example.com."])
+def test_qualified_names(name: str) -> None:
+    assert config.qualified(name) is (name == "mx.example.com.")
+
+
+INBOUND = {"listener": [{"name": "mx", "listen": "127.0.0.1:1", "next_hop": "127.0.0.1:2"}]}
+
+
+def test_an_inbound_listener_without_a_local_domain_is_refused(tmp_path: Path) -> None:
+    """Without one, every RCPT would get 554 Relay access denied."""
+    path = write(tmp_path, "[[listener]]\nname = 'mx'\nlisten = '127.0.0.1:1'\nnext_hop = '127.0.0.1:2'\n")
+    with pytest.raises(ConfigError) as caught:
+        config.check_listeners(config.load(path))
+    message = str(caught.value)
+    assert message.startswith(f'{path}: listener "mx" (inbound) has no local domain')
+    assert "554 5.7.1 Relay access denied" in message and "[gateway] local_domains" in message
+    assert "\n" not in message
+
+
+def test_a_domain_from_the_file_or_a_flag_is_enough() -> None:
+    for cfg in (
+        config.parse({**INBOUND, "gateway": {"local_domains": ["example.com"]}}),
+        config.parse({**INBOUND, "gateway": {"signed_domains": ["example.com"]}}),
+        config.with_flags(config.parse(INBOUND), domains=["example.com"]),
+        config.parse({"listener": [{**INBOUND["listener"][0], "role": "outbound"}]}),
+    ):
+        config.check_listeners(cfg)

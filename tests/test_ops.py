@@ -503,3 +503,86 @@ def test_outbound_counters_and_srs_forward(tmp_path: Path, log_stream: io.String
     decisions = [line for line in log_stream.getvalue().splitlines() if "event=decision" in line]
     assert len(decisions) == 2 and all("role=outbound" in line for line in decisions)
     assert "sender=someone@forwarded.example" in decisions[1] and "reason=srs0" in decisions[1]
+
+
+def announced(log_stream: io.StringIO, data: dict[str, object]) -> list[str]:
+    from gateway.ops import announce
+
+    announce(config_mod.parse(data, "gateway.toml", fqdn=lambda: "mx.test"))
+    return log_stream.getvalue().splitlines()
+
+
+LISTENERS = [
+    {"name": "mx", "listen": "127.0.0.1:0", "next_hop": "127.0.0.1:1"},
+    {"name": "relay", "role": "outbound", "listen": "127.0.0.1:0", "next_hop": "127.0.0.1:1"},
+]
+DOMAINS = {"local_domains": ["example.com", "example.org"]}
+
+
+def test_start_up_says_an_inbound_listener_enforces(log_stream: io.StringIO) -> None:
+    (line,) = announced(log_stream, {"gateway": DOMAINS, "listener": LISTENERS})  # none for the outbound one
+    assert line.endswith(
+        'level=info logger=gateway.ops msg="inbound listener mx enforces: a bounce to an address we never '
+        'signed is refused at RCPT with 550 5.7.1" event=start listener=mx mode=enforce '
+        "enforce=example.com,example.org"
+    )
+
+
+def test_start_up_says_an_observing_listener_observes(log_stream: io.StringIO) -> None:
+    listeners = [{**LISTENERS[0], "observe": True}]
+    (line,) = announced(log_stream, {"gateway": DOMAINS, "listener": listeners})
+    assert 'msg="inbound listener mx observes: a bounce to an address we never signed is logged' in line
+    assert line.endswith("listener=mx mode=observe observe=example.com,example.org")
+
+
+def test_start_up_names_the_domains_observed_one_by_one(log_stream: io.StringIO) -> None:
+    data = {"gateway": DOMAINS, "policy": {"observe_domains": ["example.org"]}, "listener": LISTENERS[:1]}
+    (line,) = announced(log_stream, data)
+    assert (
+        'msg="inbound listener mx enforces for example.com and observes for example.org '
+        '([policy] observe_domains)" event=start listener=mx mode=mixed enforce=example.com '
+        "observe=example.org"
+    ) in line
+
+
+def test_start_up_says_when_an_inbound_listener_has_nothing_to_check(log_stream: io.StringIO) -> None:
+    (line,) = announced(log_stream, {"gateway": {**DOMAINS, "signed_domains": []}, "listener": LISTENERS})
+    assert "inbound listener mx checks no domain ([gateway] signed_domains is empty)" in line
+    assert line.endswith("listener=mx mode=off")
+
+
+def test_start_up_warns_of_what_the_config_warns_of(log_stream: io.StringIO) -> None:
+    from gateway.ops import announce
+
+    cfg = config_mod.parse({"gateway": DOMAINS}, "gateway.toml", fqdn=lambda: "localhost")
+    announce(cfg)
+    (line,) = log_stream.getvalue().splitlines()
+    assert "level=warning" in line and "[gateway] hostname: not set" in line and '\\"localhost\\"' in line
+
+
+def test_a_taken_metrics_port_names_the_address(tmp_path: Path) -> None:
+    import socket
+
+    from gateway.errors import GatewayError
+
+    async def body() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            cfg = config_mod.parse({"metrics": {"listen": f"127.0.0.1:{port}"}}, fqdn=lambda: "mx.test")
+            kf = keystore.new_keyring(NOW)
+            ops = Operations(cfg, kf, load_config=lambda: cfg)
+            try:
+                await ops.start()
+            except GatewayError as error:
+                assert str(error) == (
+                    f"metrics endpoint: cannot listen on 127.0.0.1:{port}: Address already in use "
+                    "(set [metrics] listen, or give --metrics HOST:PORT or --metrics off)"
+                )
+            else:
+                raise AssertionError("the endpoint started on a taken port")
+            finally:
+                await ops.close()
+
+    asyncio.run(body())

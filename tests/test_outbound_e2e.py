@@ -365,7 +365,7 @@ def test_serve_flags_run_an_outbound_listener(tmp_path: Path) -> None:
                 sys.executable, "-m", "gateway", "serve", "--role", "outbound",
                 "--listen", f"127.0.0.1:{port}", "--next-hop", f"127.0.0.1:{hop.port}",
                 "--keyring", str(keyring_path), "--domain", "example.com", "--srs-alias", ALIAS,
-                "--trusted", trusted,
+                "--trusted", trusted, "--metrics", "off",  # the embedded default has 9425, maybe in use
                 cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
             )  # fmt: skip

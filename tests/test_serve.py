@@ -152,9 +152,12 @@ def test_a_port_in_use_is_a_clear_error() -> None:
 
         async with FakeNextHop() as hop:
             taken = gateway_config(hop.port, listener={"listen": f"{LOCALHOST}:{hop.port}"})
-            with pytest.raises(ConfigError, match="cannot listen"):
+            with pytest.raises(ConfigError) as caught:
                 async with running_gateway(taken):
                     pass
+            # Which listener, which address, and the reason alone (not asyncio's "[Errno 98] ..." line).
+            where = f"{LOCALHOST}:{hop.port}"
+            assert str(caught.value) == f"listener mx: cannot listen on {where}: Address already in use"
 
     run(body())
 
