@@ -40,8 +40,9 @@ ADDRESS (local@domain or <local@domain>) is explained three ways:
   outbound, as the envelope sender (MAIL FROM): the tag it would get, or why it is left alone.
   A malformed address gets the SMTP edge's own reply (553 5.1.3 Malformed address) and the reason.
   For a prvs tag: the key digit and that key's state in the keyring (active, verify, retired or
-  unknown), the day stamp DDD and the day it expires, the day it was signed (DDD minus the lifetime, so
-  if it was made with our lifetime) and how long ago, the days left, and whether the hash matches.
+  unknown), the day stamp DDD and the day it expires, the days left, the day it was signed and how long
+  ago (the expiry day minus our lifetime: right when the tag was made with the same lifetime), and
+  whether the hash matches.
   For an SRS0 or SRS1 address in our alias domain: the timestamp and its age, whether the hash matches,
   and the address it decodes to. The expected hash and the secrets are never shown.
 
@@ -65,7 +66,9 @@ output:
 
 exit status:
   0 every inbound verdict lets the mail through (observe mode counts as through), 1 one refuses it,
-  2 a usage error, or a message, config or keyring that cannot be read.
+  2 a usage error, or a message, config or keyring that cannot be read. An ADDRESS without --sender
+  has two inbound verdicts, so an unsigned address in a signed domain exits 1: its bounces are refused.
+  The outbound verdict never counts.
 
 examples:
   batv-gateway explain --config /etc/batv-gateway/gateway.toml prvs=1234abcdef=bob@example.com
