@@ -26,6 +26,10 @@ from .errors import AddressError, UsageError
 from .keyring import KeyState
 from .policy import Action, Policy, RcptVerdict, Reason, SenderVerdict
 
+# The reasons of what the SMTP edge refuses before the policy is asked (the policy's own are policy.Reason).
+MALFORMED_ADDRESS = "malformed-address"
+NULL_RECIPIENT = "null-recipient"
+
 # What a non-null sender is, for the inbound policy: any sender but <> gets the same verdict, so the
 # explanation names none.
 ANY_SENDER = Address("sender", "example.net")
@@ -85,7 +89,7 @@ class Verdict:
     role: str  # "inbound, null sender (a bounce)", "outbound, as the envelope sender", ...
     inbound: bool  # the inbound role's verdict (the exit code follows these)
     action: str  # policy.Action's value, or "reject" for what the SMTP edge refuses before the policy
-    reason: str  # policy.Reason's value, or "malformed-address" / "null-recipient"
+    reason: str  # policy.Reason's value, or MALFORMED_ADDRESS / NULL_RECIPIENT
     outcome: str  # the verdict line: "reject (550 5.7.1 ...)", "relay to bob@example.com", ...
     why: str
     reply: str | None = None  # the SMTP reply refused mail gets (observe mode: what enforce mode would say)
@@ -151,9 +155,9 @@ def explain_address(
     except AddressError as exc:
         reply = replies.malformed_address(exc.status_hint)
         found.append(("address", f"malformed: {exc}"))
-        refusals = [_refused("inbound, RCPT TO", True, "malformed-address", reply, str(exc))]
+        refusals = [_refused("inbound, RCPT TO", True, MALFORMED_ADDRESS, reply, str(exc))]
         if outbound:
-            refusals.append(_refused("outbound, MAIL FROM", False, "malformed-address", reply, str(exc)))
+            refusals.append(_refused("outbound, MAIL FROM", False, MALFORMED_ADDRESS, reply, str(exc)))
         return Explanation(text, tuple(found), tuple(refusals))
 
     if address is None:
@@ -162,7 +166,7 @@ def explain_address(
             _refused(
                 "inbound, RCPT TO",
                 True,
-                "null-recipient",
+                NULL_RECIPIENT,
                 replies.NULL_RECIPIENT,
                 "the null address <> can be a sender only, never a recipient",
             )
