@@ -15,7 +15,6 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from . import explain
 from .addresses import Address, parse_path
 from .cli import EXIT_NO, EXIT_OK, add_now_option, add_quickstart_flags, now_of
 from .errors import AddressError, GatewayError, UsageError
@@ -102,7 +101,8 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from . import keystore
+    # Imported here: every other command builds this parser, and none of them needs the email package.
+    from . import explain, keystore
     from .policy import Policy
 
     if args.listen is not None:
