@@ -259,6 +259,28 @@ def verify(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_L
     return result
 
 
+@dataclass(frozen=True)
+class TagDays:
+    """A readable tag's dates, for `batv-gateway explain`. Day numbers are UTC days, as `today` is."""
+
+    stamp: str  # DDD as the tag writes it
+    expiry_day: int  # PrvsResult.expiry_day: the last day the tag is valid
+    signed_day: int  # expiry_day - lifetime: the day it was made, if it was made with this lifetime
+    days_left: int  # expiry_day - today: 0 on its last day, negative once it has expired
+    age: int  # today - signed_day
+
+
+def tag_days(result: PrvsResult, today: int, lifetime: int = DEFAULT_LIFETIME) -> TagDays | None:
+    """The dates of the tag `verify` read (any verdict that got as far as the tag), or None."""
+    if result.expiry_day is None:
+        return None
+    signed_day = result.expiry_day - lifetime
+    return TagDays(
+        _STAMPS[result.expiry_day % _DAYS], result.expiry_day, signed_day, result.expiry_day - today,
+        today - signed_day,
+    )
+
+
 def _read_slow(address: str) -> PrvsResult | tuple[str, str, str]:
     """The slow path of verify: any address. The tag's parts and the original address, or a verdict."""
     try:

@@ -85,6 +85,14 @@ def tag_refused(address: str, why: str) -> Reply:
     return Reply(550, "5.7.1", f"<{address}>: invalid return-path tag ({why})")
 
 
+def malformed_address(status: str = "5.1.3") -> Reply:
+    """The SMTP edge's answer to a path that addresses.parse_path refuses (status: its status_hint)."""
+    return Reply(501 if status.startswith("5.5") else 553, status, "Malformed address")
+
+
+NULL_RECIPIENT = Reply(501, "5.1.3", "The null address is not a recipient")
+
+
 def bad_address(address: str, why: str, status: str = "5.1.3") -> Reply:
     return Reply(501 if status.startswith("5.5") else 553, status, f"<{address}>: {why}")
 

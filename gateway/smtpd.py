@@ -879,7 +879,7 @@ class EdgeProtocol(SMTP):
             else:
                 address, remainder = self._getaddr(text)
                 if address is None:
-                    raise CommandError(Reply(553, "5.1.3", "Malformed address"))
+                    raise CommandError(replies.malformed_address())
                 path, rest = address, (remainder or "").strip() or None
         params: tuple[str, ...] = ()
         if rest:
@@ -896,11 +896,9 @@ class EdgeProtocol(SMTP):
         try:
             address = parse_path(f"<{path}>")
         except AddressError as error:
-            status = error.status_hint
-            code = 501 if status.startswith("5.5") else 553
-            raise CommandError(Reply(code, status, "Malformed address")) from None
+            raise CommandError(replies.malformed_address(error.status_hint)) from None
         if address is None and not null_ok:
-            raise CommandError(Reply(501, "5.1.3", "The null address is not a recipient"))
+            raise CommandError(replies.NULL_RECIPIENT)
         return address
 
     # ---- DATA

@@ -120,6 +120,55 @@ def timestamp(today: int) -> str:
     return _BASE32[(today >> 5) & 31] + _BASE32[today & 31]
 
 
+def timestamp_age(stamp: str, today: int) -> int:
+    """Days since an SRS0 timestamp (two base32 characters, checked by the caller), modulo 1024."""
+    return (today - (_BASE32_VALUE[stamp[0]] << 5 | _BASE32_VALUE[stamp[1]])) % _SLOTS
+
+
+@dataclass(frozen=True)
+class SrsParts:
+    """The fields of an SRS address as written, unchecked: what `batv-gateway explain` shows."""
+
+    tag: str  # "SRS0" or "SRS1"
+    host: str  # SRS0: the original sender's domain; SRS1: the SRS0 host, which checks the timestamp
+    local: str  # SRS0: the original sender's local part; SRS1: the opaque rest of the SRS0 address
+    timestamp: str | None = None  # SRS0 only
+    age: int | None = None  # SRS0 only: days since the timestamp, modulo 1024
+
+    @property
+    def original(self) -> str:
+        """The address it stands for: the original sender (SRS0) or the SRS0 address at its host (SRS1)."""
+        if self.tag == "SRS1":
+            return str(Address("SRS0" + self.local, self.host))
+        return str(Address(self.local, self.host))
+
+
+def parts(address: str, today: int) -> SrsParts | None:
+    """Split an SRS0 or SRS1 address into its fields, as `reverse` reads them; None when it is not one
+    or is malformed (then `reverse` says why). Nothing is checked: `reverse` decides."""
+    try:
+        parsed = parse_path(address)
+    except AddressError:
+        return None
+    if parsed is None:
+        return None
+    tag = _tag_of(parsed.local)
+    if tag == "SRS1":
+        fields = parsed.local[5:].split("=", 2)
+        if len(fields) < 3 or not fields[1] or not fields[2] or not _is_domain(fields[1]):
+            return None
+        return SrsParts(tag, fields[1], fields[2])
+    if tag == "SRS0":
+        fields = parsed.local[5:].split("=", 3)
+        if len(fields) < 4 or not fields[2] or not fields[3] or not _is_domain(fields[2]):
+            return None
+        stamp = fields[1]
+        if len(stamp) != 2 or stamp[0] not in _BASE32_VALUE or stamp[1] not in _BASE32_VALUE:
+            return None
+        return SrsParts(tag, fields[2], fields[3], stamp, timestamp_age(stamp, today))
+    return None
+
+
 def forward(
     sender: str, alias: str, secrets: Sequence[bytes], today: int, options: SrsOptions = DEFAULT_OPTIONS
 ) -> str:
@@ -284,7 +333,7 @@ def reverse(
     match = _check_hash(given, secrets, options, stamp, host, user)
     if match is None:
         return SrsResult(SrsVerdict.BAD_HASH, _bad_hash_reason(given, options))
-    age = (today - (_BASE32_VALUE[stamp[0]] << 5 | _BASE32_VALUE[stamp[1]])) % _SLOTS
+    age = timestamp_age(stamp, today)
     if age > options.max_age:
         when = f"{age} days old" if age < _SLOTS // 2 else f"from the future or {age} days old"
         return SrsResult(

@@ -347,3 +347,37 @@ def test_the_plain_signer_writes_what_sign_writes(
     except PrvsError:
         expected = None
     assert got == expected
+
+
+# --- tag_days: the dates batv-gateway explain shows ---------------------------------------------------
+
+
+def test_tag_days_of_a_fresh_tag() -> None:
+    keyring = ring(1)
+    tagged = prvs.sign("user@example.com", keyring, TODAY, 7)
+    days = prvs.tag_days(prvs.verify(tagged, keyring, TODAY + 2, 7), TODAY + 2, 7)
+    assert days == prvs.TagDays(
+        stamp=f"{(TODAY + 7) % 1000:03d}", expiry_day=TODAY + 7, signed_day=TODAY, days_left=5, age=2
+    )
+    assert tagged[6:9] == days.stamp
+
+
+def test_tag_days_of_an_expired_tag_across_the_999_wrap() -> None:
+    keyring = ring(1)
+    signed = 19990  # expires on day 19997, stamp 997; checked on day 20003, stamp 003
+    tagged = prvs.sign("user@example.com", keyring, signed, 7)
+    result = prvs.verify(tagged, keyring, 20003, 7)
+    assert result.verdict is PrvsVerdict.EXPIRED
+    days = prvs.tag_days(result, 20003, 7)
+    assert days is not None
+    assert (days.stamp, days.expiry_day, days.signed_day, days.days_left, days.age) == (
+        "997", 19997, 19990, -6, 13
+    )
+
+
+def test_tag_days_of_a_forged_tag_still_reads_its_stamp_and_of_no_tag_is_none() -> None:
+    forged = prvs.verify("prvs=1730000000=user@example.com", ring(1), TODAY, 7)
+    assert forged.verdict is PrvsVerdict.BAD_HASH
+    days = prvs.tag_days(forged, TODAY, 7)
+    assert days is not None and (days.stamp, days.days_left) == ("730", 7)
+    assert prvs.tag_days(prvs.verify("user@example.com", ring(1), TODAY, 7), TODAY, 7) is None

@@ -413,3 +413,39 @@ def test_the_plain_forwarder_writes_what_forward_address_writes(
         assert got is None
     else:
         assert got == forwarded.encode()
+
+
+# --- parts and timestamp_age: what batv-gateway explain shows -----------------------------------------
+
+
+def test_parts_of_srs0_read_every_field_unchecked() -> None:
+    address = srs.forward("user@example.com", ALIAS, [SECRET], TODAY - 3)
+    parts = srs.parts(address, TODAY)
+    assert parts == srs.SrsParts("SRS0", "example.com", "user", srs.timestamp(TODAY - 3), 3)
+    assert parts.original == "user@example.com"
+    # A forged hash does not stop the reading: reverse decides, parts only shows.
+    forged = "SRS0=AAAA=" + address.split("=", 2)[2]
+    assert srs.parts(forged, TODAY) == parts
+
+
+def test_parts_of_srs1_name_the_srs0_host_and_no_timestamp() -> None:
+    address = srs.forward("SRS0=HHHH=IL=example.com=user@first.example", ALIAS, [SECRET], TODAY)
+    parts = srs.parts(address, TODAY)
+    assert parts is not None
+    assert (parts.tag, parts.host, parts.timestamp, parts.age) == ("SRS1", "first.example", None, None)
+    assert parts.original == "SRS0=HHHH=IL=example.com=user@first.example"
+    assert parts.original == srs.reverse(address, [SECRET], TODAY).address
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["user@example.com", "<>", "SRS0=HHHH=I!=example.com=user@x.example", "SRS0=HHHH=IL@x.example", "a@@b"],
+)
+def test_parts_of_what_is_not_a_readable_srs_address_is_none(address: str) -> None:
+    assert srs.parts(address, TODAY) is None
+
+
+def test_timestamp_age_is_days_since_modulo_1024() -> None:
+    assert srs.timestamp_age(srs.timestamp(TODAY - 5), TODAY) == 5
+    assert srs.timestamp_age(srs.timestamp(TODAY + 1), TODAY) == 1023
+    assert srs.timestamp_age(srs.timestamp(TODAY).lower(), TODAY) == 0
