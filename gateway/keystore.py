@@ -26,8 +26,10 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import grp
 import hashlib
 import os
+import pwd
 import secrets
 import stat
 import tempfile
@@ -418,13 +420,24 @@ def write_atomic(path: Path, text: str) -> None:
     The temp file is made in the same folder (a rename is atomic only within one file system), with mode
     0600 from the start (mkstemp), and fsynced before the rename; the folder is fsynced after it, so the
     rename itself survives a power cut.
+
+    A file that exists keeps its owner, group and mode: `keys import` run as root over ssh must not hand
+    the gateway's user a keyring it cannot read (the reload is refused, the next start fails). When this
+    user cannot give the new file that owner, nothing is written (KeyringError). A new file gets mode
+    0600 and the caller's owner.
     """
     path = _real(path)
     folder = path.parent
+    try:
+        existing: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        existing = None
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if existing is not None:
+                _keep_owner_and_mode(handle.fileno(), path, existing)
             handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
@@ -434,6 +447,39 @@ def write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
         raise
     _fsync_dir(folder)
+
+
+def _keep_owner_and_mode(fd: int, path: Path, existing: os.stat_result) -> None:
+    """Give the temp file (open as `fd`) the owner, group and mode of the file it will replace."""
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (existing.st_uid, existing.st_gid):
+        try:
+            os.fchown(fd, existing.st_uid, existing.st_gid)
+        except PermissionError:
+            user = _user_name(existing.st_uid)
+            fix = "as root" if existing.st_uid == 0 else f"as {user} (sudo -u {user} batv-gateway keys ...)"
+            raise KeyringError(
+                f"{path}: belongs to {user}:{_group_name(existing.st_gid)} and this user"
+                f" ({_user_name(os.geteuid())}) cannot keep that owner, so the file was left as it is:"
+                f" run the command {fix}"
+            ) from None
+    # Never more than check_permissions lets a keyring have (root's group may read): a write must not
+    # open up a file that was too loose to load in the first place.
+    os.fchmod(fd, stat.S_IMODE(existing.st_mode) & 0o740)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def save(path: Path, kf: KeyringFile) -> None:
@@ -467,6 +513,7 @@ def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
     except OSError as exc:
         raise KeyringError(f"{lock_file}: cannot open the lock file: {exc.strerror}") from None
     try:
+        _lock_owned_like_keyring(fd, path)
         deadline = time.monotonic() + (DEFAULT_LOCK_TIMEOUT if timeout is None else timeout)
         while True:
             try:
@@ -484,6 +531,20 @@ def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _lock_owned_like_keyring(fd: int, path: Path) -> None:
+    """As root, give the lock file the keyring's owner: one it could not open would make every later
+    `keys` command of the gateway's user (its cron rotate) fail."""
+    if os.geteuid() != 0:
+        return
+    try:
+        keyring = os.stat(path)
+    except OSError:
+        return
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (keyring.st_uid, keyring.st_gid):
+        os.fchown(fd, keyring.st_uid, keyring.st_gid)
 
 
 # ---------------------------------------------------------------- reload (for servers)

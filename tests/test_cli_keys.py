@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -413,3 +415,75 @@ def test_an_unwritable_place_is_one_line_and_exit_2(run: Run, tmp_path: Path) ->
     assert code == 2
     assert err.startswith("batv-gateway: error: ") and "No such file or directory" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- owner, group and mode of the keyring
+
+
+@pytest.mark.parametrize("verb", ["import", "rotate"])
+@pytest.mark.parametrize(
+    ("uid", "gid", "mode"),
+    [(4242, 4243, 0o600), (0, 4243, 0o640)],  # the gateway's own user; root with the gateway's group
+)
+def test_a_write_as_root_keeps_the_keyrings_owner_group_and_mode(
+    run: Run, tmp_path: Path, verb: str, uid: int, gid: int, mode: int
+) -> None:
+    """`keys import` over ssh as root used to leave root:root 0600, which the gateway could not read."""
+    assert os.geteuid() == 0, "this test runs as root, as the Postfix tests do"
+    run("init", "--now", T0)
+    newer = tmp_path / "from-mx1.toml"
+    keystore.save(newer, keystore.add_key(keystore.load(run.keyring), datetime(2024, 1, 2, tzinfo=UTC))[0])
+    os.chown(run.keyring, uid, gid)
+    run.keyring.chmod(mode)
+    before = run.keyring.read_bytes()
+    argv = ["import", str(newer)] if verb == "import" else ["rotate", "--now", "2024-02-01T00:00:00Z"]
+    code, _, err = run(*argv)
+    assert (code, err) == (0, "")
+    st = run.keyring.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (uid, gid, oct(mode))
+    assert run.keyring.read_bytes() != before
+    assert keystore.load(run.keyring).generation == (2 if verb == "import" else 3)
+    # The lock file root made must not lock the gateway's user out of its next `keys` command either.
+    lock = keystore.lock_path(run.keyring).stat()
+    assert (lock.st_uid, lock.st_gid) == (uid, gid)
+    assert sorted(p.name for p in run.keyring.parent.iterdir()) == ["keyring.toml", "keyring.toml.lock"]
+
+
+def test_a_write_that_cannot_keep_the_owner_is_refused_and_leaves_the_keyring(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A user other than root cannot give the new file root's ownership: it says so and writes nothing."""
+    assert os.geteuid() == 0, "this test switches to another user, which takes root"
+    # Not under pytest's tmp_path, which only root may enter.
+    base = Path(tempfile.mkdtemp(prefix="batv-owner-"))
+    try:
+        base.chmod(0o711)
+        folder = base / "keys"
+        folder.mkdir(mode=0o700)
+        os.chown(folder, 4242, 4242)
+        keyring = folder / "keyring.toml"
+        keystore.save(keyring, keystore.new_keyring(datetime(2024, 1, 1, 12, tzinfo=UTC)))
+        os.chown(keyring, 0, 4242)
+        keyring.chmod(0o640)  # root's, readable by the gateway's group: the Debian ssl-cert pattern
+        before, st = keyring.read_bytes(), keyring.stat()
+        os.setegid(4242)
+        os.seteuid(4242)
+        try:
+            code = main(["keys", "rotate", "--now", "2024-02-01T00:00:00Z", "--keyring", str(keyring)])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, "")
+        assert err == (
+            f"batv-gateway: error: {keyring}: belongs to root:4242 and this user (4242) cannot keep that"
+            " owner, so the file was left as it is: run the command as root\n"
+        )
+        after = keyring.stat()
+        assert keyring.read_bytes() == before
+        assert (after.st_ino, after.st_uid, after.st_gid, after.st_mode) == (
+            st.st_ino, st.st_uid, st.st_gid, st.st_mode
+        )
+        assert sorted(p.name for p in folder.iterdir()) == ["keyring.toml", "keyring.toml.lock"]
+    finally:
+        shutil.rmtree(base)
