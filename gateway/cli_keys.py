@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
         return parser
 
     verb("init", f"{KEYS} [--now TIME]",
-         "Create a keyring with one active key. Refuses to overwrite an existing keyring.", _init)
+         "Create a keyring with one active key. An existing keyring is left as it is (exit 0), so "
+         "provisioning may run it every time.", _init)
     p = verb("list", f"{KEYS} [--now TIME] [--json]",
              "Show each key's id, state, age and fingerprint (first 8 hex digits of SHA-256 of the "
              "secret), never the secret.", _list)
@@ -165,7 +166,10 @@ def _init(args: argparse.Namespace) -> int:
         path.parent.mkdir(mode=0o700, parents=True)
     with keystore.locked(path):
         if path.exists() or path.is_symlink():
-            raise KeyringError(f"{path}: a keyring already exists; 'keys init' never overwrites one")
+            # Idempotent for provisioning (Ansible, cloud-init): not an error, and not a single byte,
+            # owner or mode changed.
+            print(f"{path}: a keyring already exists; left as it is")
+            return EXIT_OK
         kf = keystore.new_keyring(now_of(args))
         keystore.save(path, kf)
     print(f"{path}: created with {_describe(kf.keyring.active)}")

@@ -51,16 +51,28 @@ def states(path: Path) -> dict[int, str]:
     return {k.id: k.state.value for k in keystore.load(path).keyring.keys}
 
 
-def test_init_creates_one_active_key_mode_0600_and_never_overwrites(run: Run) -> None:
+def test_init_creates_one_active_key_mode_0600(run: Run) -> None:
     code, out, _ = run("init", "--now", T0)
     assert code == 0
     assert out.startswith(f"{run.keyring}: created with key 0 (active, fingerprint ")
     assert oct(run.keyring.stat().st_mode & 0o777) == "0o600"
     assert oct(run.keyring.parent.stat().st_mode & 0o777) == "0o700"
-    before = run.keyring.read_bytes()
-    code, _, err = run("init")
-    assert code == 2 and "a keyring already exists; 'keys init' never overwrites one" in err
+
+
+def test_a_second_init_leaves_the_keyring_as_it_is_and_exits_0(run: Run) -> None:
+    run("init", "--now", T0)
+    # Whatever a second init could touch, made different from what init itself would write.
+    run.keyring.chmod(0o400)
+    os.chown(run.keyring, 4242, 4243)
+    before, st = run.keyring.read_bytes(), run.keyring.stat()
+    code, out, err = run("init", "--now", "2024-06-01T00:00:00Z")
+    assert (code, err) == (0, "")
+    assert out == f"{run.keyring}: a keyring already exists; left as it is\n"
+    after = run.keyring.stat()
     assert run.keyring.read_bytes() == before
+    assert (after.st_ino, after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns) == (
+        st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+    )
 
 
 def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> None:
