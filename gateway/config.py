@@ -325,6 +325,7 @@ def parse(data: dict[str, Any], origin: str = "<config>", path: Path | None = No
             "invalid_tag_with_sender", InvalidTagAction, InvalidTagAction.ACCEPT
         ),
         skip_local_recipients=po.boolean("skip_local_recipients", False),
+        bounce_grace=po.boolean("bounce_grace", True),
     )
     po.done()
 

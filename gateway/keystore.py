@@ -5,6 +5,7 @@ The file is TOML (format documented in keys/README.md):
     version = 1
     generation = 3                      # +1 on every change; `keys import` refuses to go backwards
     updated = 2024-01-01T12:00:00Z
+    signing_began = 2024-01-01T12:00:00Z  # optional: when `keys init` made the first key (grace window)
 
     [[key]]
     id = 0
@@ -55,7 +56,7 @@ DEFAULT_GRACE_DAYS = 7
 MARGIN_DAYS = 1
 DEFAULT_LOCK_TIMEOUT = 10.0
 
-_TOP_KEYS = {"version", "generation", "updated", "key"}
+_TOP_KEYS = {"version", "generation", "updated", "signing_began", "key"}
 _KEY_KEYS = {"id", "state", "created", "changed", "signed_until", "secret"}
 _KEY_REQUIRED = _KEY_KEYS - {"signed_until"}
 
@@ -99,6 +100,10 @@ def parse(text: str, source: str) -> KeyringFile:
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
         raise KeyringError(f"{source}: generation must be a whole number of 1 or more")
     updated = _parse_time(data.get("updated"), source, "updated")
+    # Absent from keyrings written before it was recorded: such a keyring has no grace window.
+    signing_began = None
+    if "signing_began" in data:
+        signing_began = _parse_time(data["signing_began"], source, "signing_began")
     entries = data.get("key")
     if not isinstance(entries, list) or not entries:
         raise KeyringError(f"{source}: no [[key]] entries: run 'batv-gateway keys init' to create a keyring")
@@ -116,7 +121,7 @@ def parse(text: str, source: str) -> KeyringFile:
     if len(active) > 1:
         ids = ", ".join(str(i) for i in active)
         raise KeyringError(f"{source}: keys {ids} are all active: exactly one key may be active")
-    return KeyringFile(Keyring(tuple(keys)), generation, updated)
+    return KeyringFile(Keyring(tuple(keys), signing_began), generation, updated)
 
 
 def _parse_key(entry: Any, source: str, n: int) -> Key:
@@ -176,6 +181,8 @@ def dump(kf: KeyringFile) -> str:
         f"generation = {kf.generation}",
         f"updated = {_format_time(kf.updated)}",
     ]
+    if kf.keyring.signing_began is not None:
+        lines.append(f"signing_began = {_format_time(kf.keyring.signing_began)}")
     for key in sorted(kf.keyring.keys, key=lambda k: k.id):
         lines += [
             "",
@@ -218,14 +225,21 @@ def kubernetes_secret(kf: KeyringFile, name: str, namespace: str | None = None) 
 
 
 def _bump(kf: KeyringFile, keys: tuple[Key, ...], now: datetime) -> KeyringFile:
-    return KeyringFile(Keyring(keys), kf.generation + 1, now)
+    return KeyringFile(Keyring(keys, kf.keyring.signing_began), kf.generation + 1, now)
 
 
-def new_keyring(now: datetime, token: Callable[[int], bytes] = secrets.token_bytes) -> KeyringFile:
-    """A first keyring: key 0, active."""
+def new_keyring(
+    now: datetime, token: Callable[[int], bytes] = secrets.token_bytes, *, record_start: bool = False
+) -> KeyringFile:
+    """A first keyring: key 0, active.
+
+    `record_start` records `now` as when signing began, which opens the inbound grace window for bounces
+    to untagged addresses. `keys init` asks for it; the throwaway keyrings of `serve` and the demo do not,
+    so that they show enforcement from the first minute.
+    """
     now = _now_utc(now)
     key = Key(0, token(NEW_SECRET_BYTES), KeyState.ACTIVE, now, now)
-    return KeyringFile(Keyring((key,)), 1, now)
+    return KeyringFile(Keyring((key,), signing_began=now if record_start else None), 1, now)
 
 
 def free_key_id(kf: KeyringFile) -> int:

@@ -51,12 +51,13 @@ def states(path: Path) -> dict[int, str]:
     return {k.id: k.state.value for k in keystore.load(path).keyring.keys}
 
 
-def test_init_creates_one_active_key_mode_0600(run: Run) -> None:
+def test_init_creates_one_active_key_mode_0600_and_records_when_signing_began(run: Run) -> None:
     code, out, _ = run("init", "--now", T0)
     assert code == 0
     assert out.startswith(f"{run.keyring}: created with key 0 (active, fingerprint ")
     assert oct(run.keyring.stat().st_mode & 0o777) == "0o600"
     assert oct(run.keyring.parent.stat().st_mode & 0o777) == "0o700"
+    assert keystore.load(run.keyring).keyring.signing_began == datetime(2024, 1, 1, 12, tzinfo=UTC)
 
 
 def test_a_second_init_leaves_the_keyring_as_it_is_and_exits_0(run: Run) -> None:
@@ -82,9 +83,13 @@ def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> Non
     assert code == 0
     kf = keystore.load(run.keyring)
     lines = out.splitlines()
-    assert lines[0] == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
-    assert lines[1].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
-    assert lines[2].split() == [
+    assert lines.pop(0) == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
+    assert lines.pop(0) == (
+        f"# signing began {T0}: bounces to untagged addresses are accepted until 2024-01-08T00:00:00Z"
+        " unless [policy] bounce_grace = false"
+    )
+    assert lines[0].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
+    assert lines[1].split() == [
         "0",
         "active",
         "10d",
@@ -92,10 +97,11 @@ def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> Non
         T0,
         T0,
     ]
-    assert lines[3].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
+    assert lines[2].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
     code, out, _ = run("list", "--json", "--now", "2024-01-11T12:00:00Z")
     document = json.loads(out)
     assert document["generation"] == 2
+    assert document["signing_began"] == T0
     rows = [(k["id"], k["state"], k["age_days"]) for k in document["keys"]]
     assert rows == [(0, "active", 10), (1, "verify", 8)]
     assert document["keys"][0]["fingerprint"] == kf.keyring.get(0).fingerprint  # type: ignore[union-attr]
@@ -427,6 +433,21 @@ def test_an_unwritable_place_is_one_line_and_exit_2(run: Run, tmp_path: Path) ->
     assert code == 2
     assert err.startswith("batv-gateway: error: ") and "No such file or directory" in err
     assert "Traceback" not in err
+
+
+def test_list_says_when_a_keyring_has_no_recorded_signing_start(run: Run) -> None:
+    # What an older version wrote: no signing_began line, so no grace window.
+    run.keyring.parent.mkdir(mode=0o700)
+    keystore.save(run.keyring, keystore.new_keyring(datetime(2024, 1, 1, 12, tzinfo=UTC)))
+    assert "signing_began" not in run.keyring.read_text()
+    code, out, _ = run("list", "--now", T0)
+    assert code == 0
+    assert out.splitlines()[1] == (
+        "# no signing start recorded (a keyring from before it was): no grace window for bounces to"
+        " untagged addresses"
+    )
+    code, out, _ = run("list", "--json", "--now", T0)
+    assert json.loads(out)["signing_began"] is None
 
 
 # ---------------------------------------------------------------- owner, group and mode of the keyring
