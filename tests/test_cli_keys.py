@@ -520,3 +520,23 @@ def test_a_write_that_cannot_keep_the_owner_is_refused_and_leaves_the_keyring(
         assert sorted(p.name for p in folder.iterdir()) == ["keyring.toml", "keyring.toml.lock"]
     finally:
         shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------- the fleet push, written once
+
+
+def fleet_push(document: Path) -> str:
+    """The shell block after the fleet-push marker: the same text must stand in both runbooks."""
+    text = document.read_text(encoding="utf-8")
+    marker = "<!-- fleet push: keep identical in keys/README.md and docs/operations.md -->\n"
+    assert text.count(marker) == 1, document
+    block = text.split(marker, 1)[1]
+    assert block.startswith("```sh\n"), document
+    return block[len("```sh\n") : block.index("\n```\n")]
+
+
+def test_keys_readme_and_operations_give_one_and_the_same_fleet_push() -> None:
+    readme = fleet_push(REPO / "keys" / "README.md")
+    assert readme == fleet_push(REPO / "docs" / "operations.md")
+    export = "batv-gateway keys export --config $CONF"
+    assert f'{export} | ssh "$h" batv-gateway keys import --config $CONF -' in readme
