@@ -22,6 +22,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import keystore
+from .cli_keys import signing_began_line
 from .errors import ConfigError
 
 
@@ -91,5 +92,9 @@ def run(args: argparse.Namespace) -> int:
             f"{keyring_path}: ok; generation {kf.generation}, {len(kf.keyring.keys)} keys,"
             f" active key {active.id} (fingerprint {active.fingerprint})"
         )
+        if config.policy.bounce_grace:
+            print(f"{keyring_path}: {signing_began_line(kf.keyring.signing_began, config.lifetime_days)}")
+        else:
+            print(f"{keyring_path}: grace window off ([policy] bounce_grace = false)")
         sys.stdout.flush()
     return 0

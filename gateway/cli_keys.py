@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
         return parser
 
     verb("init", f"{KEYS} [--now TIME]",
-         "Create a keyring with one active key. Refuses to overwrite an existing keyring.", _init)
+         "Create a keyring with one active key, and record that signing begins now. An existing keyring "
+         "is left as it is (exit 0), so provisioning may run it every time.", _init)
     p = verb("list", f"{KEYS} [--now TIME] [--json]",
              "Show each key's id, state, age and fingerprint (first 8 hex digits of SHA-256 of the "
              "secret), never the secret.", _list)
@@ -165,8 +166,11 @@ def _init(args: argparse.Namespace) -> int:
         path.parent.mkdir(mode=0o700, parents=True)
     with keystore.locked(path):
         if path.exists() or path.is_symlink():
-            raise KeyringError(f"{path}: a keyring already exists; 'keys init' never overwrites one")
-        kf = keystore.new_keyring(now_of(args))
+            # Idempotent for provisioning (Ansible, cloud-init): not an error, and not a single byte,
+            # owner or mode changed.
+            print(f"{path}: a keyring already exists; left as it is")
+            return EXIT_OK
+        kf = keystore.new_keyring(now_of(args), record_start=True)
         keystore.save(path, kf)
     print(f"{path}: created with {_describe(kf.keyring.active)}")
     return EXIT_OK
@@ -187,17 +191,29 @@ def _list(args: argparse.Namespace) -> int:
             "changed": _iso(key.changed),
             "signed_until": _iso(key.signed_until) if key.signed_until else None,
         })
+    began = kf.keyring.signing_began
     if args.json:
         document = {"keyring": str(path), "generation": kf.generation, "updated": _iso(kf.updated),
-                    "keys": rows}
+                    "signing_began": _iso(began) if began else None, "keys": rows}
         print(json.dumps(document, indent=2))
         return EXIT_OK
     print(f"# {path}: generation {kf.generation}, updated {_iso(kf.updated)}")
+    print(f"# {signing_began_line(kf.keyring.signing_began, _settings(args).lifetime_days)}")
     print(f"{'ID':<3}{'STATE':<9}{'AGE':>6}  {'FINGERPRINT':<12}{'CREATED':<22}CHANGED")
     for row in rows:
         print(f"{row['id']:<3}{row['state']:<9}{str(row['age_days']) + 'd':>6}  {row['fingerprint']:<12}"
               f"{row['created']:<22}{row['changed']}")
     return EXIT_OK
+
+
+def signing_began_line(began: datetime | None, lifetime_days: int) -> str:
+    """What `keys list` and check-config say about the grace window for bounces to untagged addresses."""
+    if began is None:
+        return ("no signing start recorded (a keyring from before it was): no grace window for bounces"
+                " to untagged addresses")
+    ends = datetime.fromtimestamp((keystore.utc_day(began) + lifetime_days) * 86400, UTC)
+    return (f"signing began {_iso(began)}: bounces to untagged addresses are accepted until {_iso(ends)}"
+            " unless [policy] bounce_grace = false")
 
 
 def _add(args: argparse.Namespace) -> int:

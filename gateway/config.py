@@ -372,6 +372,7 @@ def parse(
             "invalid_tag_with_sender", InvalidTagAction, InvalidTagAction.ACCEPT
         ),
         skip_local_recipients=po.boolean("skip_local_recipients", False),
+        bounce_grace=po.boolean("bounce_grace", True),
     )
     po.done()
 

@@ -44,6 +44,9 @@ WHY: dict[Reason, str] = {
     "([gateway] signed_domains): BATV does not apply to it",
     Reason.EXEMPT: "the recipient is exempt ([policy] exempt_local_parts, postmaster and abuse by default, "
     "or exempt_recipients): bounces to it are never refused",
+    Reason.GRACE: "the address carries no tag, but signing began less than a tag's lifetime ago (keys init "
+    "records when), so the bounce may answer mail sent before signing: it is accepted and counted ([policy] "
+    "bounce_grace = false turns this off)",
     Reason.TAG_INVALID_ACCEPTED: "the tag is invalid, but the sender is not null and [policy] "
     'invalid_tag_with_sender = "accept": the mail is sent on with the tag removed where it could be read',
     Reason.UNSIGNED: "the address carries no tag, so we never used it as a return path: a bounce to it "

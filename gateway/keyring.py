@@ -75,6 +75,9 @@ class Keyring:
     """An immutable set of keys. Exactly one is active, unless the keyring is verify-only (see below)."""
 
     keys: tuple[Key, ...]
+    # When this keyring first signed (`keys init`); None in a keyring written before it was recorded.
+    # Bounces to mail sent before it carry no tag, so the inbound policy gives them a grace window.
+    signing_began: datetime | None = None
     # Cached keyed HMAC objects: .copy() of a keyed HMAC is cheaper than hmac.new()/hmac.digest() per use.
     _hmacs: Mapping[int, hmac.HMAC] = field(init=False, repr=False, compare=False)
     # RFC 2104's precomputation per key that verifies: SHA-1 states that have absorbed secret^ipad and
@@ -114,6 +117,13 @@ class Keyring:
             if key.state is KeyState.ACTIVE:
                 return key
         raise KeyringError("the keyring has no active key: run 'batv-gateway keys activate ID'")
+
+    @property
+    def signing_began_day(self) -> int | None:
+        """The UTC day number (the tags' clock) of `signing_began`, or None when it is not known."""
+        if self.signing_began is None:
+            return None
+        return int(self.signing_began.timestamp()) // 86400
 
     @property
     def has_active(self) -> bool:

@@ -5,6 +5,7 @@ The file is TOML (format documented in keys/README.md):
     version = 1
     generation = 3                      # +1 on every change; `keys import` refuses to go backwards
     updated = 2024-01-01T12:00:00Z
+    signing_began = 2024-01-01T12:00:00Z  # optional: when `keys init` made the first key (grace window)
 
     [[key]]
     id = 0
@@ -26,8 +27,10 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import grp
 import hashlib
 import os
+import pwd
 import secrets
 import stat
 import tempfile
@@ -53,7 +56,7 @@ DEFAULT_GRACE_DAYS = 7
 MARGIN_DAYS = 1
 DEFAULT_LOCK_TIMEOUT = 10.0
 
-_TOP_KEYS = {"version", "generation", "updated", "key"}
+_TOP_KEYS = {"version", "generation", "updated", "signing_began", "key"}
 _KEY_KEYS = {"id", "state", "created", "changed", "signed_until", "secret"}
 _KEY_REQUIRED = _KEY_KEYS - {"signed_until"}
 
@@ -97,6 +100,10 @@ def parse(text: str, source: str) -> KeyringFile:
     if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
         raise KeyringError(f"{source}: generation must be a whole number of 1 or more")
     updated = _parse_time(data.get("updated"), source, "updated")
+    # Absent from keyrings written before it was recorded: such a keyring has no grace window.
+    signing_began = None
+    if "signing_began" in data:
+        signing_began = _parse_time(data["signing_began"], source, "signing_began")
     entries = data.get("key")
     if not isinstance(entries, list) or not entries:
         raise KeyringError(f"{source}: no [[key]] entries: run 'batv-gateway keys init' to create a keyring")
@@ -114,7 +121,7 @@ def parse(text: str, source: str) -> KeyringFile:
     if len(active) > 1:
         ids = ", ".join(str(i) for i in active)
         raise KeyringError(f"{source}: keys {ids} are all active: exactly one key may be active")
-    return KeyringFile(Keyring(tuple(keys)), generation, updated)
+    return KeyringFile(Keyring(tuple(keys), signing_began), generation, updated)
 
 
 def _parse_key(entry: Any, source: str, n: int) -> Key:
@@ -174,6 +181,8 @@ def dump(kf: KeyringFile) -> str:
         f"generation = {kf.generation}",
         f"updated = {_format_time(kf.updated)}",
     ]
+    if kf.keyring.signing_began is not None:
+        lines.append(f"signing_began = {_format_time(kf.keyring.signing_began)}")
     for key in sorted(kf.keyring.keys, key=lambda k: k.id):
         lines += [
             "",
@@ -216,14 +225,21 @@ def kubernetes_secret(kf: KeyringFile, name: str, namespace: str | None = None) 
 
 
 def _bump(kf: KeyringFile, keys: tuple[Key, ...], now: datetime) -> KeyringFile:
-    return KeyringFile(Keyring(keys), kf.generation + 1, now)
+    return KeyringFile(Keyring(keys, kf.keyring.signing_began), kf.generation + 1, now)
 
 
-def new_keyring(now: datetime, token: Callable[[int], bytes] = secrets.token_bytes) -> KeyringFile:
-    """A first keyring: key 0, active."""
+def new_keyring(
+    now: datetime, token: Callable[[int], bytes] = secrets.token_bytes, *, record_start: bool = False
+) -> KeyringFile:
+    """A first keyring: key 0, active.
+
+    `record_start` records `now` as when signing began, which opens the inbound grace window for bounces
+    to untagged addresses. `keys init` asks for it; the throwaway keyrings of `serve` and the demo do not,
+    so that they show enforcement from the first minute.
+    """
     now = _now_utc(now)
     key = Key(0, token(NEW_SECRET_BYTES), KeyState.ACTIVE, now, now)
-    return KeyringFile(Keyring((key,)), 1, now)
+    return KeyringFile(Keyring((key,), signing_began=now if record_start else None), 1, now)
 
 
 def free_key_id(kf: KeyringFile) -> int:
@@ -418,13 +434,24 @@ def write_atomic(path: Path, text: str) -> None:
     The temp file is made in the same folder (a rename is atomic only within one file system), with mode
     0600 from the start (mkstemp), and fsynced before the rename; the folder is fsynced after it, so the
     rename itself survives a power cut.
+
+    A file that exists keeps its owner, group and mode: `keys import` run as root over ssh must not hand
+    the gateway's user a keyring it cannot read (the reload is refused, the next start fails). When this
+    user cannot give the new file that owner, nothing is written (KeyringError). A new file gets mode
+    0600 and the caller's owner.
     """
     path = _real(path)
     folder = path.parent
+    try:
+        existing: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        existing = None
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if existing is not None:
+                _keep_owner_and_mode(handle.fileno(), path, existing)
             handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
@@ -434,6 +461,39 @@ def write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
         raise
     _fsync_dir(folder)
+
+
+def _keep_owner_and_mode(fd: int, path: Path, existing: os.stat_result) -> None:
+    """Give the temp file (open as `fd`) the owner, group and mode of the file it will replace."""
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (existing.st_uid, existing.st_gid):
+        try:
+            os.fchown(fd, existing.st_uid, existing.st_gid)
+        except PermissionError:
+            user = _user_name(existing.st_uid)
+            fix = "as root" if existing.st_uid == 0 else f"as {user} (sudo -u {user} batv-gateway keys ...)"
+            raise KeyringError(
+                f"{path}: belongs to {user}:{_group_name(existing.st_gid)} and this user"
+                f" ({_user_name(os.geteuid())}) cannot keep that owner, so the file was left as it is:"
+                f" run the command {fix}"
+            ) from None
+    # Never more than check_permissions lets a keyring have (root's group may read): a write must not
+    # open up a file that was too loose to load in the first place.
+    os.fchmod(fd, stat.S_IMODE(existing.st_mode) & 0o740)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def save(path: Path, kf: KeyringFile) -> None:
@@ -467,6 +527,7 @@ def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
     except OSError as exc:
         raise KeyringError(f"{lock_file}: cannot open the lock file: {exc.strerror}") from None
     try:
+        _lock_owned_like_keyring(fd, path)
         deadline = time.monotonic() + (DEFAULT_LOCK_TIMEOUT if timeout is None else timeout)
         while True:
             try:
@@ -484,6 +545,20 @@ def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _lock_owned_like_keyring(fd: int, path: Path) -> None:
+    """As root, give the lock file the keyring's owner: one it could not open would make every later
+    `keys` command of the gateway's user (its cron rotate) fail."""
+    if os.geteuid() != 0:
+        return
+    try:
+        keyring = os.stat(path)
+    except OSError:
+        return
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (keyring.st_uid, keyring.st_gid):
+        os.fchown(fd, keyring.st_uid, keyring.st_gid)
 
 
 # ---------------------------------------------------------------- reload (for servers)

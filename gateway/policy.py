@@ -11,6 +11,10 @@ Inbound (the MX side), per RCPT:
 - A null sender (a DSN, RFC 3464) to an unsigned, malformed, forged, unknown-key or expired address in a
   signed domain is refused with 550 5.7.1, unless the recipient is exempt (postmaster and abuse always are)
   or the listener or domain is in observe mode, where it is accepted and reported as a would-reject.
+- The grace window: for `lifetime_days` after the keyring began signing (`keys init`), a null sender to
+  an untagged address in a signed domain is accepted (reason `grace`): it may be the bounce of mail sent
+  before signing began. A tag that fails is never covered, and `bounce_grace = false` turns it off. In
+  observe mode such a bounce is still reported as a would-reject, since finding them is observing's job.
 - A non-null sender writing to a tagged address (a reply, a callout) gets the tag stripped; an invalid tag
   there is accepted by default (`invalid_tag_with_sender`).
 
@@ -44,6 +48,7 @@ class Reason(enum.Enum):
     NOT_BOUNCE = "not-bounce"  # a non-null sender to an untagged address
     NOT_SIGNED_DOMAIN = "not-signed-domain"  # a bounce to a local domain we do not sign
     EXEMPT = "exempt"
+    GRACE = "grace"  # a bounce to an untagged address in the days after signing began
     TAG_INVALID_ACCEPTED = "invalid-tag-accepted"  # a non-null sender to an invalid tag, accepted by config
     # inbound, refused (or observed)
     UNSIGNED = "unsigned"
@@ -106,6 +111,8 @@ class PolicySettings:
     observe_domains: frozenset[str] = frozenset()
     invalid_tag_with_sender: InvalidTagAction = InvalidTagAction.ACCEPT
     skip_local_recipients: bool = False  # outbound: leave mail to our own domains unsigned
+    # Inbound: accept bounces to untagged addresses for lifetime_days after the keyring began signing.
+    bounce_grace: bool = True
 
     def __post_init__(self) -> None:
         # Normalise once here so that every comparison below is a plain set lookup.
@@ -217,6 +224,8 @@ class Policy:
             if failure is None:
                 if domain not in s.signed_domains:
                     return RcptVerdict(Action.RELAY, target, Reason.NOT_SIGNED_DOMAIN)
+                if not (observe or domain in s.observe_domains) and self.in_grace(today):
+                    return RcptVerdict(Action.RELAY, target, Reason.GRACE)
                 failure = Reason.UNSIGNED
             reply = replies.bounce_refused(text, failure.value)
 
@@ -226,6 +235,14 @@ class Policy:
                 Action.RELAY, target, failure, failed_guess=guess, would_reject=reply, key_id=key_id
             )
         return RcptVerdict(Action.REJECT, text, failure, reply, failed_guess=guess, key_id=key_id)
+
+    def in_grace(self, today: int) -> bool:
+        """True while a bounce may still answer mail sent before signing began: the window lasts as long
+        as a tag signed on the first day stays valid (`lifetime_days`), the time a bounce is given."""
+        began = self.keyring.signing_began_day
+        if not self.settings.bounce_grace or began is None:
+            return False
+        return today < began + self.settings.lifetime_days
 
     def reverse_recipient(self, rcpt: Address, today: int) -> str | None:
         """The address a tagged recipient stands for, or None when it is not validly tagged."""

@@ -175,3 +175,22 @@ def test_a_host_without_a_qualified_name_is_a_warning_naming_hostname(
     assert out == ""
     assert err.startswith(f"batv-gateway: warning: {config}: [gateway] hostname: not set")
     assert 'as "localhost"' in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_grace_window_is_reported_for_the_keyring(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    keyring = config.parent / "keyring.toml"
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert f"{keyring}: no signing start recorded (a keyring from before it was)" in capsys.readouterr().out
+    started = keystore.new_keyring(dt.datetime(2024, 1, 1, 12, tzinfo=dt.UTC), record_start=True)
+    keystore.save(keyring, started)
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert (
+        f"{keyring}: signing began 2024-01-01T12:00:00Z: bounces to untagged addresses are accepted until"
+        " 2024-01-08T00:00:00Z" in capsys.readouterr().out
+    )
+    config.write_text(config.read_text().replace("[batv]", "[policy]\nbounce_grace = false\n\n[batv]"))
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert f"{keyring}: grace window off ([policy] bounce_grace = false)" in capsys.readouterr().out

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,16 +51,29 @@ def states(path: Path) -> dict[int, str]:
     return {k.id: k.state.value for k in keystore.load(path).keyring.keys}
 
 
-def test_init_creates_one_active_key_mode_0600_and_never_overwrites(run: Run) -> None:
+def test_init_creates_one_active_key_mode_0600_and_records_when_signing_began(run: Run) -> None:
     code, out, _ = run("init", "--now", T0)
     assert code == 0
     assert out.startswith(f"{run.keyring}: created with key 0 (active, fingerprint ")
     assert oct(run.keyring.stat().st_mode & 0o777) == "0o600"
     assert oct(run.keyring.parent.stat().st_mode & 0o777) == "0o700"
-    before = run.keyring.read_bytes()
-    code, _, err = run("init")
-    assert code == 2 and "a keyring already exists; 'keys init' never overwrites one" in err
+    assert keystore.load(run.keyring).keyring.signing_began == datetime(2024, 1, 1, 12, tzinfo=UTC)
+
+
+def test_a_second_init_leaves_the_keyring_as_it_is_and_exits_0(run: Run) -> None:
+    run("init", "--now", T0)
+    # Whatever a second init could touch, made different from what init itself would write.
+    run.keyring.chmod(0o400)
+    os.chown(run.keyring, 4242, 4243)
+    before, st = run.keyring.read_bytes(), run.keyring.stat()
+    code, out, err = run("init", "--now", "2024-06-01T00:00:00Z")
+    assert (code, err) == (0, "")
+    assert out == f"{run.keyring}: a keyring already exists; left as it is\n"
+    after = run.keyring.stat()
     assert run.keyring.read_bytes() == before
+    assert (after.st_ino, after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns) == (
+        st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+    )
 
 
 def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> None:
@@ -68,9 +83,13 @@ def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> Non
     assert code == 0
     kf = keystore.load(run.keyring)
     lines = out.splitlines()
-    assert lines[0] == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
-    assert lines[1].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
-    assert lines[2].split() == [
+    assert lines.pop(0) == f"# {run.keyring}: generation 2, updated 2024-01-03T00:00:00Z"
+    assert lines.pop(0) == (
+        f"# signing began {T0}: bounces to untagged addresses are accepted until 2024-01-08T00:00:00Z"
+        " unless [policy] bounce_grace = false"
+    )
+    assert lines[0].split() == ["ID", "STATE", "AGE", "FINGERPRINT", "CREATED", "CHANGED"]
+    assert lines[1].split() == [
         "0",
         "active",
         "10d",
@@ -78,10 +97,11 @@ def test_list_shows_id_state_age_fingerprint_and_never_a_secret(run: Run) -> Non
         T0,
         T0,
     ]
-    assert lines[3].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
+    assert lines[2].split()[:4] == ["1", "verify", "8d", kf.keyring.get(1).fingerprint]  # type: ignore[union-attr]
     code, out, _ = run("list", "--json", "--now", "2024-01-11T12:00:00Z")
     document = json.loads(out)
     assert document["generation"] == 2
+    assert document["signing_began"] == T0
     rows = [(k["id"], k["state"], k["age_days"]) for k in document["keys"]]
     assert rows == [(0, "active", 10), (1, "verify", 8)]
     assert document["keys"][0]["fingerprint"] == kf.keyring.get(0).fingerprint  # type: ignore[union-attr]
@@ -413,3 +433,110 @@ def test_an_unwritable_place_is_one_line_and_exit_2(run: Run, tmp_path: Path) ->
     assert code == 2
     assert err.startswith("batv-gateway: error: ") and "No such file or directory" in err
     assert "Traceback" not in err
+
+
+def test_list_says_when_a_keyring_has_no_recorded_signing_start(run: Run) -> None:
+    # What an older version wrote: no signing_began line, so no grace window.
+    run.keyring.parent.mkdir(mode=0o700)
+    keystore.save(run.keyring, keystore.new_keyring(datetime(2024, 1, 1, 12, tzinfo=UTC)))
+    assert "signing_began" not in run.keyring.read_text()
+    code, out, _ = run("list", "--now", T0)
+    assert code == 0
+    assert out.splitlines()[1] == (
+        "# no signing start recorded (a keyring from before it was): no grace window for bounces to"
+        " untagged addresses"
+    )
+    code, out, _ = run("list", "--json", "--now", T0)
+    assert json.loads(out)["signing_began"] is None
+
+
+# ---------------------------------------------------------------- owner, group and mode of the keyring
+
+
+@pytest.mark.parametrize("verb", ["import", "rotate"])
+@pytest.mark.parametrize(
+    ("uid", "gid", "mode"),
+    [(4242, 4243, 0o600), (0, 4243, 0o640)],  # the gateway's own user; root with the gateway's group
+)
+def test_a_write_as_root_keeps_the_keyrings_owner_group_and_mode(
+    run: Run, tmp_path: Path, verb: str, uid: int, gid: int, mode: int
+) -> None:
+    """`keys import` over ssh as root used to leave root:root 0600, which the gateway could not read."""
+    assert os.geteuid() == 0, "this test runs as root, as the Postfix tests do"
+    run("init", "--now", T0)
+    newer = tmp_path / "from-mx1.toml"
+    keystore.save(newer, keystore.add_key(keystore.load(run.keyring), datetime(2024, 1, 2, tzinfo=UTC))[0])
+    os.chown(run.keyring, uid, gid)
+    run.keyring.chmod(mode)
+    before = run.keyring.read_bytes()
+    argv = ["import", str(newer)] if verb == "import" else ["rotate", "--now", "2024-02-01T00:00:00Z"]
+    code, _, err = run(*argv)
+    assert (code, err) == (0, "")
+    st = run.keyring.stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (uid, gid, oct(mode))
+    assert run.keyring.read_bytes() != before
+    assert keystore.load(run.keyring).generation == (2 if verb == "import" else 3)
+    # The lock file root made must not lock the gateway's user out of its next `keys` command either.
+    lock = keystore.lock_path(run.keyring).stat()
+    assert (lock.st_uid, lock.st_gid) == (uid, gid)
+    assert sorted(p.name for p in run.keyring.parent.iterdir()) == ["keyring.toml", "keyring.toml.lock"]
+
+
+def test_a_write_that_cannot_keep_the_owner_is_refused_and_leaves_the_keyring(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A user other than root cannot give the new file root's ownership: it says so and writes nothing."""
+    assert os.geteuid() == 0, "this test switches to another user, which takes root"
+    # Not under pytest's tmp_path, which only root may enter.
+    base = Path(tempfile.mkdtemp(prefix="batv-owner-"))
+    try:
+        base.chmod(0o711)
+        folder = base / "keys"
+        folder.mkdir(mode=0o700)
+        os.chown(folder, 4242, 4242)
+        keyring = folder / "keyring.toml"
+        keystore.save(keyring, keystore.new_keyring(datetime(2024, 1, 1, 12, tzinfo=UTC)))
+        os.chown(keyring, 0, 4242)
+        keyring.chmod(0o640)  # root's, readable by the gateway's group: the Debian ssl-cert pattern
+        before, st = keyring.read_bytes(), keyring.stat()
+        os.setegid(4242)
+        os.seteuid(4242)
+        try:
+            code = main(["keys", "rotate", "--now", "2024-02-01T00:00:00Z", "--keyring", str(keyring)])
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, "")
+        assert err == (
+            f"batv-gateway: error: {keyring}: belongs to root:4242 and this user (4242) cannot keep that"
+            " owner, so the file was left as it is: run the command as root\n"
+        )
+        after = keyring.stat()
+        assert keyring.read_bytes() == before
+        assert (after.st_ino, after.st_uid, after.st_gid, after.st_mode) == (
+            st.st_ino, st.st_uid, st.st_gid, st.st_mode
+        )
+        assert sorted(p.name for p in folder.iterdir()) == ["keyring.toml", "keyring.toml.lock"]
+    finally:
+        shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------- the fleet push, written once
+
+
+def fleet_push(document: Path) -> str:
+    """The shell block after the fleet-push marker: the same text must stand in both runbooks."""
+    text = document.read_text(encoding="utf-8")
+    marker = "<!-- fleet push: keep identical in keys/README.md and docs/operations.md -->\n"
+    assert text.count(marker) == 1, document
+    block = text.split(marker, 1)[1]
+    assert block.startswith("```sh\n"), document
+    return block[len("```sh\n") : block.index("\n```\n")]
+
+
+def test_keys_readme_and_operations_give_one_and_the_same_fleet_push() -> None:
+    readme = fleet_push(REPO / "keys" / "README.md")
+    assert readme == fleet_push(REPO / "docs" / "operations.md")
+    export = "batv-gateway keys export --config $CONF"
+    assert f'{export} | ssh "$h" batv-gateway keys import --config $CONF -' in readme

@@ -37,6 +37,7 @@ def test_the_example_config_loads_with_every_key() -> None:
     assert cfg.metrics.listen == HostPort("127.0.0.1", 9425)
     assert cfg.socketmap.tcp_forward is None
     assert cfg.socketmap.cache_size == 65536
+    assert cfg.policy.bounce_grace is True
 
 
 def test_the_embedded_default_needs_no_file() -> None:
@@ -66,6 +67,7 @@ def test_signed_domains_default_to_local_domains(tmp_path: Path) -> None:
             "[policy]\ninvalid_tag_with_sender = 'bounce'\n",
             "expected one of 'accept', 'reject', got 'bounce'",
         ),
+        ("[policy]\nbounce_grace = 'no'\n", "[policy] bounce_grace: expected true or false"),
         ("[[listener]]\nrole = 'inbound'\nlisten = '127.0.0.1:25'\n", "[listener 1] next_hop: is required"),
         ("[[listener]]\nrole = 'sideways'\n", "[listener 1] role: expected one of 'inbound', 'outbound'"),
         (
@@ -233,3 +235,8 @@ def test_a_domain_from_the_file_or_a_flag_is_enough() -> None:
         config.parse({"listener": [{**INBOUND["listener"][0], "role": "outbound"}]}),
     ):
         config.check_listeners(cfg)
+
+
+def test_the_grace_window_is_on_by_default_and_one_key_turns_it_off(tmp_path: Path) -> None:
+    assert config.default().policy.bounce_grace is True
+    assert config.load(write(tmp_path, "[policy]\nbounce_grace = false\n")).policy.bounce_grace is False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+
 import pytest
 
 from gateway import explain
@@ -89,3 +92,14 @@ def test_outbound_verdicts_do_not_decide_whether_the_mail_passes() -> None:
     ]
     assert got.verdicts[2].outcome == "tempfail (451 4.3.5 Signing keys unavailable, try again later)"
     assert got.passes
+
+
+def test_an_untagged_bounce_in_the_grace_window_is_explained_as_grace() -> None:
+    began = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)  # TODAY
+    keyring = dataclasses.replace(Keyring.from_secrets([(0, b"k" * 32)]), signing_began=began)
+    policy = Policy(POLICY.settings, keyring)
+    (bounce, _, _) = explain.explain_address("bob@example.com", policy, TODAY).verdicts
+    assert (bounce.reason, bounce.passes) == ("grace", True)
+    assert "signing began less than a tag's lifetime ago" in bounce.why
+    (later, _, _) = explain.explain_address("bob@example.com", policy, TODAY + 30).verdicts
+    assert (later.reason, later.passes) == ("unsigned", False)

@@ -55,7 +55,7 @@ def entry(key_id: int, state: str = "active", secret: str = SECRET_B64, extra: s
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     path = tmp_path / "keyring.toml"
-    keystore.save(path, keystore.new_keyring(T0, counter_token()))
+    keystore.save(path, keystore.new_keyring(T0, counter_token(), record_start=True))
     return path
 
 
@@ -72,6 +72,31 @@ def test_new_keyring_round_trips_through_the_file_with_mode_0600(saved: Path) ->
     assert key.signed_until is None
     assert len(key.secret) == 32
     assert keystore.parse(keystore.dump(loaded), "x") == loaded
+
+
+def test_signing_began_is_recorded_once_and_travels_with_every_change_and_copy(saved: Path) -> None:
+    kf = keystore.load(saved)
+    assert kf.keyring.signing_began == T0
+    assert kf.keyring.signing_began_day == 19723  # 2024-01-01
+    assert "\nsigning_began = 2024-01-01T12:00:00Z\n" in saved.read_text()
+    later = T0 + 40 * DAY
+    changed, key = keystore.add_key(kf, later, counter_token(7))
+    changed = keystore.activate(changed, key.id, later)
+    changed, _ = keystore.prune(changed, later + 30 * DAY, 21)
+    assert changed.generation == 4
+    keystore.save(saved, changed)
+    copied = keystore.parse(keystore.dump(keystore.load(saved)), "export")  # what `keys import` reads
+    assert copied == changed and copied.keyring.signing_began == T0
+
+
+def test_a_keyring_from_before_signing_began_was_recorded_loads_without_one(tmp_path: Path) -> None:
+    assert keystore.new_keyring(T0).keyring.signing_began is None  # only `keys init` asks for a start
+    text = keyring_text(entry(0))
+    kf = keystore.load(write(tmp_path / "old.toml", text))
+    assert kf.keyring.signing_began is None and kf.keyring.signing_began_day is None
+    # Written back as it came: no start is made up (that would open a grace window nobody asked for).
+    assert "signing_began" not in keystore.dump(kf)
+    assert keystore.add_key(kf, T0, counter_token())[0].keyring.signing_began is None
 
 
 def test_new_secrets_come_from_the_secrets_module_and_differ() -> None:
@@ -118,6 +143,14 @@ def test_a_valid_hand_written_keyring_loads(tmp_path: Path) -> None:
             "key 0: created must be a UTC date and time",
         ),
         (keyring_text(), "no [[key]] entries"),
+        (
+            keyring_text(entry(0)).replace("\n[[key]]", 'signing_began = "2024-01-01"\n\n[[key]]'),
+            "signing_began must be a UTC date and time",
+        ),
+        (
+            keyring_text(entry(0)).replace("\n[[key]]", "signing_began = 2024-01-01T12:00:00\n\n[[key]]"),
+            "signing_began must be a UTC date and time",
+        ),
         ("version = [", "not valid TOML"),
     ],
 )

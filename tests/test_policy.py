@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from gateway import prvs, srs
@@ -220,3 +222,69 @@ def test_a_quoted_sender_is_forwarded_as_srs0() -> None:
     v = policy().outbound_sender(parse_address('"alice smith"@remote.example'), TODAY)
     assert v.reason is Reason.SRS0
     assert v.address.startswith('"SRS0=')
+
+
+# ---------------------------------------------------------------- the grace window after signing began
+
+# Signing began one hour into day TODAY: the window is days TODAY to TODAY + 6 (lifetime_days = 7).
+BEGAN = datetime.fromtimestamp(TODAY * 86400 + 3600, UTC)
+SIGNING_SINCE_TODAY = Keyring((OLD, NEW), signing_began=BEGAN)
+
+
+def grace_policy(**changes: object) -> Policy:
+    from dataclasses import replace
+
+    return Policy(replace(SETTINGS, **changes), SIGNING_SINCE_TODAY)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("today", [TODAY, TODAY + 6])
+def test_a_bounce_to_an_untagged_address_is_accepted_in_the_grace_window(today: int) -> None:
+    v = grace_policy().inbound_rcpt(NULL, parse_address("bob@example.com"), today)
+    assert (v.action, v.reason, v.address) == (Action.RELAY, Reason.GRACE, "bob@example.com")
+    assert v.reply is None and v.would_reject is None and not v.failed_guess
+
+
+@pytest.mark.parametrize("today", [TODAY + 7, TODAY + 400])
+def test_after_the_grace_window_a_bounce_to_an_untagged_address_is_refused(today: int) -> None:
+    v = grace_policy().inbound_rcpt(NULL, parse_address("bob@example.com"), today)
+    assert (v.action, v.reason) == (Action.REJECT, Reason.UNSIGNED)
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("prvs=2003abcdef=bob@example.com", Reason.BAD_HASH),
+        ("prvs=9003abcdef=bob@example.com", Reason.UNKNOWN_KEY),
+        ("SRS0=abcd@fwd.example.com", Reason.MALFORMED),
+        (prvs.sign("bob@example.com", SIGNING_SINCE_TODAY, TODAY - 8, 7), Reason.EXPIRED),
+        ("SRS0=xxxx=ZZ=elsewhere.example=bob@fwd.example.com", Reason.BAD_HASH),
+    ],
+)
+def test_the_grace_window_never_covers_a_tag_that_fails(address: str, reason: Reason) -> None:
+    v = grace_policy().inbound_rcpt(NULL, parse_address(address), TODAY)
+    assert (v.action, v.reason) == (Action.REJECT, reason)
+
+
+def test_without_the_setting_or_a_recorded_start_there_is_no_grace_window() -> None:
+    for p in (grace_policy(bounce_grace=False), policy()):
+        v = p.inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY)
+        assert (v.action, v.reason) == (Action.REJECT, Reason.UNSIGNED)
+
+
+def test_observe_mode_still_reports_an_untagged_bounce_in_the_grace_window() -> None:
+    for p, observe in (
+        (grace_policy(), True),
+        (grace_policy(observe_domains=frozenset({"example.com"})), False),
+    ):
+        v = p.inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY, observe=observe)
+        assert (v.action, v.reason) == (Action.RELAY, Reason.UNSIGNED)
+        assert v.would_reject is not None
+
+
+def test_the_grace_window_changes_nothing_but_untagged_bounces() -> None:
+    p = grace_policy()
+    assert p.inbound_rcpt(SOMEONE, parse_address("bob@example.com"), TODAY).reason is Reason.NOT_BOUNCE  # type: ignore[arg-type]
+    assert p.inbound_rcpt(NULL, parse_address("bob@plain.example"), TODAY).reason is Reason.NOT_SIGNED_DOMAIN
+    assert p.inbound_rcpt(NULL, parse_address("postmaster@example.com"), TODAY).reason is Reason.EXEMPT
+    valid = p.inbound_rcpt(NULL, parse_address(signed("bob@example.com")), TODAY)
+    assert (valid.reason, valid.address) == (Reason.VALID_PRVS, "bob@example.com")

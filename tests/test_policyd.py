@@ -7,6 +7,7 @@ import logging
 import smtplib
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,16 @@ def test_observe_mode_accepts_and_marks_with_a_header() -> None:
     # A domain in observe_domains is observed whatever the server's mode.
     domain = decide(HOLDER, request(recipient="user@observed.example"), TODAY)
     assert domain.answer.verb is Verb.PREPEND
+
+
+def test_the_grace_window_after_signing_began_is_the_same_here() -> None:
+    began = Keyring(KEYRING.keys, signing_began=datetime.fromtimestamp(TODAY * 86400, UTC))
+    holder = PolicyHolder(Policy(SETTINGS, began))
+    inside = decide(holder, request(), TODAY + 6)
+    assert inside.answer == DUNNO
+    assert inside.verdict is not None and inside.verdict.reason is Reason.GRACE
+    assert decide(holder, request(), TODAY + 7).answer.verb is Verb.REPLY
+    assert decide(holder, request(recipient=FORGED), TODAY).answer.verb is Verb.REPLY
 
 
 # --- the server, over sockets ---------------------------------------------------------------------------

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import prvs, replies
+from gateway.keyring import Key, Keyring
 from gateway.policy import Action, Reason
 from gateway.relay import DecisionEvent, OutboundRules, _xtext
 from tests.smtp_peers import (
+    SECRET,
     AiosmtpdSink,
     FakeNextHop,
     RawClient,
@@ -138,6 +141,41 @@ def test_observe_mode_accepts_and_reports_the_would_reject() -> None:
             assert event.action is Action.RELAY
             assert event.would_reject is not None and event.would_reject.code == 550
             assert event.next_hop_reply is not None and event.next_hop_reply.startswith("250")
+
+    run(body())
+
+
+def test_an_untagged_bounce_is_accepted_in_the_grace_window_and_refused_after_it() -> None:
+    # The day is moved through the keyring, not the clock: signing began today, then (after the gateway's
+    # own reload) seven days earlier, one lifetime_days, which puts today just past the window.
+    def began(day: int) -> Keyring:
+        return Keyring((Key(1, SECRET),), signing_began=datetime.fromtimestamp(day * 86400, UTC))
+
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with FakeNextHop() as hop:
+            cfg = gateway_config(hop.port)
+            async with running_gateway(cfg, began(TODAY), observers=[events.append]) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                code, text = await client.cmd(f"RCPT TO:<{forged('bob@example.com')}>")
+                assert code == 550 and "bad-hash" in text  # a forged tag is never covered
+                assert (await send_message(client))[0] == 250
+
+                gw.apply(cfg, began(TODAY - 7))
+                assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+                code, text = await client.cmd("RCPT TO:<bob@example.com>")
+                assert code == 550 and text.startswith("5.7.1 ") and "unsigned" in text
+                await client.cmd("QUIT")
+                await client.close()
+            assert [m.rcpts for m in hop.messages] == [[b"RCPT TO:<bob@example.com>"]]
+            assert [(e.action, e.reason) for e in events] == [
+                (Action.RELAY, Reason.GRACE),
+                (Action.REJECT, Reason.BAD_HASH),
+                (Action.REJECT, Reason.UNSIGNED),
+            ]
 
     run(body())
 
