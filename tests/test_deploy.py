@@ -29,6 +29,9 @@ DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 KUBERNETES = DEPLOY / "kubernetes"
 BIN = Path(sys.executable).parent
+# Where docs/operations.md installs the gateway and where the unit runs it from.
+VENV = "/opt/batv-gateway/venv"
+COMMAND = VENV + "/bin/batv-gateway"
 NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
 
@@ -85,6 +88,8 @@ def test_systemd_unit_keys() -> None:
     assert any("kill -HUP $MAINPID" in v for v in svc["ExecReload"])
     assert any("check-config" in v for v in svc["ExecReload"])
     assert "serve --config" in one["ExecStart"]
+    # Next to Postfix's lines in mail.log (rsyslog) and under SYSLOG_FACILITY=2 in the journal.
+    assert one["SyslogFacility"] == "mail" and one["SyslogIdentifier"] == "batv-gateway"
     # Stopping waits longer than the drain deadline (limits.shutdown_deadline, 30 s by default).
     assert int(one["TimeoutStopSec"]) > config_mod.Limits().shutdown_deadline
     assert "postfix.service" in unit["Unit"]["Before"][0].split()
@@ -97,10 +102,12 @@ def test_parse_unit_refuses_a_broken_line() -> None:
 
 
 def _verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
-    # verify checks that every Exec command exists: point them at a real executable.
+    # verify checks that every Exec command exists: point them at a real executable (this machine has no
+    # gateway in /opt; test_unit_runs_the_gateway_from_the_documented_venv checks that path).
     folder.mkdir()
     unit = folder / "batv-gateway.service"
-    unit.write_text(unit_text.replace("/usr/bin/batv-gateway", "/bin/true"))
+    assert COMMAND in unit_text
+    unit.write_text(unit_text.replace(COMMAND, "/bin/true"))
     return subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -126,9 +133,7 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
         parse_unit((SYSTEMD / "batv-gateway.service").read_text())
         return
     unit = tmp_path / "batv-gateway.service"
-    unit.write_text(
-        (SYSTEMD / "batv-gateway.service").read_text().replace("/usr/bin/batv-gateway", "/bin/true")
-    )
+    unit.write_text((SYSTEMD / "batv-gateway.service").read_text().replace(COMMAND, "/bin/true"))
     run = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,
@@ -142,6 +147,18 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
     assert match is not None, run.stdout + run.stderr
     # 0 is the most locked down, 10 the least; systemd calls anything under 2 "OK".
     assert float(match.group(1)) < 2.0
+
+
+def test_unit_runs_the_gateway_from_the_documented_venv() -> None:
+    """The unit's commands are the ones the documented install creates: nothing puts one in /usr/bin."""
+    svc = parse_unit((SYSTEMD / "batv-gateway.service").read_text())["Service"]
+    commands = [v.split()[0] for key in ("ExecStartPre", "ExecStart", "ExecReload") for v in svc[key]]
+    assert [c for c in commands if c != "/bin/kill"] == [COMMAND] * 3
+    steps = (REPO / "docs" / "operations.md").read_text()
+    assert f"python3 -m venv {VENV}\n" in steps and f"{VENV}/bin/pip install " in steps
+    # The container installs into the same place, so one path holds for both.
+    containerfile = (DEPLOY / "Containerfile").read_text()
+    assert f"python3 -m venv {VENV} " in containerfile and f"ENV PATH={VENV}/bin:" in containerfile
 
 
 def test_sysusers_and_tmpfiles() -> None:
