@@ -529,6 +529,44 @@ def test_license_is_the_mit_text_pyproject_names() -> None:
     assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
 
 
+def documentation() -> list[Path]:
+    """Every file that tells a reader what to type: the Markdown, the bench scripts' usage, deploy/."""
+    paths = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("keys/*.md"), *REPO.glob("bench/*")]
+    paths += [path for path in DEPLOY.rglob("*") if path.is_file()]
+    return sorted(path for path in paths if path.is_file())
+
+
+# What a stock Debian 12 cannot do: it has no `python` command, refuses `pip install` into its own
+# python3 (PEP 668), and PyPI has no batv-gateway (nor a "fast" extra: uvloop is a dependency).
+UNRUNNABLE = {
+    "python, not python3": re.compile(r"(?<![\w/.-])python (?:bench/|-m )"),
+    "pip into the system's python3": re.compile(r"(?<![\w/.-])python3? -m pip install"),
+    "batv-gateway from an index": re.compile(r"pip install\s+['\"]?batv-gateway"),
+    "the fast extra": re.compile(r"\[fast\]"),
+}
+
+
+def unrunnable(text: str) -> list[str]:
+    return [what for what, pattern in UNRUNNABLE.items() if pattern.search(text)]
+
+
+def test_no_document_says_a_command_debian_cannot_run() -> None:
+    assert documentation()
+    found = {str(p.relative_to(REPO)): unrunnable(p.read_text()) for p in documentation()}
+    assert {path: what for path, what in found.items() if what} == {}
+
+
+def test_unrunnable_catches_what_the_docs_said_before() -> None:
+    assert unrunnable("    python bench/tags.py      # prvs sign/verify") == ["python, not python3"]
+    system_pip = "python3 -m pip install -e . && batv-gateway serve"
+    assert unrunnable(system_pip) == ["pip into the system's python3"]
+    assert unrunnable("/opt/batv-gateway/bin/pip install 'batv-gateway[fast]'") == [
+        "batv-gateway from an index",
+        "the fast extra",
+    ]
+    assert unrunnable("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python3 x") == []
+
+
 def test_ci_runs_tox_from_a_venv_of_debians_python() -> None:
     """.ci/run on Debian: python3-venv installed, tox in a venv made from /usr/bin/python3, not in git."""
     script = (REPO / ".ci" / "run").read_text()
