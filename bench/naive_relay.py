@@ -4,7 +4,7 @@ aiosmtpd with its defaults, and a DATA handler that opens a new aiosmtplib conne
 returns the next hop's reply. Kept deliberately small and untuned so the baseline never drifts: do not
 optimise this file.
 
-    python bench/naive_relay.py --listen 127.0.0.1:10025 --next-hop 127.0.0.1:10026
+    python3 bench/naive_relay.py --listen 127.0.0.1:10025 --next-hop 127.0.0.1:10026
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The side-by-side SMTP benchmark of issue 5: the limit, the naive relay and batv-gateway, in one run.
 
-    python bench/smtp.py            # the full run (about 5 minutes): writes bench/RESULTS.md
-    python bench/smtp.py --smoke    # CI: a few hundred messages; checks only that nothing is lost
+    python3 bench/smtp.py            # the full run (about 5 minutes): writes bench/RESULTS.md
+    python3 bench/smtp.py --smoke    # CI: a few hundred messages; checks only that nothing is lost
 
 Everything runs on 127.0.0.1 with bounded message counts. Postfix's `smtp-source` is the load and
 `smtp-sink` the next hop; every system under test gets its own sink, so the sink's message counter is
@@ -47,7 +47,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.prvs.
+# `python3 bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.prvs.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
@@ -861,7 +861,7 @@ def write_results(
     lines = [
         "# Benchmark results (issue 5)",
         "",
-        f"Written by `{shlex.join(['python', 'bench/smtp.py', *command_flags(sys.argv[1:])])}`"
+        f"Written by `{shlex.join(['python3', 'bench/smtp.py', *command_flags(sys.argv[1:])])}`"
         + (" with the notes below" if args.note else "")
         + "; do not edit by hand.",
         "",

@@ -1,8 +1,8 @@
 """Postfix lookup rates: `batv-gateway socketmap` (socketmap and tcp_table) next to postsrsd 1.10's tcp_table.
 
-    python bench/socketmap.py                 # about two and a half minutes
-    python bench/socketmap.py --seconds 1 --rounds 1   # a quick look
-    python bench/socketmap.py --no-placement  # without the pinned 1-connection table
+    python3 bench/socketmap.py                 # about two and a half minutes
+    python3 bench/socketmap.py --seconds 1 --rounds 1   # a quick look
+    python3 bench/socketmap.py --no-placement  # without the pinned 1-connection table
 
 Both servers run on 127.0.0.1, started here: our command with a throwaway keyring, and the Debian postsrsd
 (`postsrsd -s SECRETFILE -d ALIAS -l 127.0.0.1 -f PORT -r PORT`, foreground) with its own secret file.

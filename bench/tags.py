@@ -1,7 +1,7 @@
 """Tag operations per second, each as a ratio to one bare HMAC-SHA1 over the same bytes, in the same run.
 
-    python bench/tags.py              # about 10 seconds
-    python bench/tags.py --rounds 60  # more rounds on a noisy machine
+    python3 bench/tags.py              # about 10 seconds
+    python3 bench/tags.py --rounds 60  # more rounds on a noisy machine
 
 The baseline is `hmac.digest(secret, message, "sha1")`, the fastest one-shot stdlib HMAC, where message is
 exactly what the operation feeds its HMAC (K || DDD || address for prvs; the lowercased SRS fields for

