@@ -8,7 +8,7 @@ and SIGHUP on, says READY only when every worker serves, and alone binds the met
 counters are then the main process's share of the traffic (the workers' decisions are in the log). Each
 process keeps its own session limits and per-client guess limits, so a client may get up to N times
 `max_sessions_per_client` and the guess burst: keep workers = 1 where those limits must be exact.
-uvloop runs the loop when it is installed (the `fast` extra).
+uvloop (a dependency) runs the loop; stdlib asyncio stands in where it cannot be imported.
 """
 
 from __future__ import annotations

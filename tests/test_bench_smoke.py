@@ -1,6 +1,6 @@
 """CI runs the smoke benchmark: nothing is lost and the harness works. Speed is never asserted here.
 
-The smoke run is `python bench/smtp.py --smoke`: a few hundred messages through the limit, the naive
+The smoke run is `python3 bench/smtp.py --smoke`: a few hundred messages through the limit, the naive
 relay and both gateway roles, plus a small forged-bounce flood, one round each.
 """
 
