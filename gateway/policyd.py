@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -351,7 +350,3 @@ class PolicyService:
 async def start_policyd(service: PolicyService, host: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(service.handle, host, port)
 
-
-async def start_policyd_unix(service: PolicyService, listener: socket.socket) -> asyncio.Server:
-    """On a socket file bound by unixsocket.listen (its mode and group already set)."""
-    return await asyncio.start_server(service.handle, sock=listener)
