@@ -475,6 +475,42 @@ def test_postfix_refuses_a_forged_bounce_at_rcpt_and_accepts_a_genuine_one(root:
         assert key.secret.hex() not in gateway_log
 
 
+def test_postfix_that_cannot_open_the_socket_defers_and_the_service_sees_no_request(root: Path) -> None:
+    """The socket file without group postfix: smtpd cannot connect, and policy-main.cf's
+    smtpd_policy_service_default_action (Postfix's own default) defers the recipient instead of letting a
+    forged bounce in. The service is up and asked nothing: what BatvPolicyServiceNotAsked watches."""
+    write_keyring(root / "keyring.toml")
+    path = spool_socket(root, "policy")
+    config = root / "policy.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{root / "keyring.toml"}"\nlocal_domains = ["example.org"]\n'
+        f'[policyd]\nlisten = "unix:{path}"\nmetrics_listen = "127.0.0.1:0"\n'  # root's group, not postfix
+    )
+    cmd = Command("policy", "--config", str(config))
+    try:
+        cmd.wait_listening(1)
+        port = int(wait_for_line(cmd, r"metrics=127\.0\.0\.1:(\d+)").group(1))
+        with SmtpSink(root / "sink") as sink:
+            pf = postfix_with_policy(root, sink.port)
+            with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                client.ehlo("remote-mta.test")
+                assert client.mail("")[0] == 250
+                code, text = client.rcpt("user@example.org")
+                assert (
+                    code == 451
+                    and text.startswith(b"4.3.5 ")
+                    and text.endswith(b"Server configuration problem")
+                )
+            log = pf.log_text()
+        metrics = scrape(port)
+    finally:
+        code, gateway_log = cmd.stop()
+    assert code == 0, gateway_log
+    assert "problem talking to server" in log or "Permission denied" in log, log
+    assert 'batv_policy_requests_total{action="reply"} 0.0' in metrics
+    assert "batv_policy_connections_total 0.0" in metrics
+
+
 def test_postfix_in_observe_mode_accepts_and_marks_the_forged_bounce(root: Path) -> None:
     write_keyring(root / "keyring.toml")
     config = socket_config(root, "policyd", spool_socket(root, "policy"))
