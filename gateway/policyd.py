@@ -349,4 +349,3 @@ class PolicyService:
 
 async def start_policyd(service: PolicyService, host: str, port: int) -> asyncio.Server:
     return await asyncio.start_server(service.handle, host, port)
-
