@@ -121,7 +121,7 @@ def test_the_policy_table_is_checked_the_same_way() -> None:
         config.parse({"policyd": {"metrics_listen": "unix:/x"}}, "gw.toml")
 
 
-def test_the_commands_refuse_a_bad_unix_listen_flag(folder: Path) -> None:
+def test_the_commands_refuse_a_bad_unix_listen_flag() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "gateway", "policy", "--listen", "unix:relative/sock", "--keyring", "k.toml"],
         capture_output=True,
@@ -136,7 +136,7 @@ def test_the_commands_refuse_a_bad_unix_listen_flag(folder: Path) -> None:
 # --- the socket file --------------------------------------------------------------------------------
 
 
-def test_the_socket_file_gets_its_mode_and_group_before_anyone_can_connect(folder: Path) -> None:
+def test_the_socket_file_gets_its_mode_and_group_and_is_removed_on_shutdown(folder: Path) -> None:
     path = folder / "sock"
     listener = unixsocket.listen(path, 0o640, "nogroup")
     try:
@@ -148,6 +148,31 @@ def test_the_socket_file_gets_its_mode_and_group_before_anyone_can_connect(folde
     finally:
         listener.remove()
     assert not path.exists(), "removed on shutdown"
+
+
+def test_the_file_is_closed_to_others_from_bind_until_it_has_its_group_and_mode(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen from inside: right after bind() the file is the owner's alone (the umask), and by listen(),
+    before which nobody can connect, it has its group and mode."""
+    path = folder / "sock"
+    seen: dict[str, tuple[int, int]] = {}
+    bind, listen = socket.socket.bind, socket.socket.listen
+
+    def spy(step: str, call: Callable[..., None]) -> Callable[..., None]:
+        def wrapped(self: socket.socket, *args: object) -> None:
+            call(self, *args)
+            if self.family == socket.AF_UNIX:
+                st = os.lstat(path)
+                seen[step] = (stat.S_IMODE(st.st_mode), st.st_gid)
+
+        return wrapped
+
+    monkeypatch.setattr(socket.socket, "bind", spy("bind", bind))
+    monkeypatch.setattr(socket.socket, "listen", spy("listen", listen))
+    unixsocket.listen(path, 0o660, "nogroup").remove()
+    assert seen["bind"] == (0o600, os.getgid())
+    assert seen["listen"] == (0o660, NOGROUP)
 
 
 def as_user(uid: int, gid: int, act: Callable[[], int]) -> int:
