@@ -5,11 +5,15 @@ Both read the same config as `serve` and take its quick-start flags, so that
 is enough to try the socketmap mode. SIGTERM/SIGINT stop them; SIGHUP reloads the config and keyring, and a
 changed keyring file is picked up alone (reload.Reloader, as in serve).
 
+Both listen on HOST:PORT or on a socket file, `unix:/PATH` (unixsocket.py: its mode and group, a stale
+file replaced, a live one refused, the file removed on shutdown); deploy/postfix/ uses the socket file.
+
 `[gateway] workers = N` runs the socketmap in N processes on the same ports (SO_REUSEPORT; the ports are
 bound and announced once, before the fork, so `--listen 127.0.0.1:0` works too), as Postfix runs many
-cleanup processes that each hold a connection: one Python process uses one CPU. The main process
+cleanup processes that each hold a connection: one Python process uses one CPU. A socket file has no
+SO_REUSEPORT: it is bound once and the workers accept on that one inherited socket. The main process
 forwards SIGTERM and SIGHUP to the others. The policy service always runs in one process, so that its
-per-client guess limits see every connection.
+per-client guess limits see every connection; `[policyd] metrics_listen` gives it a /metrics endpoint.
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from .cli import add_quickstart_flags
 
 if TYPE_CHECKING:
     from . import keystore
-    from .config import Config, HostPort
+    from .config import Config, Listen
+    from .metrics import Metrics
     from .relay import PolicyHolder
     from .socketmap import MapService
+    from .unixsocket import UnixListener
 
-    Started = tuple[list[asyncio.Server], Callable[[], None]]
-    Starter = Callable[[Config, PolicyHolder, "Bound"], Awaitable[Started]]
+    # The servers, and what closes their connections (and anything else the starter opened).
+    Started = tuple[list[asyncio.Server], Callable[[], Awaitable[None]]]
+    Starter = Callable[[Config, PolicyHolder, "Bound", Metrics], Awaitable[Started]]
 
 log = logging.getLogger("gateway.postfix")
 
@@ -44,7 +51,7 @@ def register(subparsers: Any) -> None:
         description="Serve Postfix socketmap_table(5) maps 'forward' (sender_canonical_maps) and "
         "'reverse' (recipient_canonical_maps), and optionally tcp_table(5) ports as postsrsd 1.x has.",
     )
-    add_quickstart_flags(sm, "where to listen (default 127.0.0.1:10030)")
+    add_quickstart_flags(sm, "where to listen: HOST:PORT or unix:/PATH (default 127.0.0.1:10030)")
     sm.add_argument("--tcp-forward", metavar="HOST:PORT", help="also serve 'forward' over tcp_table(5)")
     sm.add_argument("--tcp-reverse", metavar="HOST:PORT", help="also serve 'reverse' over tcp_table(5)")
     sm.set_defaults(handler=handle_socketmap, help_parser=sm)
@@ -54,7 +61,7 @@ def register(subparsers: Any) -> None:
         help="serve Postfix policy delegation: refuse forged bounces at RCPT",
         description="A Postfix policy service for check_policy_service in smtpd_recipient_restrictions.",
     )
-    add_quickstart_flags(pd, "where to listen (default 127.0.0.1:10031)")
+    add_quickstart_flags(pd, "where to listen: HOST:PORT or unix:/PATH (default 127.0.0.1:10031)")
     pd.add_argument(
         "--observe", action="store_true", help="accept what would be refused; log it and PREPEND a header"
     )
@@ -66,7 +73,7 @@ def load_config(args: argparse.Namespace) -> Config:
     from dataclasses import replace
 
     from . import config as config_module
-    from .config import HostPort
+    from .config import HostPort, parse_listen
 
     base = config_module.load(args.config) if args.config is not None else config_module.default()
     config = config_module.with_flags(
@@ -75,7 +82,7 @@ def load_config(args: argparse.Namespace) -> Config:
     if args.command == "socketmap":
         sm = config.socketmap
         if args.listen:
-            sm = replace(sm, listen=HostPort.parse(args.listen, "--listen"))
+            sm = replace(sm, listen=parse_listen(args.listen, "--listen"))
         if args.tcp_forward:
             sm = replace(sm, tcp_forward=HostPort.parse(args.tcp_forward, "--tcp-forward"))
         if args.tcp_reverse:
@@ -84,7 +91,7 @@ def load_config(args: argparse.Namespace) -> Config:
     else:
         pd = config.policyd
         if args.listen:
-            pd = replace(pd, listen=HostPort.parse(args.listen, "--listen"))
+            pd = replace(pd, listen=parse_listen(args.listen, "--listen"))
         if args.observe:
             pd = replace(pd, observe=True)
         config = replace(config, policyd=pd)
@@ -104,20 +111,44 @@ def handle_policy(args: argparse.Namespace) -> int:
     return _main(args, _start_policy)
 
 
-def _bind(where: HostPort, shared: bool) -> socket.socket:
+def _bind(
+    where: Listen, shared: bool, mode: int, group: str | None, files: list[UnixListener]
+) -> socket.socket:
+    from . import unixsocket
+    from .config import UnixPath
+
+    if isinstance(where, UnixPath):
+        listener = unixsocket.listen(where.path, mode, group)
+        files.append(listener)
+        return listener.sock
     return workers_module.bind(where.host, where.port, shared)
 
 
-def _bind_all(command: str, config: Config, shared: bool) -> Bound:
+def _bind_all(command: str, config: Config, shared: bool, files: list[UnixListener]) -> Bound:
+    """Every listening socket of the command; the socket files bound are added to `files`, for the main
+    process to remove on shutdown."""
     if command == "policy":
         pd = config.policyd
-        return [("enforce mode" if not pd.observe else "observe mode", _bind(pd.listen, shared))]
+        what = "enforce mode" if not pd.observe else "observe mode"
+        return [(what, _bind(pd.listen, shared, pd.socket_mode, pd.socket_group, files))]
     sm = config.socketmap
-    bound = [("maps forward, reverse", _bind(sm.listen, shared))]
+    bound = [("maps forward, reverse", _bind(sm.listen, shared, sm.socket_mode, sm.socket_group, files))]
     for name, where in (("forward", sm.tcp_forward), ("reverse", sm.tcp_reverse)):
         if where is not None:
-            bound.append((f"map {name}", _bind(where, shared)))
+            bound.append((f"map {name}", _bind(where, shared, sm.socket_mode, sm.socket_group, files)))
     return bound
+
+
+def _where(sock: socket.socket) -> str:
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def _own(sock: socket.socket) -> socket.socket:
+    """A worker's listening socket: its own on a shared port, the inherited one on a socket file."""
+    return sock if sock.family == socket.AF_UNIX else workers_module.own_socket(sock)
 
 
 def _main(args: argparse.Namespace, start: Starter) -> int:
@@ -128,16 +159,21 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
     kf = keystore.load(config.keyring_path)
     logs.setup_from(config.log)
     count = config.workers if args.command == "socketmap" else 1
-    bound = _bind_all(args.command, config, shared=count > 1)
+    files: list[UnixListener] = []
+    try:
+        bound = _bind_all(args.command, config, count > 1, files)
+    except BaseException:
+        for listener in files:
+            listener.remove()
+        raise
     for what, sock in bound:
-        host, port = sock.getsockname()[:2]
         kind = "tcp_table" if what.startswith("map ") else args.command
         logs.log_fields(
-            log, logging.INFO, f"{kind} listening", event="listening", listen=f"{host}:{port}", serves=what
+            log, logging.INFO, f"{kind} listening", event="listening", listen=_where(sock), serves=what
         )
 
     def worker(say_ready: Callable[[], None]) -> int:
-        own = [(what, workers_module.own_socket(sock)) for what, sock in bound]
+        own = [(what, _own(sock)) for what, sock in bound]
         return workers_module.run(_serve(args, config, kf, start, own, None, say_ready))
 
     children = workers_module.fork(count - 1, worker)
@@ -147,6 +183,8 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
         for _, sock in bound:
             sock.close()
         children.reap()
+        for listener in files:  # only here: a worker that exits leaves the main process's file alone
+            listener.remove()
 
 
 def map_service(config: Config, holder: PolicyHolder) -> MapService:
@@ -156,7 +194,7 @@ def map_service(config: Config, holder: PolicyHolder) -> MapService:
     return MapService(holder, max_request=sm.max_request, cache_size=sm.cache_size)
 
 
-async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
+async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound, metrics: Metrics) -> Started:
     from .socketmap import FORWARD, REVERSE, SocketmapProtocol, TcpTableProtocol
 
     service = map_service(config, holder)
@@ -169,12 +207,19 @@ async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound) -
             servers.append(await loop.create_server(lambda: TcpTableProtocol(service, REVERSE), sock=sock))
         else:
             servers.append(await loop.create_server(lambda: SocketmapProtocol(service), sock=sock))
-    return servers, service.close_connections
+
+    async def close() -> None:
+        service.close_connections()
+
+    return servers, close
 
 
-async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound) -> Started:
+async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound, metrics: Metrics) -> Started:
+    from . import logs
     from .guard import GuardSettings
-    from .policyd import PolicyService
+    from .logs import DecisionLog
+    from .metrics import MetricsServer
+    from .policyd import PolicyCounters, PolicyEvent, PolicyService
 
     limits = config.limits
     guard = GuardSettings(
@@ -184,9 +229,35 @@ async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound) -> S
         guess_rate=limits.guess_rate,
         guess_burst=max(1, limits.guess_burst),
     )
-    service = PolicyService(holder, observe=config.policyd.observe, guard=guard)
+    decision_log = DecisionLog()
+
+    def on_decision(event: PolicyEvent) -> None:
+        decision_log(event)
+        metrics.on_decision(event)
+
+    service = PolicyService(
+        holder,
+        observe=config.policyd.observe,
+        guard=guard,
+        on_decision=on_decision,
+        counters=PolicyCounters(metrics.registry),
+    )
     servers = [await asyncio.start_server(service.handle, sock=sock) for _, sock in bound]
-    return servers, service.close_connections
+    endpoint: MetricsServer | None = None
+    where = config.policyd.metrics_listen
+    if where is not None:
+        endpoint = MetricsServer(metrics)
+        await endpoint.start(where.host, where.port)
+        logs.log_fields(
+            log, logging.INFO, "metrics endpoint up", event="metrics", metrics=f"{where.host}:{endpoint.port}"
+        )
+
+    async def close() -> None:
+        service.close_connections()
+        if endpoint is not None:
+            await endpoint.close()
+
+    return servers, close
 
 
 async def _serve(
@@ -200,13 +271,16 @@ async def _serve(
 ) -> int:
     """One process's server. `children`: the workers to pass signals on to (None in a worker itself);
     `say_ready`: a worker's way to tell the main process it serves."""
+    from .metrics import Metrics
     from .policy import Policy
     from .relay import PolicyHolder
     from .reload import Reloader
     from .sdnotify import Notifier
 
     holder = PolicyHolder(Policy(config.policy, kf.keyring))
-    servers, close_connections = await start(config, holder, bound)
+    metrics = Metrics()
+    metrics.set_keyring(kf.keyring, kf.generation)
+    servers, close = await start(config, holder, bound, metrics)
     # Only the main process speaks to systemd: it is the service's MAINPID.
     notifier = Notifier() if children is not None else Notifier(socket_name="")
     reloader = Reloader(
@@ -214,6 +288,7 @@ async def _serve(
         kf,
         load_config=lambda: load_config(args),
         apply=lambda new, keyring: holder.replace(Policy(new.policy, keyring)),
+        metrics=metrics,
         notifier=notifier,
     )
     loop = asyncio.get_running_loop()
@@ -246,15 +321,23 @@ async def _serve(
         notifier.stopping()
         log.info("shutting down")
     finally:
+        # A second SIGTERM (timeout(1) signals the command and then its process group) must not take the
+        # default action before the socket file is removed. Removing the loop's handlers would restore it
+        # for a moment, so each is replaced in place by one that ignores the signal; asyncio.run's close of
+        # the loop restores the defaults once the cleanup below is done.
         for sig in workers_module.SIGNALS:
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, _ignore_signal)
         await reloader.close()
         for server in servers:
             server.close()
-        close_connections()
+        await close()
         for server in servers:
             await server.wait_closed()
     return 0
+
+
+def _ignore_signal() -> None:
+    pass
 
 
 def _reload(reloader: Any) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import difflib
 import enum
+import grp
 import ipaddress
+import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +55,53 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+UNIX_PATH_MAX = 107  # octets: Linux's sockaddr_un holds 108 with the terminating NUL
+
+
+@dataclass(frozen=True)
+class UnixPath:
+    """A unix-domain socket to listen on: `unix:/ABSOLUTE/PATH` (the socketmap and policy services)."""
+
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str, where: str = "address") -> UnixPath:
+        path = text.removeprefix("unix:")
+        example = "for example unix:/var/spool/postfix/batv/policy"
+        if not path.startswith("/") or path.endswith("/") or "\0" in path:
+            raise ConfigError(f"{where}: {text!r} is not unix:/ABSOLUTE/PATH to a socket file ({example})")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ConfigError(
+                f"{where}: {text!r} is over the {UNIX_PATH_MAX} octets a unix socket path may have"
+                " (choose a shorter folder)"
+            )
+        return cls(Path(path))
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Listen = HostPort | UnixPath
+
+
+def parse_listen(text: str, where: str = "address") -> Listen:
+    """HOST:PORT, [IPv6]:PORT or unix:/PATH (what the socketmap and policy services listen on)."""
+    if text.startswith("unix:"):
+        return UnixPath.parse(text, where)
+    try:
+        return HostPort.parse(text, where)
+    except ConfigError:
+        raise ConfigError(
+            f"{where}: {text!r} is not HOST:PORT (for example 127.0.0.1:10030)"
+            " or unix:/PATH (for example unix:/var/spool/postfix/batv/socketmap)"
+        ) from None
+
+
+# The socket file's mode when none is configured: the service's user and group, nobody else.
+DEFAULT_SOCKET_MODE = 0o660
+_OCTAL_MODE = re.compile(r"0?[0-7]{3}")
 
 
 @dataclass(frozen=True)
@@ -116,17 +166,22 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class SocketmapConfig:
-    listen: HostPort = HostPort("127.0.0.1", 10030)
+    listen: Listen = HostPort("127.0.0.1", 10030)
     tcp_forward: HostPort | None = None  # tcp_table(5), as postsrsd 1.x's forward port
     tcp_reverse: HostPort | None = None
     max_request: int = 4096
     cache_size: int = 65536  # replies kept, about two hundred bytes each; 0: none
+    socket_mode: int = DEFAULT_SOCKET_MODE  # for a unix: listen address
+    socket_group: str | None = None  # None: the service's own group
 
 
 @dataclass(frozen=True)
 class PolicydConfig:
-    listen: HostPort = HostPort("127.0.0.1", 10031)
+    listen: Listen = HostPort("127.0.0.1", 10031)
     observe: bool = False  # accept what enforce mode would refuse; log it and PREPEND a header
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+    metrics_listen: HostPort | None = None  # the policy service's own /metrics endpoint; None: none
 
 
 @dataclass(frozen=True)
@@ -241,6 +296,48 @@ class _Table:
             return HostPort.parse(text)
         except ConfigError as exc:
             raise self.error(key, str(exc).split(": ", 1)[-1]) from None
+
+    def listen(self, key: str, default: Listen) -> Listen:
+        """HOST:PORT or unix:/PATH, with the socket file's `socket_mode` and `socket_group` beside it."""
+        text = self.string(key, "") if key in self.data else ""
+        if text == "":
+            return default
+        try:
+            return parse_listen(text)
+        except ConfigError as exc:
+            raise self.error(key, str(exc).split(": ", 1)[-1]) from None
+
+    def socket_file(self, listen: Listen) -> tuple[int, str | None]:
+        """`socket_mode` (an octal string, "0660") and `socket_group` (a group name) for a unix: listen
+        address; refused with a TCP one, where they would silently mean nothing."""
+        mode, group = DEFAULT_SOCKET_MODE, None
+        for key in ("socket_mode", "socket_group"):
+            if key in self.data and not isinstance(listen, UnixPath):
+                raise self.error(key, f"applies to a unix:/PATH listen address only, not {listen}")
+        if "socket_mode" in self.data:
+            text = self._get("socket_mode", str, 'an octal mode in quotes, such as "0660"')
+            if not _OCTAL_MODE.fullmatch(text):
+                raise self.error(
+                    "socket_mode", f'expected an octal mode in quotes, such as "0660", got {text!r}'
+                )
+            mode = int(text, 8)
+            if mode & 0o002:
+                raise self.error(
+                    "socket_mode",
+                    f"{text!r} lets every local user connect, which a unix socket is there to prevent:"
+                    ' use "0660" and socket_group',
+                )
+            if mode & 0o600 != 0o600:
+                raise self.error("socket_mode", f"{text!r} must give the service's own user read and write")
+        if "socket_group" in self.data:
+            group = self._get("socket_group", str, "a group name")
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise self.error(
+                    "socket_group", f"no group named {group!r} on this host (Postfix's is usually 'postfix')"
+                ) from None
+        return mode, group
 
     def path(self, key: str, default: Path | None) -> Path | None:
         text = self.string(key, "" if default is None else str(default))
@@ -426,19 +523,28 @@ def parse(
     mt.done()
 
     sm = root.table("socketmap")
+    sm_listen = sm.listen("listen", SocketmapConfig.listen)
+    sm_mode, sm_group = sm.socket_file(sm_listen)
     socketmap = SocketmapConfig(
-        listen=sm.hostport("listen", SocketmapConfig.listen) or SocketmapConfig.listen,
+        listen=sm_listen,
         tcp_forward=sm.hostport("tcp_forward", None),
         tcp_reverse=sm.hostport("tcp_reverse", None),
         max_request=sm.integer("max_request", 4096, 64, 1 << 20),
         cache_size=sm.integer("cache_size", 65536, 0, 1 << 24),
+        socket_mode=sm_mode,
+        socket_group=sm_group,
     )
     sm.done()
 
     pd = root.table("policyd")
+    pd_listen = pd.listen("listen", PolicydConfig.listen)
+    pd_mode, pd_group = pd.socket_file(pd_listen)
     policyd = PolicydConfig(
-        pd.hostport("listen", PolicydConfig.listen) or PolicydConfig.listen,
+        pd_listen,
         observe=pd.boolean("observe", False),
+        socket_mode=pd_mode,
+        socket_group=pd_group,
+        metrics_listen=pd.hostport("metrics_listen", None),
     )
     pd.done()
     root.done()

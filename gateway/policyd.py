@@ -19,6 +19,9 @@ only translates it:
 A request that is not the protocol (a line without `=`, a line or request over the limits, non-UTF-8) is
 answered DEFER_IF_PERMIT and the connection closed: Postfix never sends one, and it treats a policy server
 it cannot use the same way (451 4.3.5).
+
+What Postfix does when it cannot reach us (smtpd_policy_service_default_action) we never see; what we can
+count is what it does ask (PolicyCounters), and the alerts in deploy/prometheus/alerts.yml read the silence.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from . import replies
 from .addresses import Address, parse_address, parse_path
@@ -181,6 +186,45 @@ class PolicyEvent:
 # --- the asyncio edge -------------------------------------------------------------------------------
 
 
+class PolicyCounters:
+    """What the policy service counts, in a registry of the caller's (metrics.Metrics.registry).
+
+    Postfix keeps a connection per smtpd process and asks once per RCPT, so while mail arrives requests
+    never stop: requests at zero while the service is up mean Postfix is not asking (a wrong
+    check_policy_service, or a socket it cannot open), and then it applies
+    smtpd_policy_service_default_action to every recipient."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connections = Counter(
+            "batv_policy_connections",
+            "Connections accepted from Postfix's smtpd processes",
+            registry=registry,
+        )
+        self.open_connections = Gauge(
+            "batv_policy_open_connections", "Connections from Postfix open now", registry=registry
+        )
+        self.requests = Counter(
+            "batv_policy_requests",
+            "Policy requests answered, by action: dunno, reply (a numeric reply: 550 refuses a forged bounce,"
+            " 421 a client that keeps guessing tags), prepend (observe mode), defer_if_permit (an error)",
+            ["action"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "batv_policy_errors",
+            "Requests that could not be decided, by kind: protocol (not the policy protocol; the connection"
+            " is closed) and internal (a failure of ours); both answered DEFER_IF_PERMIT",
+            ["kind"],
+            registry=registry,
+        )
+        self._answers = {verb: self.requests.labels(verb.value.lower()) for verb in Verb}
+        for kind in ("protocol", "internal"):
+            self.errors.labels(kind)  # exported at 0 from the start, so that rate() sees the first one
+
+    def answered(self, answer: PolicyAnswer) -> None:
+        self._answers[answer.verb].inc()
+
+
 class PolicyService:
     """What every connection shares: the policy source, the guess limiter, the clock and the mode."""
 
@@ -195,6 +239,7 @@ class PolicyService:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_decision: Callable[[PolicyEvent], None] | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        counters: PolicyCounters | None = None,
     ) -> None:
         self.source = source
         self.observe = observe
@@ -205,6 +250,9 @@ class PolicyService:
         self.on_decision = on_decision if on_decision is not None else DecisionLog()
         self.idle_timeout = idle_timeout
         self.writers: set[asyncio.StreamWriter] = set()
+        self.counters = counters
+        if counters is not None:
+            counters.open_connections.set_function(lambda: len(self.writers))
 
     def close_connections(self) -> None:
         for writer in list(self.writers):
@@ -219,6 +267,8 @@ class PolicyService:
         except Exception:
             # A bug costs this recipient a retry, never the server.
             log.exception("policy decision failed")
+            if self.counters is not None:
+                self.counters.errors.labels("internal").inc()
             return PolicyAnswer(Verb.DEFER_IF_PERMIT, text="4.3.0 policy service error, try again later")
         answer = decision.answer
         client = attrs.get("client_address", "")
@@ -261,6 +311,9 @@ class PolicyService:
         prepended: set[str] = set()
         peer = writer.get_extra_info("peername")
         self.writers.add(writer)
+        counters = self.counters
+        if counters is not None:
+            counters.connections.inc()
         try:
             while True:
                 try:
@@ -268,6 +321,9 @@ class PolicyService:
                 except ProtocolError as exc:
                     log.warning("protocol error from %s: %s; connection closed", peer, exc)
                     bad = PolicyAnswer(Verb.DEFER_IF_PERMIT, text="4.3.5 malformed policy request")
+                    if counters is not None:
+                        counters.errors.labels("protocol").inc()
+                        counters.answered(bad)
                     writer.write(bad.wire())
                     await writer.drain()
                     return
@@ -278,6 +334,8 @@ class PolicyService:
                     requests.feed(data)
                     continue
                 answer = await self.respond(attrs, prepended)
+                if counters is not None:
+                    counters.answered(answer)
                 writer.write(answer.wire())
                 await writer.drain()
         except (TimeoutError, ConnectionError):

@@ -18,10 +18,12 @@ import tomllib
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from test_policyd import policy_with_metrics, scrape
 
 from gateway import config as config_mod
 from gateway import keystore
@@ -365,14 +367,26 @@ def test_kubernetes_config_loads_strictly() -> None:
 # --- Prometheus alert rules ---------------------------------------------------------------------------
 
 
-def test_alert_rules_name_metrics_the_gateway_exports() -> None:
-    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    exported = {
-        line.split()[2] for line in Metrics().exposition().decode().splitlines() if line.startswith("# TYPE ")
-    }
+def exported_names(exposition: str) -> set[str]:
+    exported = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE ")}
     # Counters are exposed as NAME_total; histograms as NAME_bucket/_sum/_count.
-    names = set(exported) | {n + "_total" for n in exported}
-    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    return exported | {n + "_total" for n in exported}
+
+
+def alert_rules(group_name: str | None = None) -> dict[str, dict[str, Any]]:
+    """The rules of deploy/prometheus/alerts.yml by alert name: of one group, or of all but batv-policy."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return {
+        rule["alert"]: rule
+        for group in rules["groups"]
+        if (group["name"] == group_name if group_name else group["name"] != "batv-policy")
+        for rule in group["rules"]
+    }
+
+
+def test_alert_rules_name_metrics_the_gateway_exports() -> None:
+    names = exported_names(Metrics().exposition().decode())
+    alerts = alert_rules()
     assert {"BatvForgedTagBurst", "BatvReloadFailed"} <= set(alerts)
     for name, rule in alerts.items():
         used = set(re.findall(r"\bbatv_[a-z_]+", rule["expr"]))
@@ -381,6 +395,30 @@ def test_alert_rules_name_metrics_the_gateway_exports() -> None:
         assert rule["annotations"]["summary"]
     assert 'reason=~"bad-hash|unknown-key"' in alerts["BatvForgedTagBurst"]["expr"]
     assert alerts["BatvReloadFailed"]["expr"].strip() == "batv_last_reload_success == 0"
+
+
+def test_policy_service_alerts_name_metrics_a_running_policy_service_exports(tmp_path: Path) -> None:
+    """The batv-policy rules against what `batv-gateway policy` serves on [policyd] metrics_listen."""
+    cmd, _, port = policy_with_metrics(tmp_path)
+    try:
+        names = exported_names(scrape(port))
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    alerts = alert_rules("batv-policy")
+    assert set(alerts) == {"BatvPolicyServiceDown", "BatvPolicyServiceNotAsked", "BatvPolicyServiceErrors"}
+    for name, rule in alerts.items():
+        used = set(re.findall(r"\bbatv_[a-z_]+", rule["expr"]))
+        assert used <= names, f"{name} uses {used - names}"
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    # Down: the scrape target is down or gone (the README names the job).
+    assert 'up{job="batv-policy"} == 0' in alerts["BatvPolicyServiceDown"]["expr"]
+    assert 'absent(up{job="batv-policy"})' in alerts["BatvPolicyServiceDown"]["expr"]
+    assert "batv_policy_requests_total" in alerts["BatvPolicyServiceNotAsked"]["expr"]
+    assert "batv_policy_errors_total" in alerts["BatvPolicyServiceErrors"]["expr"]
+    readme = (DEPLOY / "postfix" / "README.md").read_text()
+    assert "job `batv-policy`" in readme and "smtpd_policy_service_default_action" in readme
 
 
 def secret_volume(folder: Path, version: str, kf: keystore.KeyringFile, gid: int) -> None:

@@ -3,9 +3,17 @@ wire, and a private Postfix loaded with deploy/postfix/policy-main.cf refusing a
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import logging
+import os
+import re
+import signal
 import smtplib
 import socket
+import stat
+import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +27,8 @@ from postfix_instance import (
     load_snippet,
     private_root,
 )
-from test_socketmap import Command, today, write_keyring
+from prometheus_client import CollectorRegistry
+from test_socketmap import Command, socket_config, spool_socket, today, write_keyring
 
 from gateway import prvs
 from gateway.guard import GuardSettings, GuessLimiter
@@ -28,6 +37,7 @@ from gateway.policy import Action, Policy, PolicySettings, Reason
 from gateway.policyd import (
     DUNNO,
     PolicyAnswer,
+    PolicyCounters,
     PolicyEvent,
     PolicyService,
     ProtocolError,
@@ -294,6 +304,124 @@ def test_a_failing_policy_costs_one_answer_not_the_server(caplog: pytest.LogCapt
     assert "policy decision failed" in caplog.text
 
 
+def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_the_service_counts_connections_answers_and_errors() -> None:
+    registry = CollectorRegistry()
+    svc = service(Recorder(), counters=PolicyCounters(registry))
+    assert counted(registry, "batv_policy_errors_total", kind="protocol") == 0.0
+    with server(svc) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            ask(s, request(), request(recipient=TAG), request(recipient=TAG))
+            assert srv.call(lambda: registry.get_sample_value("batv_policy_open_connections")) == 1
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert s.makefile("rb").read().startswith(b"action=DEFER_IF_PERMIT")
+    assert counted(registry, "batv_policy_connections_total") == 2
+    assert counted(registry, "batv_policy_requests_total", action="reply") == 1
+    assert counted(registry, "batv_policy_requests_total", action="dunno") == 2
+    assert counted(registry, "batv_policy_requests_total", action="defer_if_permit") == 1
+    assert counted(registry, "batv_policy_errors_total", kind="protocol") == 1
+    assert counted(registry, "batv_policy_errors_total", kind="internal") == 0
+
+
+def test_a_failure_of_ours_is_counted_as_internal(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        @property
+        def policy(self) -> Policy:
+            raise RuntimeError("bug")
+
+    registry = CollectorRegistry()
+    svc = PolicyService(Broken(), on_decision=lambda e: None, counters=PolicyCounters(registry))
+    with caplog.at_level(logging.ERROR, "gateway.policyd"), server(svc) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            ask(s, request())
+    assert counted(registry, "batv_policy_errors_total", kind="internal") == 1
+    assert counted(registry, "batv_policy_requests_total", action="defer_if_permit") == 1
+
+
+# --- the command: a socket file, its metrics endpoint ----------------------------------------------------
+
+
+def wait_for_line(cmd: Command, pattern: str) -> re.Match[str]:
+    assert cmd.proc.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = cmd.proc.stderr.readline()
+        if not line:
+            break
+        cmd.lines.append(line)
+        if found := re.search(pattern, line):
+            return found
+    raise AssertionError(f"no line matching {pattern!r}: {''.join(cmd.lines)}")
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def policy_with_metrics(root: Path) -> tuple[Command, Path, int]:
+    """`batv-gateway policy` on a socket file, with [policyd] metrics_listen on a free port."""
+    write_keyring(root / "keyring.toml")
+    folder = root / "run"
+    folder.mkdir()
+    config = root / "policy.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{root / "keyring.toml"}"\nlocal_domains = ["example.org"]\n'
+        f'[policyd]\nlisten = "unix:{folder / "policy"}"\nsocket_group = "nogroup"\n'
+        'metrics_listen = "127.0.0.1:0"\n'
+    )
+    cmd = Command("policy", "--config", str(config))
+    cmd.wait_listening(1)
+    port = int(wait_for_line(cmd, r"metrics=127\.0\.0\.1:(\d+)").group(1))
+    return cmd, cmd.paths["enforce mode"], port
+
+
+def test_the_command_answers_on_its_socket_file_and_counts_on_its_metrics_endpoint(root: Path) -> None:
+    cmd, path, port = policy_with_metrics(root)
+    try:
+        st = os.lstat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            got = ask(s, request(), request(sender="a@elsewhere.test"))
+        assert (
+            got[0] == "action=550 5.7.1 <user@example.org>: bounce to an address we never signed (unsigned)"
+        )
+        assert got[1] == "action=DUNNO"
+        metrics = scrape(port)
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert not path.exists(), "the socket file is removed on shutdown"
+    assert "batv_policy_connections_total 1.0" in metrics
+    assert 'batv_policy_requests_total{action="reply"} 1.0' in metrics
+    assert 'batv_policy_requests_total{action="dunno"} 1.0' in metrics
+    assert 'batv_decisions_total{reason="unsigned",role="policyd",verdict="reject"} 1.0' in metrics
+    assert "batv_keyring_active_key_id 0.0" in metrics
+
+
+def test_a_second_sigterm_during_shutdown_still_removes_the_socket_file(root: Path) -> None:
+    """timeout(1) signals the command, then its process group: the second SIGTERM can land after the event
+    loop's handlers are gone, where the default action would kill the process before it cleans up."""
+    cmd, path, _ = policy_with_metrics(root)
+    try:
+        while cmd.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(cmd.proc.pid, signal.SIGTERM)
+            time.sleep(0.001)
+    finally:
+        code, log = cmd.stop()
+    assert not path.exists(), log
+    # Once it has cleaned up, the interpreter's own exit restores the default action: a SIGTERM then
+    # ends it with -15, which is too late to matter.
+    assert code in (0, -signal.SIGTERM), log
+
+
 # --- real Postfix --------------------------------------------------------------------------------------
 
 
@@ -303,7 +431,9 @@ def root(tmp_path: Path) -> Iterator[Path]:
         yield path
 
 
-def postfix_with_policy(root: Path, policy_port: int, sink_port: int) -> PostfixInstance:
+def postfix_with_policy(root: Path, sink_port: int) -> PostfixInstance:
+    """A private Postfix with deploy/postfix/policy-main.cf as shipped: check_policy_service unix:batv/policy,
+    the socket file in its queue directory (spool_socket)."""
     pf = PostfixInstance(
         root / "pf",
         hostname="mx.example.org",
@@ -312,23 +442,20 @@ def postfix_with_policy(root: Path, policy_port: int, sink_port: int) -> Postfix
         relayhost=f"[127.0.0.1]:{sink_port}",
         main={"relay_domains": "example.org", "smtpd_error_sleep_time": "0"},
     )
-    snippet = load_snippet(DEPLOY_POSTFIX / "policy-main.cf", {"127.0.0.1:10031": f"127.0.0.1:{policy_port}"})
-    pf.add_main(snippet)
+    pf.add_main(load_snippet(DEPLOY_POSTFIX / "policy-main.cf"))
     return pf
 
 
 def test_postfix_refuses_a_forged_bounce_at_rcpt_and_accepts_a_genuine_one(root: Path) -> None:
-    keyring_path = root / "keyring.toml"
-    kf = write_keyring(keyring_path)
-    cmd = Command(
-        "policy", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path), "--domain", "example.org"
-    )
+    kf = write_keyring(root / "keyring.toml")
+    cmd = Command("policy", "--config", str(socket_config(root, "policyd", spool_socket(root, "policy"))))
     try:
-        port = cmd.wait_listening(1)["enforce mode"]
+        cmd.wait_listening(1)
+        assert cmd.paths["enforce mode"] == root / "pf" / "spool" / "batv" / "policy"
         with SmtpSink(root / "sink") as sink:
-            pf = postfix_with_policy(root, port, sink.port)
+            pf = postfix_with_policy(root, sink.port)
             with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
-                assert "check_policy_service inet:127.0.0.1:" in pf.postconf(
+                assert "check_policy_service unix:batv/policy" in pf.postconf(
                     "-h", "smtpd_recipient_restrictions"
                 )
                 client.ehlo("remote-mta.test")
@@ -359,23 +486,50 @@ def test_postfix_refuses_a_forged_bounce_at_rcpt_and_accepts_a_genuine_one(root:
         assert key.secret.hex() not in gateway_log
 
 
-def test_postfix_in_observe_mode_accepts_and_marks_the_forged_bounce(root: Path) -> None:
-    keyring_path = root / "keyring.toml"
-    write_keyring(keyring_path)
-    cmd = Command(
-        "policy",
-        "--observe",
-        "--listen",
-        "127.0.0.1:0",
-        "--keyring",
-        str(keyring_path),
-        "--domain",
-        "example.org",
+def test_postfix_that_cannot_open_the_socket_defers_and_the_service_sees_no_request(root: Path) -> None:
+    """The socket file without group postfix: smtpd cannot connect, and policy-main.cf's
+    smtpd_policy_service_default_action (Postfix's own default) defers the recipient instead of letting a
+    forged bounce in. The service is up and asked nothing: what BatvPolicyServiceNotAsked watches."""
+    write_keyring(root / "keyring.toml")
+    path = spool_socket(root, "policy")
+    config = root / "policy.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{root / "keyring.toml"}"\nlocal_domains = ["example.org"]\n'
+        f'[policyd]\nlisten = "unix:{path}"\nmetrics_listen = "127.0.0.1:0"\n'  # root's group, not postfix
     )
+    cmd = Command("policy", "--config", str(config))
     try:
-        port = cmd.wait_listening(1)["observe mode"]
+        cmd.wait_listening(1)
+        port = int(wait_for_line(cmd, r"metrics=127\.0\.0\.1:(\d+)").group(1))
         with SmtpSink(root / "sink") as sink:
-            pf = postfix_with_policy(root, port, sink.port)
+            pf = postfix_with_policy(root, sink.port)
+            with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                client.ehlo("remote-mta.test")
+                assert client.mail("")[0] == 250
+                code, text = client.rcpt("user@example.org")
+                assert (
+                    code == 451
+                    and text.startswith(b"4.3.5 ")
+                    and text.endswith(b"Server configuration problem")
+                )
+            log = pf.log_text()
+        metrics = scrape(port)
+    finally:
+        code, gateway_log = cmd.stop()
+    assert code == 0, gateway_log
+    assert "warning: problem talking to server batv/policy: Permission denied" in log, log
+    assert 'batv_policy_requests_total{action="reply"} 0.0' in metrics
+    assert "batv_policy_connections_total 0.0" in metrics
+
+
+def test_postfix_in_observe_mode_accepts_and_marks_the_forged_bounce(root: Path) -> None:
+    write_keyring(root / "keyring.toml")
+    config = socket_config(root, "policyd", spool_socket(root, "policy"))
+    cmd = Command("policy", "--observe", "--config", str(config))
+    try:
+        cmd.wait_listening(1)
+        with SmtpSink(root / "sink") as sink:
+            pf = postfix_with_policy(root, sink.port)
             with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
                 client.sendmail(
                     "", ["user@example.org", "other@example.org"], b"Subject: backscatter\r\n\r\nx\r\n"

@@ -3,11 +3,14 @@ Postfix asking them (`postmap -q`, and a private instance loaded with deploy/pos
 
 from __future__ import annotations
 
+import grp
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -579,7 +582,8 @@ def write_keyring(path: Path) -> keystore.KeyringFile:
 
 
 class Command:
-    """`batv-gateway ARGS` as a subprocess; the ports it bound are read from its 'listening' log lines."""
+    """`batv-gateway ARGS` as a subprocess; the ports and socket files it bound are read from its
+    'listening' log lines."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
@@ -590,11 +594,12 @@ class Command:
         )
         self.lines: list[str] = []
         self.listening: dict[str, int] = {}  # serves=... → port
+        self.paths: dict[str, Path] = {}  # serves=... → socket file
 
     def wait_listening(self, count: int) -> dict[str, int]:
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 20
-        while len(self.listening) < count:
+        while len(self.listening) + len(self.paths) < count:
             line = self.proc.stderr.readline()
             if not line or time.monotonic() > deadline:
                 raise AssertionError(f"the command did not start: {''.join(self.lines)}")
@@ -602,6 +607,9 @@ class Command:
             found = re.search(r'listen=127\.0\.0\.1:(\d+) serves="?([^"\n]+)"?', line)
             if found:
                 self.listening[found.group(2)] = int(found.group(1))
+            found = re.search(r'listen="?unix:([^" ]+)"? serves="?([^"\n]+)"?', line)
+            if found:
+                self.paths[found.group(2)] = Path(found.group(1))
         return self.listening
 
     def stop(self) -> tuple[int, str]:
@@ -667,26 +675,53 @@ def test_the_command_serves_socketmap_and_tcp_table_and_reloads_on_sighup(
         assert key.secret.hex() not in log
 
 
+def spool_socket(root: Path, name: str) -> Path:
+    """Where deploy/postfix/ puts a socket file, in the private instance at root / "pf": `batv/NAME` in
+    its queue directory (unix:batv/NAME in the snippets), the folder the service's and Postfix's group's."""
+    folder = root / "pf" / "spool" / "batv"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.chown(folder, group="postfix")
+    folder.chmod(0o750)
+    return folder / name
+
+
+def socket_config(root: Path, table: str, path: Path, extra: str = "") -> Path:
+    """A config whose [socketmap] or [policyd] listens on the socket file `path`, group postfix."""
+    config = root / f"{table}.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{root / "keyring.toml"}"\nlocal_domains = ["example.org"]\n{extra}'
+        f'[srs]\nalias = "{ALIAS}"\n'
+        f'[{table}]\nlisten = "unix:{path}"\nsocket_mode = "0660"\nsocket_group = "postfix"\n'
+    )
+    return config
+
+
 @pytest.mark.parametrize("snippet", ["socketmap-main.cf", "tcp_table-main.cf"])
 def test_postfix_rewrites_mail_with_the_deploy_snippet(root: Path, snippet: str) -> None:
     """A deploy/postfix/ snippet in a private Postfix: outgoing mail gets a signed return path (prvs for our
-    domain, SRS for a foreign sender), and a genuine bounce to a tagged address reaches the bare address."""
+    domain, SRS for a foreign sender), and a genuine bounce to a tagged address reaches the bare address.
+    socketmap-main.cf as shipped: socketmap:unix:batv/socketmap, a socket file in the queue directory."""
     keyring_path = root / "keyring.toml"
     kf = write_keyring(keyring_path)
-    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--tcp-forward", "127.0.0.1:0",
-                  "--tcp-reverse", "127.0.0.1:0", "--keyring", str(keyring_path),
-                  "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
+    if snippet == "socketmap-main.cf":
+        config = socket_config(root, "socketmap", spool_socket(root, "socketmap"))
+        cmd = Command("socketmap", "--config", str(config))
+    else:
+        cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--tcp-forward", "127.0.0.1:0",
+                      "--tcp-reverse", "127.0.0.1:0", "--keyring", str(keyring_path),
+                      "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
     try:
-        ports = cmd.wait_listening(3)
+        ports = cmd.wait_listening(1 if snippet == "socketmap-main.cf" else 3)
         where = {
-            "127.0.0.1:10030": f"127.0.0.1:{ports['maps forward, reverse']}",
-            "127.0.0.1:10001": f"127.0.0.1:{ports['map forward']}",
-            "127.0.0.1:10002": f"127.0.0.1:{ports['map reverse']}",
+            "127.0.0.1:10001": f"127.0.0.1:{ports.get('map forward')}",
+            "127.0.0.1:10002": f"127.0.0.1:{ports.get('map reverse')}",
         }
         text = (DEPLOY_POSTFIX / snippet).read_text()
         with SmtpSink(root / "sink") as sink:
             pf = PostfixInstance(root / "pf", relayhost=f"[127.0.0.1]:{sink.port}")
             pf.add_main(load_snippet(DEPLOY_POSTFIX / snippet, {k: v for k, v in where.items() if k in text}))
+            if snippet == "socketmap-main.cf":
+                assert pf.main["sender_canonical_maps"] == "socketmap:unix:batv/socketmap:forward"
             with pf, smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
                 body = b"From: User <user@example.org>\r\nSubject: out\r\n\r\nhello\r\n"
                 client.sendmail("user@example.org", ["friend@remote.test"], body)
@@ -715,26 +750,22 @@ def test_postfix_signs_only_submitted_mail_with_the_master_cf_snippet(root: Path
     mail arriving on port 25 keeps its sender; main.cf keeps only the recipient_canonical lines."""
     keyring_path = root / "keyring.toml"
     kf = write_keyring(keyring_path)
-    cmd = Command("socketmap", "--listen", "127.0.0.1:0", "--keyring", str(keyring_path),
-                  "--domain", "example.org", "--srs-alias", ALIAS)  # fmt: skip
+    cmd = Command(
+        "socketmap", "--config", str(socket_config(root, "socketmap", spool_socket(root, "socketmap")))
+    )
     try:
-        port = cmd.wait_listening(1)["maps forward, reverse"]
+        cmd.wait_listening(1)
         submission = free_port()
         with SmtpSink(root / "sink") as sink:
             pf = PostfixInstance(root / "pf", relayhost=f"[127.0.0.1]:{sink.port}")
-            main = load_snippet(
-                DEPLOY_POSTFIX / "socketmap-main.cf", {"127.0.0.1:10030": f"127.0.0.1:{port}"}
-            )
+            main = load_snippet(DEPLOY_POSTFIX / "socketmap-main.cf")
             pf.main.update(
                 {k: v for k, v in parse_main_cf(main).items() if k.startswith("recipient_canonical_")}
             )
             pf.add_master(
                 load_snippet(
                     DEPLOY_POSTFIX / "socketmap-master.cf",
-                    {
-                        "submission inet": f"127.0.0.1:{submission} inet",
-                        "127.0.0.1:10030": f"127.0.0.1:{port}",
-                    },
+                    {"submission inet": f"127.0.0.1:{submission} inet"},
                 )
             )
             assert pf.check() == ""
@@ -758,6 +789,99 @@ def test_postfix_signs_only_submitted_mail_with_the_master_cf_snippet(root: Path
     assert by_subject["submitted"].mail_from == prvs.sign("user@example.org", kf.keyring, today())
     assert by_subject["relayed"].mail_from == "user@example.org"
     assert by_subject["inbound"].mail_from == "joe@foreign.test"
+
+
+def test_postmap_asks_the_command_on_its_socket_file(root: Path, postfix_config: PostfixInstance) -> None:
+    """socketmap:unix:PATH:NAME, as deploy/postfix/README.md checks it: the file has the configured mode and
+    group, a second server on the same path is refused, and the file is gone after SIGTERM."""
+    kf = write_keyring(root / "keyring.toml")
+    folder = root / "run"
+    folder.mkdir()
+    config = socket_config(root, "socketmap", folder / "socketmap")
+    cmd = Command("socketmap", "--config", str(config))
+    try:
+        cmd.wait_listening(1)
+        path = cmd.paths["maps forward, reverse"]
+        assert path == folder / "socketmap"
+        st = os.lstat(path)
+        assert (stat.S_ISSOCK(st.st_mode), stat.S_IMODE(st.st_mode)) == (True, 0o660)
+        assert st.st_gid == grp.getgrnam("postfix").gr_gid
+        table = f"socketmap:unix:{path}"
+        tagged = postfix_config.postmap_query("user@example.org", f"{table}:forward")
+        assert tagged == prvs.sign("user@example.org", kf.keyring, today())
+        forwarded = postfix_config.postmap_query("joe@foreign.test", f"{table}:forward")
+        assert forwarded is not None and forwarded.endswith("@" + ALIAS)
+        assert postfix_config.postmap_query(tagged, f"{table}:reverse") == "user@example.org"
+        assert postfix_config.postmap_query(forwarded, f"{table}:reverse") == "joe@foreign.test"
+        assert postfix_config.postmap_query("user@example.org", f"{table}:reverse") is None
+
+        second = subprocess.run(
+            [sys.executable, "-m", "gateway", "socketmap", "--config", str(config)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert f"{path}: another server answers on this socket" in second.stderr
+        assert postfix_config.postmap_query("user@example.org", f"{table}:forward") == tagged
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert not path.exists(), "the socket file is removed on shutdown"
+
+
+def test_a_socket_file_left_by_a_killed_command_is_replaced_at_the_next_start(
+    root: Path, postfix_config: PostfixInstance
+) -> None:
+    write_keyring(root / "keyring.toml")
+    folder = root / "run"
+    folder.mkdir()
+    config = socket_config(root, "socketmap", folder / "socketmap")
+    killed = Command("socketmap", "--config", str(config))
+    killed.wait_listening(1)
+    killed.proc.kill()  # nothing runs on SIGKILL: the file stays behind
+    killed.stop()
+    assert (folder / "socketmap").exists()
+    cmd = Command("socketmap", "--config", str(config))
+    try:
+        cmd.wait_listening(1)
+        table = f"socketmap:unix:{folder / 'socketmap'}:forward"
+        tagged = postfix_config.postmap_query("user@example.org", table)
+        assert tagged is not None and tagged.startswith("prvs=")
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert "removing a stale socket file" in log
+
+
+def test_workers_accept_on_one_socket_file_that_only_the_main_process_removes(
+    root: Path, postfix_config: PostfixInstance
+) -> None:
+    kf = write_keyring(root / "keyring.toml")
+    folder = root / "run"
+    folder.mkdir()
+    path = folder / "socketmap"
+    cmd = Command("socketmap", "--config", str(socket_config(root, "socketmap", path, "workers = 3\n")))
+    try:
+        cmd.wait_listening(1)
+        deadline = time.monotonic() + 10
+        while len(live_children(cmd.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = live_children(cmd.proc.pid)
+        assert len(workers) == 2, "the main process and two workers"
+        table = f"socketmap:unix:{path}:forward"
+        # Each postmap is a new connection, taken by whichever process accepts first.
+        tags = {postfix_config.postmap_query("user@example.org", table) for _ in range(6)}
+        assert tags == {prvs.sign("user@example.org", kf.keyring, today())}
+        os.kill(workers[0], signal.SIGTERM)  # one worker leaves: the others serve on, the file stays
+        deadline = time.monotonic() + 10
+        while workers[0] in live_children(cmd.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert path.exists()
+        assert {postfix_config.postmap_query("user@example.org", table) for _ in range(3)} == tags
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert not path.exists()
+    assert live_children(cmd.proc.pid) == []
 
 
 def test_workers_share_the_sockets_and_all_reload_on_sighup(
