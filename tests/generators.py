@@ -74,7 +74,7 @@ def classic_vacation(original: bytes, login: str = "root", alias: str = "alice@e
             f"mount --bind {capture} {SENDMAIL} && "
             f"exec {VACATION} -z -r 0 -f {here}/vacation.db -m {here}/vacation.msg -a {alias} {login}"
         )
-        proc = subprocess.run(  # noqa: S603 (fixed argv)
+        proc = subprocess.run(
             ["/usr/bin/unshare", "-m", "/bin/sh", "-c", script],
             input=original,
             capture_output=True,
@@ -113,7 +113,7 @@ def sieve_vacation(original: bytes, envelope_sender: str, recipient: str = "alic
             str(folder / "vacation.sieve"),
             str(folder / "message.eml"),
         ]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, timeout=30, check=False)  # noqa: S603
+        proc = subprocess.run(argv, capture_output=True, timeout=30, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"sieve-test failed (exit {proc.returncode}): {proc.stderr!r}")
         out = proc.stdout

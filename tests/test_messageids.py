@@ -32,7 +32,7 @@ SENT = (
     b"\tby gw.signed.example; Sat, 5 Dec 2026 07:00:00 +0000\r\n"
     b"From: =?utf-8?q?B=C3=B6b_Example?= <Bob@Signed.Example> (the boss),\r\n"
     b" Carol <carol@signed.example>\r\n"
-    b"Reply-To: Team: team@signed.example, \"Help Desk\" <help@signed.example>;\r\n"
+    b'Reply-To: Team: team@signed.example, "Help Desk" <help@signed.example>;\r\n'
     b"Disposition-Notification-To: =?iso-8859-1?q?R=E9ceipts?=\r\n"
     b"  <receipts@signed.example>\r\n"
     b"To: alice@example.org\r\n"
@@ -175,7 +175,7 @@ def test_outbound_header_block_over_the_bound_is_not_ledgered() -> None:
 def test_outbound_garbage_addresses_give_no_address() -> None:
     got = sent_headers(
         [
-            b"Message-ID: <m@x>\r\nFrom: <<<@@@>>> ,,, \"unterminated\r\n"
+            b'Message-ID: <m@x>\r\nFrom: <<<@@@>>> ,,, "unterminated\r\n'
             b"Reply-To: =?bogus?x?zz?= @@ \x80\xff\r\nDisposition-Notification-To: ;;;:\r\n\r\n"
         ]
     )
@@ -209,14 +209,13 @@ MDN = (
 def dsn(returned_type: bytes, returned: bytes, encoding: bytes = b"7bit") -> bytes:
     return (
         b"From: MAILER-DAEMON@mx.example.org\r\nTo: bob@signed.example\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"b2\"\r\n\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b2"\r\n\r\n'
         b"--b2\r\nContent-Type: text/plain\r\n\r\nDelivery failed.\r\n"
         b"--b2\r\nContent-Type: message/delivery-status\r\n\r\n"
         b"Reporting-MTA: dns; mx.example.org\r\n\r\nFinal-Recipient: rfc822; x@example.org\r\n"
         b"Action: failed\r\nStatus: 5.1.1\r\n\r\n"
-        b"--b2\r\nContent-Type: " + returned_type + b"\r\nContent-Transfer-Encoding: " + encoding + b"\r\n\r\n"
-        + returned
-        + b"\r\n--b2--\r\n"
+        b"--b2\r\nContent-Type: " + returned_type + b"\r\n"
+        b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + returned + b"\r\n--b2--\r\n"
     )
 
 
@@ -263,7 +262,7 @@ def test_inbound_every_split_point_gives_the_same_result() -> None:
 def test_inbound_undoes_dot_stuffing_and_stops_at_the_lone_dot() -> None:
     message = (
         b"From: x@example.org\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
         b"--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         b"..X-Dotted: in the returned headers\r\nMessage-ID: <dot@x>\r\n\r\n--b--\r\n"
         b".\r\nIn-Reply-To: <after-the-end@x>\r\n"
