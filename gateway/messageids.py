@@ -37,11 +37,14 @@ HEADER_LIMIT = 64 * 1024  # octets of header block the outbound side reads; beyo
 SCAN_LIMIT = 256 * 1024  # octets of message the inbound side reads (header block and report parts)
 MAX_REFERENCES = 32  # references kept from one message, the nearest first
 MAX_ADDRESSES = 16  # addresses kept from one header block
+ADDRESS_FIELD_LIMIT = 2048  # characters of one unfolded From/Reply-To/DNT value; a longer one gives none
+# The stdlib's address parser costs tens of µs per character on hostile input (measured: docs/ledger.md),
+# so only this much of a header block goes to it; the common shapes never do.
+STDLIB_PARSE_LIMIT = 1024
 MAX_PARTS = 16  # MIME parts looked into, depth first, on the inbound side
 _MESSAGE_ID_LIMIT = 998  # RFC 5322 §2.1.1: a line's limit; a longer "id" is not one
 
 _MSGID = re.compile(r"<\s*([^<>\s]+(?:\s+[^<>\s]+)*)\s*>")
-_UNFOLD = re.compile(r"\r?\n(?=[ \t])")  # RFC 5322 §2.2.3
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
 
 
@@ -108,17 +111,23 @@ class _Lines:
     def feed(self, chunk: bytes) -> list[bytes]:
         if self.ended or self.over or self.blank or not chunk:
             return []
-        data = self._carry + chunk
+        data = self._carry + chunk  # the carry is the start of a line, so data[0] starts one too
+        if self.stop_at_blank:
+            end = _blank_line_end(data)
+            if end >= 0:
+                data = data[:end]  # nothing after the header block is looked at
+        room = self.limit - self.taken
         last = data.rfind(b"\n")
         if last < 0:
             self._carry = data
-            if len(data) > self.limit - self.taken:
+            if len(data) > room:
                 self._carry = b""
                 self.over = True
             return []
         self._carry = data[last + 1 :]
-        lines = data[: last + 1].splitlines(keepends=True)
-        return self._take(lines)
+        # Past `room` octets nothing can be taken: split no more than that (one octet over, so that the
+        # line that crosses the bound is seen and sets `over`).
+        return self._take(data[: min(last + 1, room + 1)].splitlines(keepends=True))
 
     def finish(self) -> list[bytes]:
         """The unfinished last line, if any (a stream that ended without CRLF)."""
@@ -147,6 +156,20 @@ class _Lines:
                 self._carry = b""
                 break
         return out
+
+
+def _blank_line_end(data: bytes) -> int:
+    """Where the first empty line (CRLF or LF) of `data` ends, or -1; `data` starts at a line start."""
+    if data[:2] == b"\r\n":
+        return 2
+    if data[:1] == b"\n":
+        return 1
+    crlf = data.find(b"\n\r\n")
+    # A bare-LF blank line is looked for only before the CRLF one (a CRLF stream has none: no full scan).
+    lf = data.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(data))
+    if lf >= 0:
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else -1
 
 
 class HeaderStatus(enum.Enum):
@@ -195,14 +218,12 @@ class OutboundHeaders:
             self.done = True
         if self._lines.over:
             return SentHeaders(HeaderStatus.HEADERS_TOO_BIG, None, (), (), ())
-        headers = _parse_headers(b"".join(self._block))
-        if headers is None:
-            return SentHeaders(HeaderStatus.NO_MESSAGE_ID, None, (), (), ())
-        message_id = _first_message_id(headers)
-        budget = [MAX_ADDRESSES]
-        from_ = _addresses(headers, "From", budget)
-        reply_to = _addresses(headers, "Reply-To", budget)
-        notify_to = _addresses(headers, "Disposition-Notification-To", budget)
+        fields = header_fields(b"".join(self._block), _SENT_FIELDS)
+        message_id = next(filter(None, map(normalise_message_id, fields["message-id"])), None)
+        budget = _Budget()
+        from_ = _addresses(fields["from"], budget)
+        reply_to = _addresses(fields["reply-to"], budget)
+        notify_to = _addresses(fields["disposition-notification-to"], budget)
         status = HeaderStatus.OK if message_id else HeaderStatus.NO_MESSAGE_ID
         return SentHeaders(status, message_id, from_, reply_to, notify_to)
 
@@ -221,32 +242,93 @@ def _raw_values(msg: Message, name: str) -> list[str]:
         return []
 
 
-def _first_message_id(msg: Message) -> str | None:
-    for value in _raw_values(msg, "Message-ID"):
-        found = normalise_message_id(value)
-        if found:
-            return found
-    return None
+_SENT_FIELDS = ("message-id", "from", "reply-to", "disposition-notification-to")
 
 
-def _addresses(msg: Message, name: str, budget: list[int]) -> tuple[str, ...]:
-    """The addr-specs of an address header, through the stdlib's RFC 5322 parser (groups, comments,
-    encoded words in display names, folding). A value it cannot parse gives no address."""
+def header_fields(block: bytes, names: Iterable[str]) -> dict[str, list[str]]:
+    """The values of the named fields (lower-case names) in a header block, unfolded (RFC 5322 §2.2.3).
+
+    Not the stdlib's parser: on the outbound path it runs for every message, and a split on lines that
+    keeps four names is a tenth of its cost. Octets that are not UTF-8 stay as surrogates.
+    """
+    wanted: dict[str, list[str]] = {name: [] for name in names}
+    current: list[str] | None = None
+    for line in block.decode("utf-8", "surrogateescape").split("\n"):
+        line = line.removesuffix("\r")
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                current[-1] += line
+            continue
+        name, colon, value = line.partition(":")
+        values = wanted.get(name.rstrip(" \t").lower()) if colon else None
+        if values is not None and len(values) < MAX_ADDRESSES:
+            values.append(value)
+            current = values
+        else:
+            current = None
+    return wanted
+
+
+# A list of addresses in the common shapes, `Name <local@domain>`, `"Last, First" <local@domain>` or
+# `local@domain`: no comments, groups, escapes or route addresses. Anything else goes to the stdlib's
+# parser. Atoms never hold white space or quotes and the space between words is required: no two ways to
+# match, so no backtracking blow-up on a long hostile display name.
+_ATOMS = r'[^\x00-\x20"(),:;<>@\[\\\]\x7f]+'
+_WORD = rf'(?:{_ATOMS}|"[^"\\\r\n]*")'
+_ITEM = rf"[ \t]*(?:(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<({_ATOMS}@{_ATOMS})>|({_ATOMS}@{_ATOMS}))[ \t]*"
+_SIMPLE_ITEM = re.compile(_ITEM)
+_SIMPLE_LIST = re.compile(rf"{_ITEM}(?:,{_ITEM})*")
+
+
+def _simple_addresses(value: str) -> list[str] | None:
+    """The addr-specs of a list in the common shapes, or None when it is not one."""
+    if not _SIMPLE_LIST.fullmatch(value):
+        return None
+    specs, pos = [], 0
+    while pos < len(value):
+        item = _SIMPLE_ITEM.match(value, pos)
+        if item is None:  # cannot happen after the fullmatch; the stdlib decides then
+            return None
+        specs.append(item.group(1) or item.group(2))
+        pos = item.end() + 1  # past the comma
+    return specs
+
+
+class _Budget:
+    __slots__ = ("addresses", "stdlib")
+
+    def __init__(self) -> None:
+        self.addresses = MAX_ADDRESSES
+        self.stdlib = STDLIB_PARSE_LIMIT
+
+
+def _addresses(values: list[str], budget: _Budget) -> tuple[str, ...]:
+    """The addr-specs of an address field; the stdlib's RFC 5322 parser for all but the simplest shapes
+    (groups, comments, quoted and encoded display names), within its budget. A value it cannot parse,
+    or one over the limits, gives no address."""
     found: list[str] = []
-    for raw in _raw_values(msg, name):
-        unfolded = _UNFOLD.sub("", raw).replace("\r", " ").replace("\n", " ")
-        try:
-            # Parsed as an address-list (the To: grammar): Disposition-Notification-To is not in the
-            # stdlib's registry, and From (a mailbox-list) is a subset of it.
-            header = email_policy.default.header_factory("To", unfolded)
-            specs = [address.addr_spec for address in header.addresses]
-        except Exception:  # a value it cannot parse gives no address
+    for value in values:
+        if len(value) > ADDRESS_FIELD_LIMIT:
+            continue
+        simple = _simple_addresses(value)
+        if simple is not None:
+            specs = simple
+        elif len(value) <= budget.stdlib:
+            budget.stdlib -= len(value)
+            try:
+                # Parsed as an address-list (the To: grammar): Disposition-Notification-To is not in the
+                # stdlib's registry, and From (a mailbox-list) is a subset of it.
+                header = email_policy.default.header_factory("To", value.replace("\r", " "))
+                specs = [address.addr_spec for address in header.addresses]
+            except Exception:  # a value it cannot parse gives no address
+                specs = []
+        else:
             specs = []
         for spec in specs:
             normal = normalise_address(spec)
-            if normal and normal not in found and budget[0] > 0:
+            if normal and normal not in found and budget.addresses > 0:
                 found.append(normal)
-                budget[0] -= 1
+                budget.addresses -= 1
     return tuple(found)
 
 
@@ -295,6 +377,12 @@ class InboundReferences:
     def __init__(self, limit: int = SCAN_LIMIT) -> None:
         self._lines = _Lines(limit)
         self._prefix: list[bytes] = []
+
+    @property
+    def held(self) -> int:
+        """Octets held for `result()`. Parsing a full 256 KiB prefix takes milliseconds (docs/ledger.md):
+        an edge may run `result()` in a thread when this is large."""
+        return self._lines.taken
 
     @property
     def full(self) -> bool:

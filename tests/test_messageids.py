@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from email import policy as email_policy
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.messageids import (
+    ADDRESS_FIELD_LIMIT,
     HEADER_LIMIT,
     MAX_REFERENCES,
     FoundReferences,
@@ -19,6 +21,7 @@ from gateway.messageids import (
     OutboundHeaders,
     ReferenceSource,
     SentHeaders,
+    header_fields,
     message_ids_in,
     normalise_address,
     normalise_message_id,
@@ -183,6 +186,61 @@ def test_outbound_garbage_addresses_give_no_address() -> None:
     assert all("\r" not in a and "@" in a for a in got.addresses)
 
 
+def test_header_fields_unfolds_and_keeps_only_the_named_fields() -> None:
+    block = b"From : a@x\r\nX-Other: b@y\r\n\tcontinued\r\nFROM: c@z\r\n (comment)\r\n folded\r\n"
+    assert header_fields(block, ("from", "reply-to")) == {
+        "from": [" a@x", " c@z (comment) folded"],
+        "reply-to": [],
+    }
+
+
+ATOM = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_+=?!#$%&'*/^`{|}~",
+    min_size=1,
+    max_size=12,
+)
+# RFC 5322 dot-atoms (no leading, trailing or doubled dot): on those the two parsers must agree. On
+# malformed dots they differ (the fast path keeps the text as written), which costs at most a match.
+DOT_ATOM = st.lists(ATOM, min_size=1, max_size=3).map(".".join)
+QUOTED = st.text(alphabet=st.characters(codec="ascii", exclude_characters='"\\\r\n'), max_size=8)
+WORD = ATOM | QUOTED.map(lambda text: f'"{text}"')
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(WORD, max_size=3), DOT_ATOM, DOT_ATOM, st.sampled_from(["", " ", "\t "])),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_the_fast_path_agrees_with_the_stdlib_parser(shapes: list[tuple[list[str], str, str, str]]) -> None:
+    pieces = []
+    for words, local, domain, space in shapes:
+        address = f"{local}@{domain}"
+        pieces.append(f"{space}{' '.join(words)} <{address}>{space}" if words else f"{space}{address}{space}")
+    value = ",".join(pieces)
+    stdlib = email_policy.default.header_factory("To", value).addresses
+    wanted = tuple(dict.fromkeys(a.lower() for a in (x.addr_spec for x in stdlib) if "@" in a))
+    got = sent_headers([f"Message-ID: <m@x>\r\nFrom:{value}\r\n\r\n".encode()]).from_
+    assert got == wanted[:16]
+
+
+def test_hostile_address_fields_are_bounded() -> None:
+    quoted = '"a, b" <q{n}@signed.example>'
+    # Each quoted value goes to the stdlib; past its budget (1024 characters a block) they give nothing.
+    values = "".join(f"Reply-To: {quoted.format(n=n)} {'(x)' * 60}\r\n" for n in range(8))
+    got = sent_headers([f"Message-ID: <m@x>\r\n{values}\r\n".encode()])
+    assert 0 < len(got.reply_to) < 8 and got.reply_to[0] == "q0@signed.example"
+    # A simple list over the field limit gives nothing; under it, every address (at most 16).
+    long_list = ",".join(f"u{n}@signed.example" for n in range(ADDRESS_FIELD_LIMIT // 10))
+    assert sent_headers([f"Message-ID: <m@x>\r\nFrom: {long_list}\r\n\r\n".encode()]).from_ == ()
+    short_list = ",".join(f"u{n}@signed.example" for n in range(20))
+    assert len(sent_headers([f"Message-ID: <m@x>\r\nFrom: {short_list}\r\n\r\n".encode()]).from_) == 16
+    for hostile in ("a " * 900 + "<", "(" * 2000, ",".join(["x@y"] * 500) + ",("):
+        assert sent_headers([f"Message-ID: <m@x>\r\nFrom: {hostile}\r\n\r\n".encode()]).from_ == ()
+
+
 # --- the inbound reference scanner --------------------------------------------------------------------
 
 OURS = "<20261205.AbC-1@mta.signed.example>"
@@ -282,8 +340,14 @@ def test_inbound_over_the_bound_keeps_what_it_found_before() -> None:
     big = dsn(b"message/rfc822", RETURNED + b"\r\n" + (b"z" * 998 + b"\r\n") * 100)
     got = references([big], limit=16 * 1024)
     assert got.exceeded and got.message_ids == (OURS,)
-    # Under the bound: not exceeded.
+    # Under the bound: not exceeded; what is held is the whole message, and never more than the bound.
     assert not references([late], limit=len(late)).exceeded
+    scanner = InboundReferences(8 * 1024)
+    scanner.feed(late)
+    assert scanner.full and scanner.held <= 8 * 1024
+    scanner = InboundReferences(len(late))
+    scanner.feed(late)
+    assert not scanner.full and scanner.held == len(late)
 
 
 def test_inbound_plain_message_without_references() -> None:
