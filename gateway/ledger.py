@@ -204,6 +204,15 @@ class LedgerVerdict:
     message_id: str | None = None  # the reference that vouched, for the log line (it is ours)
     observed: bool = False
 
+    def __post_init__(self) -> None:
+        # The class of the reply follows the action: a "refuse" with a 4xx cannot be built by mistake.
+        if self.action is LedgerAction.PASS and self.reply is not None:
+            raise ValueError("a passing verdict carries no reply")
+        if self.action is LedgerAction.REFUSE and not (self.reply and self.reply.permanent):
+            raise ValueError(f"a refusal needs a 5xx reply, not {self.reply}")
+        if self.action is LedgerAction.TEMPFAIL and not (self.reply and self.reply.transient):
+            raise ValueError(f"a tempfail needs a 4xx reply, not {self.reply}")
+
     @property
     def passes(self) -> bool:
         return self.action is LedgerAction.PASS

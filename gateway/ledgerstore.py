@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, StoreUnavailable
+from .ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -232,3 +232,7 @@ class SqliteLedgerStore:
             .fetchone()
         )
         return int(row[0]) if row else 0
+
+
+def _is_a_ledger_store(store: SqliteLedgerStore) -> LedgerStore:
+    return store  # mypy checks here that the class keeps to the protocol

@@ -202,6 +202,19 @@ def test_observe_mode_passes_and_keeps_the_reason(
     assert decide(references, RECIPIENT, answers, KEYS, NOW, max_replies=20).action is not LedgerAction.PASS
 
 
+def test_a_verdict_reply_must_match_its_action() -> None:
+    with pytest.raises(ValueError, match="5xx"):
+        LedgerVerdict(LedgerAction.REFUSE, LedgerReason.NO_REFERENCE, ledger.unavailable_reply(RECIPIENT))
+    with pytest.raises(ValueError, match="4xx"):
+        LedgerVerdict(
+            LedgerAction.TEMPFAIL,
+            LedgerReason.STORE_UNAVAILABLE,
+            ledger.refused_reply(RECIPIENT, LedgerReason.NO_REFERENCE, 30, 20),
+        )
+    with pytest.raises(ValueError, match="no reply"):
+        LedgerVerdict(LedgerAction.PASS, LedgerReason.VOUCHED, ledger.unavailable_reply(RECIPIENT))
+
+
 def test_charged_refuses_what_another_worker_took_first() -> None:
     passed = decide(found(MSGID), RECIPIENT, recorded(replies=1), KEYS, NOW, max_replies=2)
     assert passed.passes
