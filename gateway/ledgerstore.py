@@ -72,6 +72,7 @@ class SqliteLedgerStore:
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._closed = False
 
     @classmethod
     async def open(
@@ -103,6 +104,9 @@ class SqliteLedgerStore:
         return await self._run(self._take_reply, key)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         finally:
@@ -110,6 +114,8 @@ class SqliteLedgerStore:
 
     # --- on the store's thread -----------------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._closed:
+            raise StoreUnavailable(f"ledger store {self.path} is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._guarded, fn, args)
 

@@ -280,3 +280,14 @@ def test_opening_a_file_that_is_not_a_database_is_store_unavailable(path: Path) 
 def test_open_where_no_file_can_be_made_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="no-such-folder"):
         run(SqliteLedgerStore.open(tmp_path / "no-such-folder" / "ledger.sqlite"))
+
+
+def test_a_closed_store_is_store_unavailable_and_closes_once(path: Path) -> None:
+    async def body() -> None:
+        store = await SqliteLedgerStore.open(path)
+        await store.close()
+        await store.close()
+        with pytest.raises(StoreUnavailable, match="closed"):
+            await store.lookup([key(1)])
+
+    run(body())
