@@ -24,6 +24,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,6 +54,20 @@ def wire(message: bytes) -> bytes:
     return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
 
 
+# vacation does not wait for the sendmail it started: the orphan would end as a zombie child of the test
+# process (a subreaper once a Postfix test ran) and the capture might be unfinished. This wrapper takes
+# the orphans (PR_SET_CHILD_SUBREAPER) and waits for all of them.
+_REAPER = (
+    "import ctypes, os, subprocess, sys; "
+    "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0); "
+    "code = subprocess.run(sys.argv[1:]).returncode\n"
+    "while True:\n"
+    "    try: os.wait()\n"
+    "    except ChildProcessError: break\n"
+    "sys.exit(code)"
+)
+
+
 def classic_vacation(original: bytes, login: str = "root", alias: str = "alice@example.org") -> Generated:
     """Debian's vacation, its /usr/sbin/sendmail replaced by a capture script in a private mount namespace.
 
@@ -71,8 +86,8 @@ def classic_vacation(original: bytes, login: str = "root", alias: str = "alice@e
             encoding="ascii",
         )
         script = (
-            f"mount --bind {capture} {SENDMAIL} && "
-            f"exec {VACATION} -z -r 0 -f {here}/vacation.db -m {here}/vacation.msg -a {alias} {login}"
+            f"mount --bind {capture} {SENDMAIL} && exec {sys.executable} -c '{_REAPER}' "
+            f"{VACATION} -z -r 0 -f {here}/vacation.db -m {here}/vacation.msg -a {alias} {login}"
         )
         proc = subprocess.run(
             ["/usr/bin/unshare", "-m", "/bin/sh", "-c", script],

@@ -27,7 +27,7 @@ from gateway.messageids import (
     normalise_message_id,
 )
 from tests import generators
-from tests.postfix_instance import private_root, zombie_children
+from tests.postfix_instance import become_subreaper, private_root, zombie_children
 from tests.smtp_peers import run
 
 SENT = (
@@ -409,7 +409,9 @@ def test_generators_are_installed() -> None:
 
 
 def test_dovecot_sieve_vacation_reply_refers_to_our_message() -> None:
+    become_subreaper()  # as the Postfix tests make us: an orphan the generator left would show as a zombie
     reply = generators.sieve_vacation(ORIGINAL, "prvs=1234abcd=bob@signed.example")
+    assert zombie_children() == []
     # RFC 5230 §4.5: from <> to the envelope sender (here the tag).
     assert reply.sender == "" and reply.recipients == ("prvs=1234abcd=bob@signed.example",)
     got = references([generators.wire(reply.message)])
@@ -419,7 +421,9 @@ def test_dovecot_sieve_vacation_reply_refers_to_our_message() -> None:
 
 
 def test_classic_vacation_reply_refers_to_nothing() -> None:
+    become_subreaper()  # vacation leaves its sendmail orphaned: the generator must reap it
     reply = generators.classic_vacation(ORIGINAL)
+    assert zombie_children() == []
     # It answers the Return-Path (the tag, which prvs already lets through), and names no message.
     assert reply.sender == "" and reply.recipients == ("prvs=1234abcd=bob@signed.example",)
     got = references([generators.wire(reply.message)])
