@@ -152,7 +152,7 @@ def _own(sock: socket.socket) -> socket.socket:
 
 
 def _main(args: argparse.Namespace, start: Starter) -> int:
-    from . import keystore, logs
+    from . import keystore, logs, ops
 
     workers_module.remember_signals()
     config = load_config(args)
@@ -178,13 +178,15 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
 
     children = workers_module.fork(count - 1, worker)
     try:
-        return workers_module.run(_serve(args, config, kf, start, bound, children, None))
+        code = workers_module.run(_serve(args, config, kf, start, bound, children, None))
     finally:
         for _, sock in bound:
             sock.close()
         children.reap()
         for listener in files:  # only here: a worker that exits leaves the main process's file alone
             listener.remove()
+    ops.log_stopped(log, code)
+    return code
 
 
 def map_service(config: Config, holder: PolicyHolder) -> MapService:

@@ -123,8 +123,7 @@ def handle(args: argparse.Namespace) -> int:
     logs.setup_from(config.log)
     ops.announce(config)
     code = _run(args, config, kf)
-    # Once every process of ours is gone: what a supervisor or an operator waits for after SIGTERM.
-    logs.log_fields(log, logging.INFO, "stopped", event="stop", status=code)
+    ops.log_stopped(log, code)
     return code
 
 
