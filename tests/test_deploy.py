@@ -294,6 +294,10 @@ def test_unit_runs_the_gateway_from_the_documented_venv() -> None:
         assert [c for c in commands if c != "/bin/kill"] == [COMMAND] * 3, name
     steps = (REPO / "docs" / "operations.md").read_text()
     assert f"python3 -m venv {VENV}\n" in steps and f"{VENV}/bin/pip install " in steps
+    # The Postfix-native services are installed, and their instances enabled, by the names that exist.
+    assert f"install -m 0644 deploy/systemd/{POSTFIX_UNIT} /etc/systemd/system/\n" in steps
+    enable = "systemctl enable --now batv-gateway-postfix@socketmap batv-gateway-postfix@policy\n"
+    assert enable in steps and enable in (DEPLOY / "postfix" / "README.md").read_text()
     # The container installs into the same place, so one path holds for both.
     containerfile = (DEPLOY / "Containerfile").read_text()
     assert f"python3 -m venv {VENV} " in containerfile and f"ENV PATH={VENV}/bin:" in containerfile
