@@ -3,7 +3,8 @@
 Both read the same config as `serve` and take its quick-start flags, so that
     batv-gateway socketmap --listen 127.0.0.1:10030 --keyring K --domain example.org
 is enough to try the socketmap mode. SIGTERM/SIGINT stop them; SIGHUP reloads the config and keyring, and a
-changed keyring file is picked up alone (reload.Reloader, as in serve).
+changed keyring file is picked up alone (reload.Reloader, as in serve). As serve's, their last line after a
+clean stop is `msg=stopped event=stop status=0`.
 
 Both listen on HOST:PORT or on a socket file, `unix:/PATH` (unixsocket.py: its mode and group, a stale
 file replaced, a live one refused, the file removed on shutdown); deploy/postfix/ uses the socket file.
