@@ -3,7 +3,8 @@
 Both read the same config as `serve` and take its quick-start flags, so that
     batv-gateway socketmap --listen 127.0.0.1:10030 --keyring K --domain example.org
 is enough to try the socketmap mode. SIGTERM/SIGINT stop them; SIGHUP reloads the config and keyring, and a
-changed keyring file is picked up alone (reload.Reloader, as in serve).
+changed keyring file is picked up alone (reload.Reloader, as in serve). As serve's, their last line after a
+clean stop is `msg=stopped event=stop status=0`.
 
 Both listen on HOST:PORT or on a socket file, `unix:/PATH` (unixsocket.py: its mode and group, a stale
 file replaced, a live one refused, the file removed on shutdown); deploy/postfix/ uses the socket file.
@@ -152,7 +153,7 @@ def _own(sock: socket.socket) -> socket.socket:
 
 
 def _main(args: argparse.Namespace, start: Starter) -> int:
-    from . import keystore, logs
+    from . import keystore, logs, ops
 
     workers_module.remember_signals()
     config = load_config(args)
@@ -178,13 +179,15 @@ def _main(args: argparse.Namespace, start: Starter) -> int:
 
     children = workers_module.fork(count - 1, worker)
     try:
-        return workers_module.run(_serve(args, config, kf, start, bound, children, None))
+        code = workers_module.run(_serve(args, config, kf, start, bound, children, None))
     finally:
         for _, sock in bound:
             sock.close()
         children.reap()
         for listener in files:  # only here: a worker that exits leaves the main process's file alone
             listener.remove()
+    ops.log_stopped(log, code)
+    return code
 
 
 def map_service(config: Config, holder: PolicyHolder) -> MapService:

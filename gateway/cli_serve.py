@@ -123,21 +123,28 @@ def handle(args: argparse.Namespace) -> int:
     logs.setup_from(config.log)
     ops.announce(config)
     code = _run(args, config, kf)
-    # Once every process of ours is gone: what a supervisor or an operator waits for after SIGTERM.
-    logs.log_fields(log, logging.INFO, "stopped", event="stop", status=code)
+    ops.log_stopped(log, code)
     return code
 
 
 def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
     from . import workers
+    from .serve import bind_failure
 
     if config.workers == 1:
         return workers.run(_serve(args, config, kf))
     # Several processes on the same ports: bound here, once, so that a port 0 listener is one port.
-    try:
-        bound = [workers.bind(lc.listen.host, lc.listen.port, shared=True) for lc in config.listeners]
-    except OSError as error:
-        raise GatewayError(f"cannot listen: {error}") from None
+    bound: list[socket.socket] = []
+    for lc in config.listeners:
+        try:
+            bound.append(workers.bind(lc.listen.host, lc.listen.port, shared=True))
+        except OSError as error:
+            for sock in bound:
+                sock.close()
+            # The line serve.Gateway.start gives with workers = 1.
+            raise GatewayError(
+                f"listener {lc.name}: cannot listen on {lc.listen}: {bind_failure(error)}"
+            ) from None
 
     def worker(say_ready: Callable[[], None]) -> int:
         own = [workers.own_socket(sock) for sock in bound]

@@ -198,6 +198,12 @@ def announce(config: Config) -> None:
         )
 
 
+def log_stopped(logger: logging.Logger, status: int) -> None:
+    """The last line of `serve`, `socketmap` and `policy`, once every process of theirs is gone (and the
+    socket files removed): what a supervisor or an operator waits for after SIGTERM."""
+    log_fields(logger, logging.INFO, "stopped", event="stop", status=status)
+
+
 def _session_counter(listeners: Sequence[Any]) -> Callable[[], float]:
     def count() -> float:
         return float(sum(len(lst.sessions) for lst in listeners))

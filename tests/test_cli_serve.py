@@ -143,6 +143,28 @@ def test_a_taken_metrics_port_is_one_line_naming_it(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_taken_listening_port_is_one_line_naming_it(tmp_path: Path, workers: int) -> None:
+    """With workers > 1 the main process binds the ports itself (workers.py): the same line as with one."""
+    keystore.save(tmp_path / "keyring.toml", keystore.new_keyring(datetime.now(UTC)))
+    path = tmp_path / "gateway.toml"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        where = f"127.0.0.1:{taken.getsockname()[1]}"
+        path.write_text(
+            f'[gateway]\nhostname = "mx.test"\nkeyring = "{tmp_path / "keyring.toml"}"\n'
+            f'local_domains = ["example.com"]\nworkers = {workers}\n'
+            f'[[listener]]\nname = "mx"\nlisten = "{where}"\nnext_hop = "127.0.0.1:1"\n'
+        )
+        proc = start_serve(tmp_path, "--config", str(path), "--metrics", "off")
+        _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    (error,) = [line for line in err.splitlines() if line.startswith("batv-gateway: error:")]
+    assert error == f"batv-gateway: error: listener mx: cannot listen on {where}: Address already in use"
+
+
 def test_an_inbound_listener_without_a_local_domain_does_not_start(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text('[[listener]]\nname = "mx"\nlisten = "127.0.0.1:0"\nnext_hop = "127.0.0.1:1"\n')

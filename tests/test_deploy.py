@@ -108,15 +108,19 @@ def test_parse_unit_refuses_a_broken_line() -> None:
         parse_unit("[Service]\nthis is not a key\n")
 
 
-def _verify(unit_text: str, folder: Path) -> subprocess.CompletedProcess[str]:
+def _verify(
+    unit_text: str, folder: Path, name: str = "batv-gateway.service", instance: str = ""
+) -> subprocess.CompletedProcess[str]:
     # verify checks that every Exec command exists: point them at a real executable (this machine has no
     # gateway in /opt; test_unit_runs_the_gateway_from_the_documented_venv checks that path).
     folder.mkdir()
-    unit = folder / "batv-gateway.service"
+    unit = folder / name
     assert COMMAND in unit_text
     unit.write_text(unit_text.replace(COMMAND, "/bin/true"))
+    # A template is verified as one of its instances: systemd finds the template beside the instance's name.
+    target = folder / name.replace("@.", f"@{instance}.") if instance else unit
     return subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        ["systemd-analyze", "verify", str(target)], capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -156,13 +160,144 @@ def test_systemd_security_exposure(tmp_path: Path) -> None:
     assert float(match.group(1)) < 2.0
 
 
+# The Postfix-native services: one template, an instance per sub-command.
+POSTFIX_UNIT = "batv-gateway-postfix@.service"
+INSTANCES = ("socketmap", "policy")
+SOCKET_FOLDER = "/var/spool/postfix/batv"
+
+
+def test_postfix_unit_keys() -> None:
+    from gateway import cli_postfix
+    from gateway.cli import build_parser
+    from gateway.config import UnixPath
+
+    unit = parse_unit((SYSTEMD / POSTFIX_UNIT).read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    svc = unit["Service"]
+    one = {key: values[-1] for key, values in svc.items()}
+    # READY=1 comes from the main process, once every worker serves (cli_postfix._serve).
+    assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
+    assert one["User"] == one["Group"] == "batv-gateway"
+    assert one["ProtectSystem"] == "strict" and one["NoNewPrivileges"] == "yes" and one["UMask"] == "0077"
+    assert one["CapabilityBoundingSet"] == "" and "AmbientCapabilities" not in svc
+    assert "/etc/batv-gateway" in one["ReadOnlyPaths"].split()
+    # A chrooted Postfix cannot reach /run: the sockets live in its queue directory, not a RuntimeDirectory.
+    assert "RuntimeDirectory" not in svc
+    assert one["SyslogFacility"] == "mail"
+    assert "postfix.service" in unit["Unit"]["Before"][0].split()
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    assert any("kill -HUP $MAINPID" in v for v in svc["ExecReload"])
+    # Each instance name is the sub-command it runs.
+    start = one["ExecStart"].split()
+    assert start[1] == "%i" and start[2:] == ["--config", "/etc/batv-gateway/gateway.toml"]
+    handlers = {cli_postfix.handle_socketmap, cli_postfix.handle_policy}
+    for instance in INSTANCES:
+        args = build_parser().parse_args([instance, *start[2:]])
+        handlers.discard(args.handler)
+    assert handlers == set()
+    # The example config's socket files are in the one writable folder and belong to the group the
+    # service joins.
+    example = config_mod.load(DEPLOY / "gateway.example.toml")
+    assert one["ReadWritePaths"].split() == [SOCKET_FOLDER]
+    for section in (example.socketmap, example.policyd):
+        assert isinstance(section.listen, UnixPath)
+        assert str(section.listen.path.parent) == SOCKET_FOLDER
+        assert section.socket_group == one["SupplementaryGroups"] == "postfix"
+
+
+def test_postfix_unit_systemd_analyze_verify(tmp_path: Path) -> None:
+    text = (SYSTEMD / POSTFIX_UNIT).read_text()
+    if shutil.which("systemd-analyze") is None:
+        parse_unit(text)
+        return
+    for instance in INSTANCES:
+        good = _verify(text, tmp_path / instance, POSTFIX_UNIT, instance)
+        ours = [line for line in (good.stdout + good.stderr).splitlines() if "batv-gateway-postfix@" in line]
+        assert good.returncode == 0 and ours == [], good.stdout + good.stderr
+    bad = _verify(
+        text.replace("ProtectSystem=strict", "ProtectSystm=strict"), tmp_path / "bad", POSTFIX_UNIT, "policy"
+    )
+    assert "Unknown key" in bad.stderr and "ProtectSystm" in bad.stderr
+
+
+def test_postfix_unit_security_exposure(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        parse_unit((SYSTEMD / POSTFIX_UNIT).read_text())
+        return
+    unit = tmp_path / "batv-gateway-postfix@socketmap.service"
+    unit.write_text((SYSTEMD / POSTFIX_UNIT).read_text().replace(COMMAND, "/bin/true"))
+    run = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", run.stdout + run.stderr)
+    if match is None and "--offline" in run.stderr:
+        return  # systemd before 252, as in test_systemd_security_exposure
+    assert match is not None, run.stdout + run.stderr
+    assert float(match.group(1)) < 2.0
+
+
+def syscall_group(name: str) -> set[str]:
+    """A SystemCallFilter= group (@name) as the system calls in it, nested groups expanded."""
+    run = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager", name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    calls: set[str] = set()
+    for line in run.stdout.splitlines()[1:]:
+        entry = line.strip()
+        if entry.startswith("@"):
+            calls |= syscall_group(entry)
+        elif entry and not entry.startswith("#"):
+            calls.add(entry)
+    return calls
+
+
+def allowed_syscalls(filters: list[str]) -> set[str]:
+    """systemd.exec(5): a first allow list, then each later line adds to it or, with ~, takes away."""
+    allowed: set[str] = set()
+    for value in filters:
+        deny = value.startswith("~")
+        calls: set[str] = set()
+        for entry in value.removeprefix("~").split():
+            calls |= syscall_group(entry) if entry.startswith("@") else {entry}
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+def test_postfix_unit_lets_the_service_give_its_socket_to_group_postfix() -> None:
+    """unixsocket.listen chowns the socket file to socket_group: ~@privileged alone forbids chown()."""
+    if shutil.which("systemd-analyze") is None:
+        parse_unit((SYSTEMD / POSTFIX_UNIT).read_text())
+        return
+    filters = parse_unit((SYSTEMD / POSTFIX_UNIT).read_text())["Service"]["SystemCallFilter"]
+    allowed = allowed_syscalls(filters)
+    needed = {"socket", "bind", "listen", "accept4", "connect", "umask", "chmod", "unlink", "unlinkat"}
+    assert needed | {"chown", "fchownat"} <= allowed
+    # The serve unit, which owns no socket file, shows that the same filter without the @chown line forbids
+    # it (and that the expansion sees nested groups).
+    serve = parse_unit((SYSTEMD / "batv-gateway.service").read_text())["Service"]["SystemCallFilter"]
+    assert needed <= allowed_syscalls(serve) and "fchownat" not in allowed_syscalls(serve)
+
+
 def test_unit_runs_the_gateway_from_the_documented_venv() -> None:
     """The unit's commands are the ones the documented install creates: nothing puts one in /usr/bin."""
-    svc = parse_unit((SYSTEMD / "batv-gateway.service").read_text())["Service"]
-    commands = [v.split()[0] for key in ("ExecStartPre", "ExecStart", "ExecReload") for v in svc[key]]
-    assert [c for c in commands if c != "/bin/kill"] == [COMMAND] * 3
+    for name in ("batv-gateway.service", POSTFIX_UNIT):
+        svc = parse_unit((SYSTEMD / name).read_text())["Service"]
+        commands = [v.split()[0] for key in ("ExecStartPre", "ExecStart", "ExecReload") for v in svc[key]]
+        assert [c for c in commands if c != "/bin/kill"] == [COMMAND] * 3, name
     steps = (REPO / "docs" / "operations.md").read_text()
     assert f"python3 -m venv {VENV}\n" in steps and f"{VENV}/bin/pip install " in steps
+    # The Postfix-native services are installed, and their instances enabled, by the names that exist.
+    assert f"install -m 0644 deploy/systemd/{POSTFIX_UNIT} /etc/systemd/system/\n" in steps
+    enable = "systemctl enable --now batv-gateway-postfix@socketmap batv-gateway-postfix@policy\n"
+    assert enable in steps and enable in (DEPLOY / "postfix" / "README.md").read_text()
     # The container installs into the same place, so one path holds for both.
     containerfile = (DEPLOY / "Containerfile").read_text()
     assert f"python3 -m venv {VENV} " in containerfile and f"ENV PATH={VENV}/bin:" in containerfile
@@ -186,6 +321,9 @@ def test_sysusers_and_tmpfiles() -> None:
     assert folder[0] == "d" and folder[2] == "0700" and folder[3] == folder[4] == "batv-gateway"
     keyring = entries["/etc/batv-gateway/keyring.toml"]
     assert keyring[0] == "z" and keyring[2] == "0600"
+    # The socket files' folder: Postfix's daemons (group postfix) may enter it, no one else.
+    sockets = entries[SOCKET_FOLDER]
+    assert sockets[0] == "d" and sockets[2] == "0750" and sockets[3:5] == ["batv-gateway", "postfix"]
 
 
 def test_sysusers_and_tmpfiles_applied_by_systemd(tmp_path: Path) -> None:
@@ -202,6 +340,14 @@ def test_sysusers_and_tmpfiles_applied_by_systemd(tmp_path: Path) -> None:
 
     made = run(sysusers, "--root", str(root), str(SYSTEMD / "batv-gateway.sysusers"))
     assert made.returncode == 0, made.stderr
+    # Postfix's package makes its group; the socket folder's line needs it.
+    made = run(sysusers, "--root", str(root), "--inline", "g postfix -")
+    assert made.returncode == 0, made.stderr
+    postfix_gid = next(
+        int(line.split(":")[2])
+        for line in (root / "etc/group").read_text().splitlines()
+        if line.startswith("postfix:")
+    )
     entry = next(
         line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("batv-gateway:")
     )
@@ -211,6 +357,8 @@ def test_sysusers_and_tmpfiles_applied_by_systemd(tmp_path: Path) -> None:
     assert made.returncode == 0 and made.stderr == "", made.stderr
     folder = (root / "etc/batv-gateway").stat()
     assert folder.st_uid == uid and folder.st_mode & 0o777 == 0o700
+    sockets = (root / SOCKET_FOLDER.lstrip("/")).stat()
+    assert (sockets.st_uid, sockets.st_gid, sockets.st_mode & 0o777) == (uid, postfix_gid, 0o750)
     # A keyring left loose (written by hand, say) is made private again at boot.
     keyring = root / "etc/batv-gateway/keyring.toml"
     keyring.write_text("")

@@ -28,7 +28,7 @@ from postfix_instance import (
     private_root,
 )
 from prometheus_client import CollectorRegistry
-from test_socketmap import Command, socket_config, spool_socket, today, write_keyring
+from test_socketmap import Command, assert_stopped_last, socket_config, spool_socket, today, write_keyring
 
 from gateway import prvs
 from gateway.guard import GuardSettings, GuessLimiter
@@ -398,6 +398,7 @@ def test_the_command_answers_on_its_socket_file_and_counts_on_its_metrics_endpoi
         code, log = cmd.stop()
     assert code == 0, log
     assert not path.exists(), "the socket file is removed on shutdown"
+    assert_stopped_last(log)
     assert "batv_policy_connections_total 1.0" in metrics
     assert 'batv_policy_requests_total{action="reply"} 1.0' in metrics
     assert 'batv_policy_requests_total{action="dunno"} 1.0' in metrics

@@ -623,6 +623,15 @@ class Command:
         return self.proc.returncode, "".join(self.lines) + err
 
 
+def assert_stopped_last(log: str) -> None:
+    """The command's last line after a clean SIGTERM is serve's, said once: by the main process, once its
+    workers are gone and its socket files removed."""
+    lines = log.strip().splitlines()
+    assert [line for line in lines if "msg=stopped" in line] == lines[-1:], log
+    stopped = r"ts=\S+ level=info logger=gateway.postfix msg=stopped event=stop status=0"
+    assert re.fullmatch(stopped, lines[-1]), log
+
+
 def today() -> int:
     return int(time.time()) // 86400
 
@@ -882,6 +891,7 @@ def test_workers_accept_on_one_socket_file_that_only_the_main_process_removes(
     assert code == 0, log
     assert not path.exists()
     assert live_children(cmd.proc.pid) == []
+    assert_stopped_last(log)
 
 
 def test_workers_share_the_sockets_and_all_reload_on_sighup(
