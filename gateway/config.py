@@ -312,7 +312,7 @@ class _Table:
         address; refused with a TCP one, where they would silently mean nothing."""
         mode, group = DEFAULT_SOCKET_MODE, None
         for key in ("socket_mode", "socket_group"):
-            if key in self.data and not isinstance(listen, UnixPath):
+            if self.has(key) and not isinstance(listen, UnixPath):
                 raise self.error(key, f"applies to a unix:/PATH listen address only, not {listen}")
         if "socket_mode" in self.data:
             text = self._get("socket_mode", str, 'an octal mode in quotes, such as "0660"')

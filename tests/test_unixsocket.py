@@ -99,7 +99,11 @@ def test_listen_takes_host_port_or_a_unix_path() -> None:
             {"listen": "unix:/run/s", "socket_group": "no-such-group-here"},
             "no group named 'no-such-group-here'",
         ),
-        ({"listen": "unix:/run/s", "socket_owner": "x"}, "[socketmap] socket_owner: unknown key"),
+        (
+            {"listen": "unix:/run/s", "socket_owner": "x"},
+            '[socketmap] unknown key "socket_owner"; did you mean "socket_mode"? allowed: cache_size, listen,'
+            " max_request, socket_group, socket_mode, tcp_forward, tcp_reverse",
+        ),
     ],
 )
 def test_bad_unix_listen_values_are_refused_naming_file_and_key(table: dict[str, object], why: str) -> None:
