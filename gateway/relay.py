@@ -448,13 +448,14 @@ class RelaySession:
 
     async def _mail_answer(self) -> NextHopReply:
         """The next hop's reply to MAIL. A pooled connection the next hop closed just as we used it (its
-        idle timeout, a restart) fails on this very first reply: then, once, the transaction so far is
-        replayed on a fresh connection. Nothing was accepted on the old one, so nothing can be doubled."""
+        idle timeout, a restart) fails on this very first reply, broken or out of step (its goodbye
+        arrived as we wrote): then, once, the transaction so far is replayed on a fresh connection.
+        Nothing was accepted on the old one, so nothing can be doubled."""
         assert self._mail_reply is not None
         try:
             return await self._mail_reply
         except NextHopError as error:
-            if not self._reused or self._retried or error.kind is not NextHopErrorKind.BROKEN:
+            if not self._reused or self._retried or error.kind not in _STALE:
                 raise
         self._retried = True
         log.info(
@@ -731,6 +732,10 @@ def _one_line(reply: ReplyLike) -> str:
     if isinstance(reply, NextHopReply):
         return str(reply)
     return str(reply)
+
+
+# How a pooled connection that the next hop gave up on fails at its first reply.
+_STALE = (NextHopErrorKind.BROKEN, NextHopErrorKind.PROTOCOL)
 
 
 class _CannotCarry(Exception):

@@ -7,6 +7,7 @@ import ipaddress
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -683,3 +684,46 @@ def test_the_trust_verdict_per_client_address_is_kept_and_bounded() -> None:
         rules._trusted(f"10.0.{n // 256}.{n % 256}")
     assert len(rules._trusted_ips) <= 4096
     assert rules._trusted("192.0.2.7") and not rules._trusted("198.51.100.1")
+
+
+def test_a_next_hop_that_judges_the_message_before_the_final_dot_gets_a_451_not_its_250() -> None:
+    async def body() -> None:
+        script = Script(data_reply="354 go ahead\r\n250 2.0.0 Ok: queued as EARLY")
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            client.send(f"MAIL FROM:<>\r\nRCPT TO:<{tag('bob@example.com')}>\r\nDATA")
+            assert [(await client.reply())[0] for _ in range(2)] == [250, 250]
+            assert await client.reply() == (451, "4.5.0 " + replies.NEXT_HOP_PROTOCOL.text)
+            # The session goes on; the next transaction gets its own connection.
+            assert (await client.cmd("RSET"))[0] == 250
+            await client.close()
+            assert hop.messages == []
+
+    run(body())
+
+
+@pytest.mark.parametrize("goodbye", [None, "421 4.3.2 Service shutting down"])
+def test_the_first_transaction_after_a_next_hop_restart_succeeds(goodbye: str | None) -> None:
+    async def body() -> None:
+        hop = FakeNextHop()
+        port = await hop.start()
+        try:
+            async with running_gateway(gateway_config(port)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                for number in (1, 2):
+                    assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+                    assert (await client.cmd(f"RCPT TO:<{tag('bob@example.com')}>"))[0] == 250
+                    assert (await send_message(client))[0] == 250
+                    if number == 1:
+                        # Stopped (idle connections reset, or told goodbye), then up again on its port.
+                        await hop.close(goodbye)
+                        hop = FakeNextHop()
+                        await hop.start(port)
+                await client.close()
+                assert len(hop.messages) == 1
+        finally:
+            await hop.close()
+
+    run(body())
