@@ -111,6 +111,11 @@ class NextHopReply:
     def text(self) -> str:
         return " ".join(self.lines)
 
+    @property
+    def from_next_hop(self) -> bool:
+        """Its verdict, passed on: a refusal here is never counted as the client's error."""
+        return True
+
     def wire(self) -> str:
         """The reply as our client gets it, multi-line kept, without the final CRLF."""
         head = [f"{self.code}-{line}" for line in self.lines[:-1]]
