@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
+import json
+import logging
 import time
 from typing import Any
 
@@ -11,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import prvs, replies
+from gateway import logs, prvs, replies
 from gateway.policy import Action, Reason
 from gateway.relay import DecisionEvent, OutboundRules, _xtext
 from tests.smtp_peers import (
@@ -214,6 +217,8 @@ def test_a_next_hop_that_refuses_one_recipient_of_two_is_reported_per_recipient(
                 "250 2.1.5 Ok",
                 "550 5.1.1 <nobody@example.com>: User unknown",
             ]
+            # The verdict is what the client was told; next_hop says that the refusal was the next hop's.
+            assert [e.action for e in events] == [Action.RELAY, Action.REJECT]
 
     run(body())
 
@@ -727,3 +732,75 @@ def test_the_first_transaction_after_a_next_hop_restart_succeeds(goodbye: str | 
             await hop.close()
 
     run(body())
+
+
+def logged(stream: io.StringIO) -> list[dict[str, Any]]:
+    """The JSON lines the gateway logged (held lines flushed: the loop that would have is gone)."""
+    for handler in logging.getLogger("gateway").handlers:
+        handler.flush()
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_each_message_is_logged_with_the_next_hops_reply_to_the_final_dot(log_stream: io.StringIO) -> None:
+    logs.setup(logs.LogFormat.JSON, stream=log_stream)
+
+    async def body() -> None:
+        script = Script(final_reply='250 2.0.0 Ok: queued as 4XyZ12 "q" id=7')
+        async with (
+            FakeNextHop(script) as hop,
+            running_gateway(gateway_config(hop.port), observers=[logs.DecisionLog()]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<alice@example.org>")
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<carol@example.com>"))[0] == 250
+            assert await send_message(client) == (250, '2.0.0 Ok: queued as 4XyZ12 "q" id=7')
+            await client.close()
+
+    run(body())
+    lines = [line for line in logged(log_stream) if line.get("logger") == "gateway.decision"]
+    decisions = [line for line in lines if line["event"] == "decision"]
+    (message,) = [line for line in lines if line["event"] == "transaction"]
+    assert {line["session"] for line in decisions} == {message["session"]}
+    assert message["next_hop"] == '250 2.0.0 Ok: queued as 4XyZ12 "q" id=7'
+    assert (message["verdict"], message["rcpts"], message["sender"]) == ("relay", 2, "alice@example.org")
+    assert "reply" not in message
+
+
+def test_what_the_next_hop_tempfails_is_logged_as_tempfail(log_stream: io.StringIO) -> None:
+    logs.setup(logs.LogFormat.JSON, stream=log_stream)
+
+    async def body() -> None:
+        script = Script(rcpt_replies={"busy@example.com": "450 4.2.1 Mailbox busy"})
+        async with (
+            FakeNextHop(script) as hop,
+            running_gateway(gateway_config(hop.port), observers=[logs.DecisionLog()]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for final in ("451 4.3.0 Error: queue file write error", "421 4.3.2 Shutting down"):
+                hop.script.final_reply = final
+                await client.cmd("MAIL FROM:<alice@example.org>")
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<busy@example.com>"))[0] == 450
+                assert (await send_message(client))[0] == 451
+            hop.script.drop_after_bytes = 1
+            await client.cmd("MAIL FROM:<alice@example.org>")
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert await send_message(client) == (451, "4.4.2 " + replies.NEXT_HOP_BROKEN.text)
+            await client.close()
+
+    run(body())
+    lines = [line for line in logged(log_stream) if line.get("logger") == "gateway.decision"]
+    busy = [line for line in lines if line.get("rcpt") == "busy@example.com"]
+    assert [(line["verdict"], line["next_hop"]) for line in busy] == [
+        ("tempfail", "450 4.2.1 Mailbox busy")
+    ] * 2
+    messages = [line for line in lines if line["event"] == "transaction"]
+    assert [(m["verdict"], m["next_hop"], m.get("reply")) for m in messages] == [
+        ("tempfail", "451 4.3.0 Error: queue file write error", None),
+        # A 421 is the next hop closing ITS connection: our client hears 451; the line keeps both.
+        ("tempfail", "421 4.3.2 Shutting down", "451 4.3.2 Shutting down"),
+        ("tempfail", str(replies.NEXT_HOP_BROKEN), None),
+    ]
