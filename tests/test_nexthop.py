@@ -394,3 +394,19 @@ def test_the_pool_drops_an_idle_connection_the_next_hop_said_goodbye_on() -> Non
             await pool.close()
 
     run(body())
+
+
+def test_more_replies_than_commands_is_a_protocol_error() -> None:
+    async def body() -> None:
+        # Without PIPELINING each reply is awaited before the next command: the second 250 answers nothing.
+        script = Script(extensions=("SIZE 1000000",), mail_reply="250 2.1.0 Ok\r\n250 2.1.0 Ok")
+        async with FakeNextHop(script) as hop:
+            conn = await connect(hop.port)
+            with pytest.raises(NextHopError) as caught:
+                await conn.command("MAIL FROM:<a@example.org>", 2)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            with pytest.raises(NextHopError):
+                conn.send("RCPT TO:<b@example.com>", 2)
+            assert hop.lines == [b"EHLO gw.test", b"MAIL FROM:<a@example.org>"]
+
+    run(body())
