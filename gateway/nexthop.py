@@ -544,6 +544,12 @@ class NextHopPool:
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
 
+    def retire(self, conn: NextHopConnection) -> None:
+        """Close, never pool, a connection whose next hop answered a transaction with a 4xx: the process
+        behind it is in trouble (its queue, a restart that left it behind), and a new connection may
+        well reach one that is not."""
+        self._background(conn.quit())
+
     async def reset_and_release(self, conn: NextHopConnection) -> None:
         """After an abandoned transaction: RSET (RFC 5321 §4.1.1.5); keep the connection if it says 250.
         Replies still owed (a pipelined RCPT nobody waited for) are read, in order, before RSET's own."""

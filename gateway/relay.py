@@ -433,6 +433,7 @@ class RelaySession:
         self._failure: NextHopError | None = None
         self._refusal: ReplyLike | None = None  # the next hop refused the sender: every RCPT gets it
         self._relayed = 0  # recipients sent to the next hop
+        self._troubled = False  # the next hop said 4xx to MAIL or DATA: do not pool its connection
         self._accepted = 0  # ... that it accepted
         self._in_data = False
         self._started = time.monotonic()
@@ -569,6 +570,7 @@ class RelaySession:
             mail_reply = await self._mail_answer()
             if not mail_reply.positive:
                 # The next hop refused the sender: that is its verdict on every recipient.
+                self._troubled = mail_reply.transient
                 self._refusal = client_reply(mail_reply)
                 return self._refusal
             reply = await self._rcpt_replies[index]
@@ -631,6 +633,7 @@ class RelaySession:
             self._end()
             return self._refusal or replies.NO_VALID_RECIPIENTS
         if data_reply.code != 354:
+            self._troubled = data_reply.transient
             refused = client_reply(data_reply) if data_reply.code >= 400 else replies.NEXT_HOP_PROTOCOL
             self._ended(refused, data_reply)
             self._end()
@@ -685,8 +688,11 @@ class RelaySession:
             self._conn = None
             return replies.NEXT_HOP_PROTOCOL, final
         # After the reply to the final dot the next hop's transaction is over (RFC 5321 §4.1.1.4),
-        # whatever it said: the connection is clean and can be reused without RSET.
-        self.relay.pool.release(conn)
+        # whatever it said: the connection is clean and can be reused without RSET; unless it said 4xx.
+        if final.transient:
+            self.relay.pool.retire(conn)
+        else:
+            self.relay.pool.release(conn)
         self._conn = None
         conn.transactions += 1
         return client_reply(final), final
@@ -733,6 +739,8 @@ class RelaySession:
         if conn is not None:
             if self._in_data:
                 conn.abort()
+            elif self._troubled:
+                self.relay.pool.retire(conn)
             else:
                 self.relay.pool.reset_later(conn)
         self._clear()

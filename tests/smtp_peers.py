@@ -85,6 +85,10 @@ class Script:
     too_many_reply: str = "452 4.5.3 Error: too many recipients"
     data_reply: str = "354 End data with <CR><LF>.<CR><LF>"
     final_reply: str = "250 2.0.0 Ok: queued as FAKE"
+    # The final reply on one connection only (1 is the first accepted): a next-hop process that is in
+    # trouble (say an smtpd left behind by a killed master, its cleanup gone) while new ones are fine.
+    final_replies: dict[int, str] = field(default_factory=dict)
+    mail_replies: dict[int, str] = field(default_factory=dict)  # the same for MAIL
     # seconds before answering "GREETING", "EHLO", "MAIL", "RCPT", "DATA" or "DOT" (the final dot)
     delays: dict[str, float] = field(default_factory=dict)
     drop_after_bytes: int | None = None  # close the connection after this much of the message
@@ -156,7 +160,7 @@ class FakeNextHop:
         self._writers.add(writer)
         self.connections += 1
         try:
-            await self._session(reader, writer)
+            await self._session(reader, writer, self.connections)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -164,7 +168,7 @@ class FakeNextHop:
             self._tasks.discard(task)
             writer.transport.abort()
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         script = self.script
 
         async def send(line: str) -> None:
@@ -198,8 +202,9 @@ class FakeNextHop:
                 await send("250 nexthop.test")
             elif verb == b"MAIL":
                 await self._delay("MAIL")
-                await send(script.mail_reply)
-                if script.mail_reply.startswith("2"):
+                mail_reply = script.mail_replies.get(number, script.mail_reply)
+                await send(mail_reply)
+                if mail_reply.startswith("2"):
                     mail, rcpts = line, []
             elif verb == b"RCPT":
                 await self._delay("RCPT")
@@ -225,7 +230,7 @@ class FakeNextHop:
                     return
                 await self._delay("DOT")
                 self.messages.append(Received(mail, rcpts, body))
-                await send(script.final_reply)
+                await send(script.final_replies.get(number, script.final_reply))
                 mail, rcpts = None, []
             elif verb == b"RSET":
                 mail, rcpts = None, []

@@ -804,3 +804,37 @@ def test_what_the_next_hop_tempfails_is_logged_as_tempfail(log_stream: io.String
         ("tempfail", "421 4.3.2 Shutting down", "451 4.3.2 Shutting down"),
         ("tempfail", str(replies.NEXT_HOP_BROKEN), None),
     ]
+
+
+def test_a_connection_whose_next_hop_tempfailed_the_message_is_not_used_again() -> None:
+    async def body() -> None:
+        # Connection 1 (the start-up probe's, then the first message's) reaches a next-hop process that
+        # cannot queue anything; the next message must not be sent to it again.
+        script = Script(final_replies={1: "451 4.3.0 Error: queue file write error"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for expected in (451, 250):
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await send_message(client))[0] == expected
+            await client.close()
+            assert hop.connections == 2
+
+    run(body())
+
+
+def test_a_connection_whose_next_hop_tempfailed_the_sender_is_not_used_again() -> None:
+    async def body() -> None:
+        script = Script(mail_replies={1: "451 4.3.0 Error: queue file write error"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for expected in (451, 250):
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == expected
+                assert (await client.cmd("RSET"))[0] == 250
+            await client.close()
+            assert hop.connections == 2
+
+    run(body())
