@@ -5,12 +5,13 @@ on to its client as the next hop's own verdict. Only a next hop that cannot be t
 `NextHopError`, with a `kind` (refused, timeout, broken, protocol) that maps straight to a 4xx reply.
 
 Commands issued without awaiting their replies are held and leave together, in one write, when the first
-of their replies is awaited; replies are read strictly in order (RFC 2920). A reply is only ever taken
-for a command already written: bytes that arrive while no reply is owed (a `250` sent together with the
-`354`, more replies than commands, anything on an idle connection) are a protocol error, never the answer
-to whatever we send next. So a caller that does not
+of their replies is awaited; replies are read strictly in order (RFC 2920). So a caller that does not
 await a reply before issuing the next command pipelines, and one that does, does not. The caller decides,
 from `Capabilities.pipelining`, which of the two it may do. A small body leaves with its final dot.
+
+A reply is only ever taken for a command already written: bytes that arrive while no reply is owed (a
+`250` sent together with the `354`, more replies than commands, anything on an idle connection) are a
+protocol error, never the answer to whatever we send next.
 
 No smtplib and no aiosmtplib here: smtplib blocks the loop, and neither streams a body of unknown length
 chunk by chunk while keeping the next hop's reply to each command.

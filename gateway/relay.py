@@ -92,7 +92,7 @@ class TransactionEvent:
     duration: float  # seconds from the client's MAIL
 
 
-def verdict_of(reply: ReplyLike) -> object:
+def verdict_of(reply: ReplyLike) -> Action:
     """The verdict a reply amounts to, as the decision and transaction lines name it."""
     if reply.code < 400:
         return Action.RELAY
