@@ -4,7 +4,11 @@ A prvs tag carries 24 bits of hash and the answer at RCPT says at once whether a
 unthrottled client at 1000 guesses a second finds a valid tag for a chosen address in about 2**23 / 1000 s,
 some 2.3 hours on average. Two brakes, both Postfix-style:
 
-- `ErrorTally`, per session: every error reply (a failed tag check included) counts. Past
+- `ErrorTally`, per session: every error reply of ours (a failed tag check, a policy refusal, a syntax
+  error) counts; a refusal that comes from the next hop, or our 4xx for a next hop that cannot be talked
+  to, does not: a next hop that caps recipients per transaction (452 4.5.3 after 50, say) must not get a
+  client with 70 recipients disconnected before DATA (Postfix too keeps recipient overshoot apart, in
+  smtpd_recipient_overshoot_limit), nor a next hop's outage cost a client its session. Past
   `soft_error_limit` each error reply is delayed by `error_sleep_time` (smtpd_soft_error_limit,
   smtpd_error_sleep_time); at `hard_error_limit` the session is closed with 421 (smtpd_hard_error_limit).
   Like Postfix, the count is never reset within a session, so delivering one message does not buy a
@@ -28,6 +32,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,20 @@ class Penalty:
 NO_PENALTY = Penalty()
 
 
+class Answer(Protocol):
+    """A reply as the tally sees it: replies.Reply, or nexthop.NextHopReply (always from_next_hop)."""
+
+    @property
+    def code(self) -> int: ...
+    @property
+    def from_next_hop(self) -> bool: ...
+
+
+def client_error(reply: Answer) -> bool:
+    """Whether a reply counts against the client: a 4xx or 5xx of our own, except 421 (we close anyway)."""
+    return reply.code >= 400 and reply.code != 421 and not reply.from_next_hop
+
+
 class ErrorTally:
     """One SMTP session's errors (not shared: a session is one coroutine)."""
 
@@ -68,6 +87,10 @@ class ErrorTally:
     def __init__(self, settings: GuardSettings) -> None:
         self._settings = settings
         self.errors = 0
+
+    def reply(self, reply: Answer) -> Penalty:
+        """What to do before sending this reply: count it if it is the client's error (client_error)."""
+        return self.error() if client_error(reply) else NO_PENALTY
 
     def error(self) -> Penalty:
         """Count one error reply; what to do before sending it."""

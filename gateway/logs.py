@@ -3,7 +3,9 @@
 Every record the gateway logs goes through the standard `logging` module to one stderr handler, so journald
 and container runtimes collect it. `DecisionLog` turns a decision event from the SMTP edge into one record
 whose fields (session id, client IP, role, sender, recipient, verdict, reason, key id, next-hop reply,
-duration) the formatter renders as `key=value` pairs or as one JSON object.
+duration) the formatter renders as `key=value` pairs or as one JSON object. `TransactionLog` writes one more
+line per message (`event=transaction`): its verdict and the next hop's reply to the final dot, whose
+"queued as ..." is what ties our session id to the next hop's own log.
 
 Why the escaping matters: the envelope sender and recipient come from the internet. A hostile client can put
 a quote, a space, an `=`, a CR/LF or a Unicode line separator into a quoted local part; written raw, that
@@ -328,13 +330,52 @@ def decision_fields(event: DecisionEvent) -> dict[str, object]:
     }
 
 
-class DecisionLog:
-    """The edge's `on_decision` callback that writes one line per decision."""
+class TransactionEvent(Protocol):
+    """How a message ended, from the relay: `transaction_fields` reads exactly these attributes."""
 
+    @property
+    def session(self) -> str: ...
+    @property
+    def client(self) -> str: ...
+    @property
+    def role(self) -> object: ...
+    @property
+    def sender(self) -> object: ...
+    @property
+    def recipients(self) -> int: ...
+    @property
+    def action(self) -> object: ...
+    @property
+    def next_hop_reply(self) -> object: ...
+    @property
+    def reply(self) -> object: ...
+    @property
+    def duration(self) -> float | None: ...
+
+
+def transaction_fields(event: TransactionEvent) -> dict[str, object]:
+    """The fields of one message's line: `next_hop` is the next hop's reply to the final dot as it gave it
+    (its queue id in it), or our 4xx when it could not be talked to; `reply` is what our client was told,
+    when that is not the same text."""
+    return {
+        "event": "transaction",
+        "session": event.session,
+        "client": event.client,
+        "role": event.role,
+        "sender": _sender_text(event.sender),
+        "rcpts": event.recipients,
+        "verdict": event.action,
+        "next_hop": event.next_hop_reply,
+        "reply": event.reply,
+        "duration": event.duration,
+    }
+
+
+class _EventLog:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._logger = logger if logger is not None else logging.getLogger(DECISION_LOGGER)
 
-    def __call__(self, event: DecisionEvent) -> None:
+    def _write(self, fields: Callable[[Any], dict[str, object]], event: Any) -> None:
         logger = self._logger
         if not logger.isEnabledFor(logging.INFO):
             return
@@ -348,9 +389,23 @@ class DecisionLog:
             "",
             (),
             None,
-            extra={FIELDS_ATTR: decision_fields(event)},
+            extra={FIELDS_ATTR: fields(event)},
         )
         logger.handle(record)
+
+
+class DecisionLog(_EventLog):
+    """The edge's `on_decision` callback that writes one line per decision."""
+
+    def __call__(self, event: DecisionEvent) -> None:
+        self._write(decision_fields, event)
+
+
+class TransactionLog(_EventLog):
+    """One line per message, on the decision logger: the relay writes it when a transaction ends."""
+
+    def __call__(self, event: TransactionEvent) -> None:
+        self._write(transaction_fields, event)
 
 
 def fan_out(*callbacks: Callable[[Any], None]) -> Callable[[Any], None]:

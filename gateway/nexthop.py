@@ -9,6 +9,10 @@ of their replies is awaited; replies are read strictly in order (RFC 2920). So a
 await a reply before issuing the next command pipelines, and one that does, does not. The caller decides,
 from `Capabilities.pipelining`, which of the two it may do. A small body leaves with its final dot.
 
+A reply is only ever taken for a command already written: bytes that arrive while no reply is owed (a
+`250` sent together with the `354`, more replies than commands, anything on an idle connection) are a
+protocol error, never the answer to whatever we send next.
+
 No smtplib and no aiosmtplib here: smtplib blocks the loop, and neither streams a body of unknown length
 chunk by chunk while keeping the next hop's reply to each command.
 """
@@ -33,6 +37,7 @@ from .replies import Reply
 # bounded, so a broken peer cannot make us buffer without limit.
 _REPLY_LINE_LIMIT = 8192
 _MAX_REPLY_LINES = 100
+_END_OF_DATA = "end of data"  # what the reply to the final dot answers (the metrics call it DOT)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ class NextHopReply:
     @property
     def text(self) -> str:
         return " ".join(self.lines)
+
+    @property
+    def from_next_hop(self) -> bool:
+        """Its verdict, passed on: a refusal here is never counted as the client's error."""
+        return True
 
     def wire(self) -> str:
         """The reply as our client gets it, multi-line kept, without the final CRLF."""
@@ -196,6 +206,8 @@ class NextHopConnection:
         self.peer = peer
         self.capabilities = BASELINE
         self._waiting: collections.deque[_Waiter] = collections.deque()
+        # Replies owed for what has been written (the greeting included); the rest of _waiting is held.
+        self._owed = 0
         self._out: list[bytes] = []  # written at the next wait for a reply (see send)
         self._out_size = 0
         self.in_body = False  # between the first piece of a message and its final dot
@@ -264,8 +276,14 @@ class NextHopConnection:
 
     @property
     def usable(self) -> bool:
-        """Alive, and in step: no reply owed, so the next command's reply is the next one read."""
-        return self.alive and not self._waiting and not self.in_body
+        """Alive, and in step: no reply owed and nothing unasked-for received, so the next command's
+        reply is the next one read. (A next hop that said 421 as it went away leaves that line here.)"""
+        return self.alive and not self._waiting and not self.in_body and not self._unasked()
+
+    def _unasked(self) -> bool:
+        """Bytes received that no written command asked for."""
+        # The StreamReader keeps what arrived and was not read yet in _buffer (smtpd.py looks too).
+        return self._owed == 0 and bool(self._reader._buffer)  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         """Drop the connection at once. Mid-DATA this is how a transaction is abandoned: without the
@@ -311,13 +329,26 @@ class NextHopConnection:
         return await self.send(line, timeout)
 
     async def _expect(self, timeout: float, what: str) -> NextHopReply:
+        """A reply owed without a command: the greeting."""
         waiter = _Waiter(self._loop.create_future(), timeout, what)
         self._waiting.append(waiter)
+        self._owed += 1
         return await self._reply_for(waiter)
+
+    def _out_of_step(self, detail: str) -> NextHopError:
+        error = NextHopError(NextHopErrorKind.PROTOCOL, f"{self.peer}: {detail}")
+        self._failure = error
+        self._fail_waiters(error)
+        self._out.clear()
+        self._writer.transport.abort()
+        return error
 
     def _push_out(self) -> None:
         """Write what is held (commands, and the end of a body): one write, so usually one segment."""
         if self._out:
+            if self._unasked():
+                # Whatever it is, it would be read as the reply to what we are about to send.
+                raise self._out_of_step("reply received before its command was sent")
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
             self._out_size = 0
@@ -331,6 +362,7 @@ class NextHopConnection:
                 self._writer.transport.abort()
                 raise error
             self._writer.write(data)
+            self._owed = len(self._waiting)
 
     async def _reply_for(self, waiter: _Waiter) -> NextHopReply:
         # Whoever awaits first reads for everyone ahead of it; replies come back strictly in order.
@@ -352,6 +384,15 @@ class NextHopConnection:
                         self.abort()
                         raise
                     self._waiting.popleft()
+                    self._owed -= 1
+                    if self._unasked() and head.what != _END_OF_DATA:
+                        # More than the commands written asked for (say "354" and "250" in one write):
+                        # this reply and the next are out of step with ours; none of them can be trusted.
+                        # (After the final dot, in step until then, the reply is the verdict: the extra
+                        # bytes only keep the connection from being used again; see `usable`.)
+                        self._waiting.appendleft(head)
+                        self._out_of_step(f"reply received before its command was sent (after {head.what})")
+                        break
                     head.future.set_result(reply)
                     if self.on_reply is not None:
                         self.on_reply(head.what, time.monotonic() - head.sent)
@@ -432,7 +473,7 @@ class NextHopConnection:
             raise self._failure
         self._out.append(b".\r\n")
         self.in_body = False
-        waiter = _Waiter(self._loop.create_future(), self.timeouts.data_term, "end of data")
+        waiter = _Waiter(self._loop.create_future(), self.timeouts.data_term, _END_OF_DATA)
         self._waiting.append(waiter)
         return PendingReply(self, waiter)
 
@@ -503,6 +544,12 @@ class NextHopPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+
+    def retire(self, conn: NextHopConnection) -> None:
+        """Close, never pool, a connection whose next hop answered a transaction with a 4xx: the process
+        behind it is in trouble (its queue, a restart that left it behind), and a new connection may
+        well reach one that is not."""
+        self._background(conn.quit())
 
     async def reset_and_release(self, conn: NextHopConnection) -> None:
         """After an abandoned transaction: RSET (RFC 5321 §4.1.1.5); keep the connection if it says 250.

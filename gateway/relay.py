@@ -18,10 +18,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import replies
+from .logs import TransactionLog
 from .nexthop import (
     BASELINE,
     Capabilities,
@@ -74,6 +75,28 @@ class DecisionEvent:
 
 
 DecisionObserver = Callable[[DecisionEvent], None]
+
+
+@dataclass(frozen=True)
+class TransactionEvent:
+    """How one message ended, for its log line (see logs.TransactionEvent)."""
+
+    session: str
+    client: str
+    role: str
+    sender: str | None  # None: the null sender
+    recipients: int  # accepted by the next hop
+    action: object  # policy.Action: RELAY (2xx), TEMPFAIL (4xx), REJECT (5xx), as the client was told
+    next_hop_reply: str | None  # the next hop's reply to the final dot, or our 4xx for not reaching it
+    reply: str | None  # what the client was told, where that is not next_hop_reply
+    duration: float  # seconds from the client's MAIL
+
+
+def verdict_of(reply: ReplyLike) -> Action:
+    """The verdict a reply amounts to, as the decision and transaction lines name it."""
+    if reply.code < 400:
+        return Action.RELAY
+    return Action.TEMPFAIL if reply.code < 500 else Action.REJECT
 
 
 class RelayWatch(Protocol):
@@ -301,6 +324,8 @@ class Relay:
     message_size_limit: int = 0
     observers: tuple[DecisionObserver, ...] = ()
     watch: RelayWatch | None = None
+    # Told how each message ended (the next hop's reply to the final dot): one log line per message.
+    on_transaction: Callable[[TransactionEvent], None] = field(default_factory=TransactionLog)
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -408,6 +433,7 @@ class RelaySession:
         self._failure: NextHopError | None = None
         self._refusal: ReplyLike | None = None  # the next hop refused the sender: every RCPT gets it
         self._relayed = 0  # recipients sent to the next hop
+        self._troubled = False  # the next hop said 4xx to MAIL or DATA: do not pool its connection
         self._accepted = 0  # ... that it accepted
         self._in_data = False
         self._started = time.monotonic()
@@ -448,13 +474,14 @@ class RelaySession:
 
     async def _mail_answer(self) -> NextHopReply:
         """The next hop's reply to MAIL. A pooled connection the next hop closed just as we used it (its
-        idle timeout, a restart) fails on this very first reply: then, once, the transaction so far is
-        replayed on a fresh connection. Nothing was accepted on the old one, so nothing can be doubled."""
+        idle timeout, a restart) fails on this very first reply, broken or out of step (its goodbye
+        arrived as we wrote): then, once, the transaction so far is replayed on a fresh connection.
+        Nothing was accepted on the old one, so nothing can be doubled."""
         assert self._mail_reply is not None
         try:
             return await self._mail_reply
         except NextHopError as error:
-            if not self._reused or self._retried or error.kind is not NextHopErrorKind.BROKEN:
+            if not self._reused or self._retried or error.kind not in _STALE:
                 raise
         self._retried = True
         log.info(
@@ -543,6 +570,7 @@ class RelaySession:
             mail_reply = await self._mail_answer()
             if not mail_reply.positive:
                 # The next hop refused the sender: that is its verdict on every recipient.
+                self._troubled = mail_reply.transient
                 self._refusal = client_reply(mail_reply)
                 return self._refusal
             reply = await self._rcpt_replies[index]
@@ -594,6 +622,7 @@ class RelaySession:
             data_reply = await self._data_reply
         except NextHopError as error:
             self._fail(error)
+            self._ended(error.reply, error.reply)
             self._end()
             return error.reply
         if self._accepted == 0:
@@ -604,8 +633,11 @@ class RelaySession:
             self._end()
             return self._refusal or replies.NO_VALID_RECIPIENTS
         if data_reply.code != 354:
+            self._troubled = data_reply.transient
+            refused = client_reply(data_reply) if data_reply.code >= 400 else replies.NEXT_HOP_PROTOCOL
+            self._ended(refused, data_reply)
             self._end()
-            return client_reply(data_reply) if data_reply.code >= 400 else replies.NEXT_HOP_PROTOCOL
+            return refused
         self._in_data = True
         return data_reply
 
@@ -620,39 +652,75 @@ class RelaySession:
     async def data_end(self, failure: DataFailure | None) -> ReplyLike:
         """The client's final dot: the next hop's verdict on the message, or our 4xx/5xx. Never a
         250 unless the next hop said 250 to the message."""
-        conn = self._conn
         self._in_data = False
         try:
-            if failure is not None:
-                # Past the size limit (or a bad line): abandon the next-hop transaction without the
-                # final dot, as Postfix's proxy does, so that nothing partial is delivered.
-                self.abort()
-                return DATA_FAILURE_REPLIES[failure]
-            if self._failure is not None or conn is None:
-                reply: ReplyLike = self._failure.reply if self._failure is not None else replies.LOCAL_ERROR
-                self.abort()
-                return reply
-            try:
-                final = await conn.end_data()
-            except NextHopError as error:
-                self._fail(error)
-                return error.reply
-            if final.code < 200 or 300 <= final.code < 400:
-                conn.abort()
-                self._conn = None
-                return replies.NEXT_HOP_PROTOCOL
-            # After the reply to the final dot the next hop's transaction is over (RFC 5321 §4.1.1.4),
-            # whatever it said: the connection is clean and can be reused without RSET.
-            self.relay.pool.release(conn)
-            self._conn = None
-            conn.transactions += 1
-            return client_reply(final)
+            reply, next_hop = await self._final_reply(failure)
+            self._ended(reply, next_hop)
+            return reply
         finally:
             if self.relay.watch is not None:
                 self.relay.watch.transaction_done(self.info.role, time.monotonic() - self._started)
             self._end()
 
+    async def _final_reply(self, failure: DataFailure | None) -> tuple[ReplyLike, ReplyLike | None]:
+        """What the client is told for the message, and what the next hop said to it (or our reply for
+        not reaching it; None where the next hop had no part in the answer)."""
+        conn = self._conn
+        if failure is not None:
+            # Past the size limit (or a bad line): abandon the next-hop transaction without the final
+            # dot, as Postfix's proxy does, so that nothing partial is delivered.
+            self.abort()
+            return DATA_FAILURE_REPLIES[failure], None
+        if self._failure is not None:
+            reply = self._failure.reply
+            self.abort()
+            return reply, reply
+        if conn is None:
+            self.abort()
+            return replies.LOCAL_ERROR, None
+        try:
+            final = await conn.end_data()
+        except NextHopError as error:
+            self._fail(error)
+            return error.reply, error.reply
+        if final.code < 200 or 300 <= final.code < 400:
+            conn.abort()
+            self._conn = None
+            return replies.NEXT_HOP_PROTOCOL, final
+        # After the reply to the final dot the next hop's transaction is over (RFC 5321 §4.1.1.4),
+        # whatever it said: the connection is clean and can be reused without RSET; unless it said 4xx.
+        if final.transient:
+            self.relay.pool.retire(conn)
+        else:
+            self.relay.pool.release(conn)
+        self._conn = None
+        conn.transactions += 1
+        return client_reply(final), final
+
     # ------------------------------------------------------------------ the end of a transaction
+
+    def _ended(self, reply: ReplyLike, next_hop: ReplyLike | None) -> None:
+        """The message's line: call before _end() clears the transaction."""
+        mail = self._mail
+        said = None if next_hop is None else str(next_hop)
+        told = str(reply)
+        try:
+            self.relay.on_transaction(
+                TransactionEvent(
+                    session=self.info.session,
+                    client=self.info.client_ip,
+                    role=self.info.role,
+                    sender=None if mail is None or mail.sender is None else str(mail.sender),
+                    recipients=self._accepted,
+                    action=verdict_of(reply),
+                    next_hop_reply=said,
+                    reply=None if told == said else told,
+                    duration=time.monotonic() - self._started,
+                )
+            )
+        except Exception:
+            # Watching the mail must never stop the mail.
+            log.exception("the transaction log failed")
 
     def _fail(self, error: NextHopError) -> None:
         if self._failure is None:
@@ -671,6 +739,8 @@ class RelaySession:
         if conn is not None:
             if self._in_data:
                 conn.abort()
+            elif self._troubled:
+                self.relay.pool.retire(conn)
             else:
                 self.relay.pool.reset_later(conn)
         self._clear()
@@ -709,6 +779,10 @@ class RelaySession:
             action = decision.action
         else:
             action = Action.RELAY if decision.relay else Action.REJECT
+        if decision.relay and reply is not None and reply.code >= 400:
+            # Relayed by our rules, refused downstream (or the next hop could not be reached): the verdict
+            # is what the client was told, 4xx tempfail, 5xx reject; next_hop says whose it is.
+            action = verdict_of(reply)
         self.relay.emit(
             DecisionEvent(
                 session=self.info.session,
@@ -731,6 +805,10 @@ def _one_line(reply: ReplyLike) -> str:
     if isinstance(reply, NextHopReply):
         return str(reply)
     return str(reply)
+
+
+# How a pooled connection that the next hop gave up on fails at its first reply.
+_STALE = (NextHopErrorKind.BROKEN, NextHopErrorKind.PROTOCOL)
 
 
 class _CannotCarry(Exception):
@@ -761,4 +839,5 @@ __all__ = [
     "RoleRules",
     "SessionInfo",
     "Transaction",
+    "TransactionEvent",
 ]

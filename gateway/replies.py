@@ -6,7 +6,7 @@ class of a reply is checked when it is built, so a "reject" with a 4xx code cann
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,8 @@ class Reply:
     code: int
     status: str  # the enhanced status code, "X.Y.Z"
     text: str
+    # Ours, but about the next hop (down, broken, out of step): not the client's error (guard.ErrorTally).
+    from_next_hop: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -50,10 +52,10 @@ TOO_MANY_SESSIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
-NEXT_HOP_DOWN = Reply(451, "4.4.1", "Next hop not reachable, try again later")
-NEXT_HOP_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out, try again later")
-NEXT_HOP_BROKEN = Reply(451, "4.4.2", "Next hop connection broken, try again later")
-NEXT_HOP_PROTOCOL = Reply(451, "4.5.0", "Next hop protocol error, try again later")
+NEXT_HOP_DOWN = Reply(451, "4.4.1", "Next hop not reachable, try again later", from_next_hop=True)
+NEXT_HOP_TIMEOUT = Reply(451, "4.4.2", "Next hop timed out, try again later", from_next_hop=True)
+NEXT_HOP_BROKEN = Reply(451, "4.4.2", "Next hop connection broken, try again later", from_next_hop=True)
+NEXT_HOP_PROTOCOL = Reply(451, "4.5.0", "Next hop protocol error, try again later", from_next_hop=True)
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SEPARATE_TRANSACTION = Reply(452, "4.5.3", "Send this recipient in a separate transaction")
@@ -100,5 +102,7 @@ def bad_address(address: str, why: str, status: str = "5.1.3") -> Reply:
 # --- the SMTP edge (relay.py, smtpd.py) ---------------------------------------------------------------
 # RFC 3463 X.3.3 "system not capable of selected features": the next hop lost an extension (8BITMIME,
 # SMTPUTF8, DSN) since we offered it; transient, as it may come back.
-NEXT_HOP_CANNOT_CARRY = Reply(451, "4.3.3", "Next hop cannot carry this message now, try again later")
+NEXT_HOP_CANNOT_CARRY = Reply(
+    451, "4.3.3", "Next hop cannot carry this message now, try again later", from_next_hop=True
+)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")

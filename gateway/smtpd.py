@@ -547,8 +547,7 @@ class EdgeProtocol(SMTP):
                 await self.push(str(replies.TOO_MANY_ERRORS))
                 self._closing = True
                 return
-        if reply.code >= 400 and reply.code != 421:
-            penalty = penalty.then(self.errors.error())
+        penalty = penalty.then(self.errors.reply(reply))
         if penalty.delay:
             await self.ctx.sleep(penalty.delay)
         await self.push(_wire(reply))

@@ -2,8 +2,10 @@
 
 - `FakeNextHop`: a scriptable, recording next hop. It keeps every raw command line (so a test can check
   that ESMTP parameters arrived byte for byte) and every message as received (still dot-stuffed), and it
-  injects faults: a slow reply to any command, a 4xx/5xx for one recipient or for the sender, a dropped
-  connection in the middle of DATA, a refusing greeting.
+  injects faults: a slow reply to any command, a 4xx/5xx for one recipient or for the sender, a cap on
+  recipients per transaction, a dropped connection in the middle of DATA, a refusing greeting, replies
+  sent before their command (a script's reply may hold several lines: they leave in one write), a
+  goodbye to idle connections as it stops.
 - `AiosmtpdSink`: aiosmtpd's own server with a recording handler: an independent SMTP implementation as
   the next hop.
 - `SmtpSink`: Postfix's `smtp-sink`, started on a free port and stopped again.
@@ -77,8 +79,16 @@ class Script:
     )
     mail_reply: str = "250 2.1.0 Sender ok"
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # recipient (lower case) -> reply
+    # Recipients accepted per transaction; past it each RCPT gets `too_many_reply` (Postfix's
+    # smtpd_recipient_limit, Exchange's and Gmail's caps).
+    max_recipients: int | None = None
+    too_many_reply: str = "452 4.5.3 Error: too many recipients"
     data_reply: str = "354 End data with <CR><LF>.<CR><LF>"
     final_reply: str = "250 2.0.0 Ok: queued as FAKE"
+    # The final reply on one connection only (1 is the first accepted): a next-hop process that is in
+    # trouble (say an smtpd left behind by a killed master, its cleanup gone) while new ones are fine.
+    final_replies: dict[int, str] = field(default_factory=dict)
+    mail_replies: dict[int, str] = field(default_factory=dict)  # the same for MAIL
     # seconds before answering "GREETING", "EHLO", "MAIL", "RCPT", "DATA" or "DOT" (the final dot)
     delays: dict[str, float] = field(default_factory=dict)
     drop_after_bytes: int | None = None  # close the connection after this much of the message
@@ -103,12 +113,18 @@ class FakeNextHop:
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
-    async def close(self) -> None:
+    async def close(self, farewell: str | None = None) -> None:
+        """Stop. With `farewell` (e.g. "421 4.3.2 Service shutting down"), each open connection is told so
+        and closed gracefully, as a next hop that says goodbye does; otherwise connections are reset."""
         self._closing.set()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
-            writer.transport.abort()
+            if farewell is not None:
+                writer.write(farewell.encode() + b"\r\n")
+                writer.close()
+            else:
+                writer.transport.abort()
         # Not task.cancel(): asyncio's start_server logs a cancelled client task as an error. An aborted
         # transport ends each session by itself (its reader sees the end of the stream).
         if self._tasks:
@@ -144,7 +160,7 @@ class FakeNextHop:
         self._writers.add(writer)
         self.connections += 1
         try:
-            await self._session(reader, writer)
+            await self._session(reader, writer, self.connections)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -152,7 +168,7 @@ class FakeNextHop:
             self._tasks.discard(task)
             writer.transport.abort()
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
         script = self.script
 
         async def send(line: str) -> None:
@@ -186,13 +202,16 @@ class FakeNextHop:
                 await send("250 nexthop.test")
             elif verb == b"MAIL":
                 await self._delay("MAIL")
-                await send(script.mail_reply)
-                if script.mail_reply.startswith("2"):
+                mail_reply = script.mail_replies.get(number, script.mail_reply)
+                await send(mail_reply)
+                if mail_reply.startswith("2"):
                     mail, rcpts = line, []
             elif verb == b"RCPT":
                 await self._delay("RCPT")
                 address = line.split(b"<", 1)[1].split(b">", 1)[0].decode().lower()
                 reply = script.rcpt_replies.get(address, "250 2.1.5 Ok")
+                if script.max_recipients is not None and len(rcpts) >= script.max_recipients:
+                    reply = script.too_many_reply
                 if mail is None:
                     reply = "503 5.5.1 Error: need MAIL command"
                 await send(reply)
@@ -211,7 +230,7 @@ class FakeNextHop:
                     return
                 await self._delay("DOT")
                 self.messages.append(Received(mail, rcpts, body))
-                await send(script.final_reply)
+                await send(script.final_replies.get(number, script.final_reply))
                 mail, rcpts = None, []
             elif verb == b"RSET":
                 mail, rcpts = None, []

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from gateway import prvs, replies
-from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_network
+from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_error, client_network
+from gateway.nexthop import NextHopReply
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,
@@ -30,6 +31,24 @@ class FakeClock:
 def test_errors_below_the_soft_limit_cost_nothing() -> None:
     tally = ErrorTally(GuardSettings(soft_error_limit=3, hard_error_limit=6, error_sleep_time=2.0))
     assert [tally.error() for _ in range(3)] == [Penalty()] * 3
+
+
+def test_only_the_clients_own_errors_count() -> None:
+    tally = ErrorTally(GuardSettings(soft_error_limit=0, hard_error_limit=2, error_sleep_time=2.0))
+    from_next_hop = [
+        NextHopReply(452, ("4.5.3 Error: too many recipients",)),
+        NextHopReply(550, ("5.1.1 <x@example.com>: Recipient address rejected",)),
+        replies.NEXT_HOP_DOWN,
+        replies.NEXT_HOP_PROTOCOL,
+        replies.NEXT_HOP_CANNOT_CARRY,
+    ]
+    assert [tally.reply(reply) for reply in from_next_hop] == [Penalty()] * len(from_next_hop)
+    assert tally.reply(replies.TOO_MANY_ERRORS) == Penalty()  # 421: we close anyway
+    assert tally.reply(replies.OK) == Penalty() and tally.errors == 0
+    assert tally.reply(replies.bounce_refused("bob@example.com", "unsigned")) == Penalty(2.0)
+    assert tally.reply(replies.SYNTAX_ERROR) == Penalty(0.0, disconnect=True)
+    assert tally.errors == 2
+    assert not client_error(NextHopReply(452, ("4.5.3 too many",))) and client_error(replies.BAD_SEQUENCE)
 
 
 def test_errors_past_the_soft_limit_sleep_and_the_hard_limit_disconnects() -> None:

@@ -301,3 +301,34 @@ def test_a_flush_set_on_a_loop_that_stopped_holds_nothing_back_later() -> None:
         assert out.getvalue().endswith("next\n")
 
     asyncio.run(next_loop())
+
+
+@dataclass(frozen=True)
+class MessageEvent:
+    session: str = "a1b2c3"
+    client: str = "192.0.2.7"
+    role: object = FakeRole.INBOUND
+    sender: object = "alice@example.org"
+    recipients: int = 2
+    action: object = FakeAction.RELAY
+    next_hop_reply: object = "250 2.0.0 Ok: queued as 4XyZ12"
+    reply: object = None
+    duration: float | None = 0.5
+
+
+def test_transaction_line_carries_the_next_hops_reply_to_the_final_dot(log_stream: io.StringIO) -> None:
+    logs.TransactionLog()(MessageEvent())
+    (line,) = log_stream.getvalue().splitlines()
+    assert line.endswith(
+        "event=transaction session=a1b2c3 client=192.0.2.7 role=inbound sender=alice@example.org rcpts=2"
+        ' verdict=relay next_hop="250 2.0.0 Ok: queued as 4XyZ12" duration=0.5'
+    )
+
+
+def test_a_hostile_next_hop_reply_cannot_forge_a_field_or_a_line(log_stream: io.StringIO) -> None:
+    text = '250 2.0.0 Ok: queued as X1 "x" verdict=forged\r\nts=0 event=transaction\u2028'
+    logs.TransactionLog()(MessageEvent(next_hop_reply=text, reply="451 4.5.0 x=y"))
+    (line,) = log_stream.getvalue().splitlines()
+    fields = parse_logfmt(line)
+    assert fields["next_hop"] == text and fields["reply"] == "451 4.5.0 x=y"
+    assert fields["verdict"] == "relay" and fields["event"] == "transaction"

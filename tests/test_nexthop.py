@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -290,5 +291,122 @@ def test_greeting_and_ehlo_share_one_deadline() -> None:
             with pytest.raises(NextHopError) as caught:
                 await connect(hop.port, timeouts)
             assert caught.value.kind is NextHopErrorKind.TIMEOUT
+
+    run(body())
+
+
+# ------------------------------------------------------------------ replies that no command asked for
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded by the test's own timeout) for bytes in flight on loopback to arrive."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_a_250_sent_together_with_the_354_is_a_protocol_error() -> None:
+    async def body() -> None:
+        # The next hop has judged a message it has not seen: that 250 must never pass for the reply to
+        # our final dot.
+        script = Script(data_reply="354 go ahead\r\n250 2.0.0 Ok: queued as EARLY")
+        async with FakeNextHop(script) as hop:
+            conn = await connect(hop.port)
+            await conn.command("MAIL FROM:<a@example.org>", 2)
+            await conn.command("RCPT TO:<b@example.com>", 2)
+            with pytest.raises(NextHopError) as caught:
+                await conn.command("DATA", 2)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            assert "before its command" in caught.value.detail
+            assert not conn.alive and not conn.usable
+            with pytest.raises(NextHopError):
+                await conn.send_data(b"Subject: x\r\n\r\nhello\r\n")
+
+    run(body())
+
+
+def test_more_replies_than_commands_at_the_greeting_is_a_protocol_error() -> None:
+    async def body() -> None:
+        async with FakeNextHop(Script(greeting="220 nexthop.test ESMTP\r\n250 nexthop.test")) as hop:
+            with pytest.raises(NextHopError) as caught:
+                await connect(hop.port)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            assert hop.lines == []  # not even EHLO went out
+
+    run(body())
+
+
+def test_a_reply_that_arrives_while_none_is_owed_fails_the_next_command_unsent() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            conn = await connect(hop.port)
+            await until(lambda: bool(hop._writers))
+            for writer in hop._writers:
+                writer.write(b"250 2.0.0 Ok: queued as STRAY\r\n")
+            await until(lambda: not conn.usable)
+            assert conn.alive  # open, and in no error yet: only out of step
+            with pytest.raises(NextHopError) as caught:
+                await conn.command("MAIL FROM:<a@example.org>", 2)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            assert hop.lines == [b"EHLO gw.test"]  # MAIL was never sent to be answered by the stray 250
+
+    run(body())
+
+
+def test_bytes_after_the_reply_to_the_final_dot_keep_the_verdict_but_not_the_connection() -> None:
+    async def body() -> None:
+        script = Script(final_reply="250 2.0.0 Ok: queued as A1\r\n250 2.0.0 what was that?")
+        async with FakeNextHop(script) as hop:
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST)
+            conn, _ = await pool.acquire()
+            await conn.command("MAIL FROM:<a@example.org>", 2)
+            await conn.command("RCPT TO:<b@example.com>", 2)
+            assert (await conn.command("DATA", 2)).code == 354
+            await conn.send_data(b"Subject: x\r\n\r\nhello\r\n")
+            final = await conn.end_data()
+            assert str(final) == "250 2.0.0 Ok: queued as A1"
+            assert not conn.usable
+            pool.release(conn)
+            again, reused = await pool.acquire()
+            assert not reused and again is not conn
+            again.abort()
+            await pool.close()
+            assert hop.connections == 2
+
+    run(body())
+
+
+def test_the_pool_drops_an_idle_connection_the_next_hop_said_goodbye_on() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop:
+            pool = NextHopPool(LOCALHOST, hop.port, "gw.test", FAST)
+            conn, _ = await pool.acquire()
+            pool.release(conn)
+            # Postfix's smtpd says 421 before it closes an idle session; the line waits in our buffer,
+            # in front of the end of the stream.
+            for writer in list(hop._writers):
+                writer.write(b"421 4.4.2 nexthop.test Error: timeout exceeded\r\n")
+                writer.close()
+            await until(lambda: not conn.usable)
+            fresh, reused = await pool.acquire()
+            assert not reused and fresh is not conn
+            assert (await fresh.command("MAIL FROM:<a@example.org>", 2)).code == 250
+            fresh.abort()
+            await pool.close()
+
+    run(body())
+
+
+def test_more_replies_than_commands_is_a_protocol_error() -> None:
+    async def body() -> None:
+        # Without PIPELINING each reply is awaited before the next command: the second 250 answers nothing.
+        script = Script(extensions=("SIZE 1000000",), mail_reply="250 2.1.0 Ok\r\n250 2.1.0 Ok")
+        async with FakeNextHop(script) as hop:
+            conn = await connect(hop.port)
+            with pytest.raises(NextHopError) as caught:
+                await conn.command("MAIL FROM:<a@example.org>", 2)
+            assert caught.value.kind is NextHopErrorKind.PROTOCOL
+            with pytest.raises(NextHopError):
+                conn.send("RCPT TO:<b@example.com>", 2)
+            assert hop.lines == [b"EHLO gw.test", b"MAIL FROM:<a@example.org>"]
 
     run(body())

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
+import json
+import logging
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import prvs, replies
+from gateway import logs, prvs, replies
 from gateway.keyring import Key, Keyring
 from gateway.policy import Action, Reason
 from gateway.relay import DecisionEvent, OutboundRules, _xtext
@@ -251,6 +255,8 @@ def test_a_next_hop_that_refuses_one_recipient_of_two_is_reported_per_recipient(
                 "250 2.1.5 Ok",
                 "550 5.1.1 <nobody@example.com>: User unknown",
             ]
+            # The verdict is what the client was told; next_hop says that the refusal was the next hop's.
+            assert [e.action for e in events] == [Action.RELAY, Action.REJECT]
 
     run(body())
 
@@ -721,3 +727,152 @@ def test_the_trust_verdict_per_client_address_is_kept_and_bounded() -> None:
         rules._trusted(f"10.0.{n // 256}.{n % 256}")
     assert len(rules._trusted_ips) <= 4096
     assert rules._trusted("192.0.2.7") and not rules._trusted("198.51.100.1")
+
+
+def test_a_next_hop_that_judges_the_message_before_the_final_dot_gets_a_451_not_its_250() -> None:
+    async def body() -> None:
+        script = Script(data_reply="354 go ahead\r\n250 2.0.0 Ok: queued as EARLY")
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            client.send(f"MAIL FROM:<>\r\nRCPT TO:<{tag('bob@example.com')}>\r\nDATA")
+            assert [(await client.reply())[0] for _ in range(2)] == [250, 250]
+            assert await client.reply() == (451, "4.5.0 " + replies.NEXT_HOP_PROTOCOL.text)
+            # The session goes on; the next transaction gets its own connection.
+            assert (await client.cmd("RSET"))[0] == 250
+            await client.close()
+            assert hop.messages == []
+
+    run(body())
+
+
+@pytest.mark.parametrize("goodbye", [None, "421 4.3.2 Service shutting down"])
+def test_the_first_transaction_after_a_next_hop_restart_succeeds(goodbye: str | None) -> None:
+    async def body() -> None:
+        hop = FakeNextHop()
+        port = await hop.start()
+        try:
+            async with running_gateway(gateway_config(port)) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                for number in (1, 2):
+                    assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+                    assert (await client.cmd(f"RCPT TO:<{tag('bob@example.com')}>"))[0] == 250
+                    assert (await send_message(client))[0] == 250
+                    if number == 1:
+                        # Stopped (idle connections reset, or told goodbye), then up again on its port.
+                        await hop.close(goodbye)
+                        hop = FakeNextHop()
+                        await hop.start(port)
+                await client.close()
+                assert len(hop.messages) == 1
+        finally:
+            await hop.close()
+
+    run(body())
+
+
+def logged(stream: io.StringIO) -> list[dict[str, Any]]:
+    """The JSON lines the gateway logged (held lines flushed: the loop that would have is gone)."""
+    for handler in logging.getLogger("gateway").handlers:
+        handler.flush()
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_each_message_is_logged_with_the_next_hops_reply_to_the_final_dot(log_stream: io.StringIO) -> None:
+    logs.setup(logs.LogFormat.JSON, stream=log_stream)
+
+    async def body() -> None:
+        script = Script(final_reply='250 2.0.0 Ok: queued as 4XyZ12 "q" id=7')
+        async with (
+            FakeNextHop(script) as hop,
+            running_gateway(gateway_config(hop.port), observers=[logs.DecisionLog()]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<alice@example.org>")
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert (await client.cmd("RCPT TO:<carol@example.com>"))[0] == 250
+            assert await send_message(client) == (250, '2.0.0 Ok: queued as 4XyZ12 "q" id=7')
+            await client.close()
+
+    run(body())
+    lines = [line for line in logged(log_stream) if line.get("logger") == "gateway.decision"]
+    decisions = [line for line in lines if line["event"] == "decision"]
+    (message,) = [line for line in lines if line["event"] == "transaction"]
+    assert {line["session"] for line in decisions} == {message["session"]}
+    assert message["next_hop"] == '250 2.0.0 Ok: queued as 4XyZ12 "q" id=7'
+    assert (message["verdict"], message["rcpts"], message["sender"]) == ("relay", 2, "alice@example.org")
+    assert "reply" not in message
+
+
+def test_what_the_next_hop_tempfails_is_logged_as_tempfail(log_stream: io.StringIO) -> None:
+    logs.setup(logs.LogFormat.JSON, stream=log_stream)
+
+    async def body() -> None:
+        script = Script(rcpt_replies={"busy@example.com": "450 4.2.1 Mailbox busy"})
+        async with (
+            FakeNextHop(script) as hop,
+            running_gateway(gateway_config(hop.port), observers=[logs.DecisionLog()]) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for final in ("451 4.3.0 Error: queue file write error", "421 4.3.2 Shutting down"):
+                hop.script.final_reply = final
+                await client.cmd("MAIL FROM:<alice@example.org>")
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<busy@example.com>"))[0] == 450
+                assert (await send_message(client))[0] == 451
+            hop.script.drop_after_bytes = 1
+            await client.cmd("MAIL FROM:<alice@example.org>")
+            assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+            assert await send_message(client) == (451, "4.4.2 " + replies.NEXT_HOP_BROKEN.text)
+            await client.close()
+
+    run(body())
+    lines = [line for line in logged(log_stream) if line.get("logger") == "gateway.decision"]
+    busy = [line for line in lines if line.get("rcpt") == "busy@example.com"]
+    assert [(line["verdict"], line["next_hop"]) for line in busy] == [
+        ("tempfail", "450 4.2.1 Mailbox busy")
+    ] * 2
+    messages = [line for line in lines if line["event"] == "transaction"]
+    assert [(m["verdict"], m["next_hop"], m.get("reply")) for m in messages] == [
+        ("tempfail", "451 4.3.0 Error: queue file write error", None),
+        # A 421 is the next hop closing ITS connection: our client hears 451; the line keeps both.
+        ("tempfail", "421 4.3.2 Shutting down", "451 4.3.2 Shutting down"),
+        ("tempfail", str(replies.NEXT_HOP_BROKEN), None),
+    ]
+
+
+def test_a_connection_whose_next_hop_tempfailed_the_message_is_not_used_again() -> None:
+    async def body() -> None:
+        # Connection 1 (the start-up probe's, then the first message's) reaches a next-hop process that
+        # cannot queue anything; the next message must not be sent to it again.
+        script = Script(final_replies={1: "451 4.3.0 Error: queue file write error"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for expected in (451, 250):
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+                assert (await send_message(client))[0] == expected
+            await client.close()
+            assert hop.connections == 2
+
+    run(body())
+
+
+def test_a_connection_whose_next_hop_tempfailed_the_sender_is_not_used_again() -> None:
+    async def body() -> None:
+        script = Script(mail_replies={1: "451 4.3.0 Error: queue file write error"})
+        async with FakeNextHop(script) as hop, running_gateway(gateway_config(hop.port)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for expected in (451, 250):
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == expected
+                assert (await client.cmd("RSET"))[0] == 250
+            await client.close()
+            assert hop.connections == 2
+
+    run(body())

@@ -16,6 +16,8 @@ from gateway.smtpd import BareNewline, DataDecoder, DataFailure
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,
+    Script,
+    free_port,
     gateway_config,
     gateway_port,
     make_cert,
@@ -484,6 +486,72 @@ def test_commands_pipelined_behind_starttls_are_thrown_away(tmp_path: Path) -> N
             assert code == 250 and text.startswith("gw.test")
             # Had the injected MAIL run, this would be a nested MAIL (503).
             assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            await client.close()
+
+    run(body())
+
+
+def test_a_next_hop_capping_recipients_costs_no_errors_and_the_rest_go_in_a_second_transaction() -> None:
+    async def body() -> None:
+        slept: list[float] = []
+
+        async def tarpit(seconds: float) -> None:
+            slept.append(seconds)
+
+        rcpts = [f"user{n}@example.com" for n in range(75)]
+        async with FakeNextHop(Script(max_recipients=50)) as hop:
+            # The default limits: soft 10, hard 20 errors.
+            async with running_gateway(gateway_config(hop.port), sleep=tarpit) as gw:
+                client = await RawClient.connect(gateway_port(gw))
+                await client.ehlo()
+                client.send(
+                    "MAIL FROM:<alice@example.org>\r\n"
+                    + "".join(f"RCPT TO:<{r}>\r\n" for r in rcpts)
+                    + "DATA"
+                )
+                assert (await client.reply())[0] == 250
+                answers = [await client.reply() for _ in rcpts]
+                assert [code for code, _ in answers] == [250] * 50 + [452] * 25
+                # The next hop's own words reach the client.
+                assert answers[-1] == (452, "4.5.3 Error: too many recipients")
+                assert (await client.reply())[0] == 354
+                assert await client.cmd("hello\r\n.") == (250, "2.0.0 Ok: queued as FAKE")
+                # The rest, in a second transaction of the same session.
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                for r in rcpts[50:]:
+                    assert (await client.cmd(f"RCPT TO:<{r}>"))[0] == 250
+                assert await client.cmd("DATA") == (354, "End data with <CR><LF>.<CR><LF>")
+                assert (await client.cmd("hello\r\n."))[0] == 250
+                # Our own refusals still count.
+                assert (await client.cmd("RCPT TO:<bob@example.com>"))[0] == 503
+                assert (await client.cmd("QUIT"))[0] == 221
+                await client.close()
+            assert slept == []
+            first, second = hop.messages
+            assert first.rcpts == [f"RCPT TO:<{r}>".encode() for r in rcpts[:50]]
+            assert second.rcpts == [f"RCPT TO:<{r}>".encode() for r in rcpts[50:]]
+
+    run(body())
+
+
+def test_a_next_hop_outage_does_not_use_up_the_error_limit() -> None:
+    async def body() -> None:
+        limits = {"soft_error_limit": 1, "hard_error_limit": 3, "error_sleep_time": 0.0}
+        async with running_gateway(gateway_config(free_port(), limits=limits)) as gw:
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            for _ in range(5):
+                assert (await client.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+                assert await client.cmd("RCPT TO:<bob@example.com>") == (
+                    451,
+                    f"4.4.1 {replies.NEXT_HOP_DOWN.text}",
+                )
+                assert (await client.cmd("RSET"))[0] == 250
+            # ... and the client's own errors still do.
+            assert (await client.cmd("DATA"))[0] == 503
+            assert (await client.cmd("DATA"))[0] == 503
+            assert (await client.cmd("DATA"))[0] == 503
+            assert await client.rest() == f"{replies.TOO_MANY_ERRORS}\r\n".encode()
             await client.close()
 
     run(body())
