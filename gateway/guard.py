@@ -5,8 +5,8 @@ unthrottled client at 1000 guesses a second finds a valid tag for a chosen addre
 some 2.3 hours on average. Two brakes, both Postfix-style:
 
 - `ErrorTally`, per session: every error reply of ours (a failed tag check, a policy refusal, a syntax
-  error) counts; a refusal that comes from the next hop, or our 4xx for a next hop that cannot be talked
-  to, does not: a next hop that caps recipients per transaction (452 4.5.3 after 50, say) must not get a
+  error) counts, and so does a next hop's 5xx; a next hop's 4xx, or our 4xx for a next hop that cannot be
+  talked to, does not: a next hop that caps recipients per transaction (452 4.5.3 after 50, say) must not get a
   client with 70 recipients disconnected before DATA (Postfix too keeps recipient overshoot apart, in
   smtpd_recipient_overshoot_limit), nor a next hop's outage cost a client its session. Past
   `soft_error_limit` each error reply is delayed by `error_sleep_time` (smtpd_soft_error_limit,
@@ -75,8 +75,13 @@ class Answer(Protocol):
 
 
 def client_error(reply: Answer) -> bool:
-    """Whether a reply counts against the client: a 4xx or 5xx of our own, except 421 (we close anyway)."""
-    return reply.code >= 400 and reply.code != 421 and not reply.from_next_hop
+    """Whether a reply counts against the client: a 4xx or 5xx of our own, except 421 (we close anyway),
+    and a next hop's 5xx. A next hop's 4xx (its recipient cap, its trouble) is not the client's doing; its
+    5xx (550 5.1.1 user unknown) is, and counting it keeps a directory harvest through us as slow as the
+    next hop's own smtpd would keep it, which counts its rejects the same way."""
+    if reply.code < 400 or reply.code == 421:
+        return False
+    return not reply.from_next_hop or reply.code >= 500
 
 
 class ErrorTally:

@@ -37,7 +37,7 @@ def test_only_the_clients_own_errors_count() -> None:
     tally = ErrorTally(GuardSettings(soft_error_limit=0, hard_error_limit=2, error_sleep_time=2.0))
     from_next_hop = [
         NextHopReply(452, ("4.5.3 Error: too many recipients",)),
-        NextHopReply(550, ("5.1.1 <x@example.com>: Recipient address rejected",)),
+        NextHopReply(451, ("4.3.0 <x@example.com>: Temporary lookup failure",)),
         replies.NEXT_HOP_DOWN,
         replies.NEXT_HOP_PROTOCOL,
         replies.NEXT_HOP_CANNOT_CARRY,
@@ -46,7 +46,10 @@ def test_only_the_clients_own_errors_count() -> None:
     assert tally.reply(replies.TOO_MANY_ERRORS) == Penalty()  # 421: we close anyway
     assert tally.reply(replies.OK) == Penalty() and tally.errors == 0
     assert tally.reply(replies.bounce_refused("bob@example.com", "unsigned")) == Penalty(2.0)
-    assert tally.reply(replies.SYNTAX_ERROR) == Penalty(0.0, disconnect=True)
+    assert tally.errors == 1
+    # A next hop's 5xx is a refusal the client earned (a harvest of unknown users): it counts.
+    unknown = NextHopReply(550, ("5.1.1 <x@example.com>: Recipient address rejected",))
+    assert tally.reply(unknown) == Penalty(0.0, disconnect=True)
     assert tally.errors == 2
     assert not client_error(NextHopReply(452, ("4.5.3 too many",))) and client_error(replies.BAD_SEQUENCE)
 
