@@ -1,14 +1,18 @@
 """workers.py: `batv-gateway serve` with `[gateway] workers = 2` relays, reloads every worker on SIGHUP,
-and stops every one on SIGTERM (socketmap's workers: tests/test_socketmap.py)."""
+stops every one on SIGTERM, and replaces a worker that dies (socketmap's workers: tests/test_socketmap.py;
+the workers' shared metrics: tests/test_metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import re
 import signal
 import smtplib
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,9 +20,92 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway import keystore, logs, workers
-from tests.postfix_instance import live_children
+from gateway.sdnotify import Notifier
+from tests.postfix_instance import children, live_children
 from tests.smtp_peers import LOCALHOST, SmtpSink, free_port
-from tests.test_serve import Serving, example_config, keyring_file  # noqa: F401  (a fixture)
+from tests.test_serve import ROOT, Serving, example_config, keyring_file  # noqa: F401  (a fixture)
+
+
+def workers_config(folder: Path, count: int, next_hop: int, metrics: bool = False) -> Path:
+    """The example config on port 0 with `count` workers, no guess limit (a test's own bounces are not
+    guesses to slow down) and, with `metrics`, the endpoint on port 0 too."""
+    path = example_config(folder, 0, 0, next_hop)
+    text = path.read_text()
+    for old, new in [
+        ("workers = 1\n", f"workers = {count}\n"),
+        ("guess_rate = 1.0 ", "guess_rate = 0.0 "),
+    ]:
+        assert old in text, f"the example config changed: {old!r} is gone; update this test"
+        text = text.replace(old, new)
+    if metrics:
+        text = text.replace('[metrics]\nlisten = ""', f'[metrics]\nlisten = "{LOCALHOST}:0"')
+    path.write_text(text)
+    return path
+
+
+class Supervised:
+    """`serve` with several workers as a child process; its log goes to a file read while it runs, and
+    TMPDIR is the test's own (the workers' shared metrics folder is made there)."""
+
+    def __init__(self, folder: Path, config: Path) -> None:
+        self.tmp = folder / "tmp"
+        self.tmp.mkdir()
+        self.log_file = folder / "serve.log"
+        with self.log_file.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(self.tmp)},
+            )
+
+    def __enter__(self) -> Supervised:
+        self.wait_for_log(r'msg="workers ready"')
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def log(self) -> str:
+        return self.log_file.read_text()
+
+    def wait_for_log(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log)
+            if found is not None:
+                return found
+            assert self.process.poll() is None, f"serve exited: {self.log}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {self.log}"
+            time.sleep(0.02)
+
+    def port(self, listener: str) -> int:
+        return int(self.wait_for_log(rf'msg="listener {listener} \(\w+\) on [^:]+:(\d+)"').group(1))
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.wait_for_log(r'msg="metrics endpoint up" event=start metrics=[^:]+:(\d+)').group(1))
+
+    def workers(self) -> list[int]:
+        return sorted(live_children(self.process.pid))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"serve did not stop: {self.log}") from None
+
+
+def session(port: int) -> None:
+    """One SMTP session that is answered: greeting, NOOP, QUIT (smtplib raises otherwise)."""
+    with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
+        assert client.noop()[0] == 250
 
 
 def dumped(sink: SmtpSink) -> set[Path]:
@@ -68,12 +155,12 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
         try:
             serving.wait_ready()
             deadline = time.monotonic() + 10
-            while len(live_children(serving.process.pid)) < 1 and time.monotonic() < deadline:
+            while len(live_children(serving.process.pid)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            (worker,) = live_children(serving.process.pid)
-            # One process binds the metrics endpoint (a second would fail to start), and it answers
-            # /readyz 200 once every worker is up (the ports are bound before the fork: listening is not
-            # being ready).
+            pair = live_children(serving.process.pid)
+            assert len(pair) == 2, "two workers under a main process that serves no mail"
+            # The main process binds the metrics endpoint once (the workers serve it), and /readyz says
+            # 200 once a worker is up (the ports are bound before the fork: listening is not being ready).
             while True:
                 try:
                     with urllib.request.urlopen(f"http://{LOCALHOST}:{metrics}/readyz", timeout=10) as reply:
@@ -106,9 +193,10 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
             code, err = serving.stop()
             print(err)  # shown by pytest when the test fails half-way
     assert code == 0, err
-    assert err.count("reload applied") >= 2, "the main process and the worker reloaded"
+    assert err.count("reload applied") >= 2, "both workers reloaded"
     assert err.count("shutting down") == 2, err
-    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+    for worker in pair:
+        assert not Path(f"/proc/{worker}").exists()
     assert live_children(serving.process.pid) == []
 
 
@@ -149,3 +237,101 @@ def test_a_worker_writes_the_log_lines_it_still_held_when_it_exits(tmp_path: Pat
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert "the last line" in log_file.read_text()
+
+
+def test_a_worker_killed_is_replaced_within_a_second_and_sessions_are_answered_throughout(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    with Supervised(tmp_path, workers_config(tmp_path, 2, next_hop=free_port())) as serving:
+        port = serving.port("mx")
+        first = serving.workers()
+        assert len(first) == 2, serving.log
+        for _ in range(4):
+            session(port)
+
+        victim = first[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        # Once it has exited (a zombie, or reaped already) its listening socket is closed: from then on no
+        # connection can be handed to it, and every session must be answered.
+        while children(serving.process.pid).get(victim, "Z") != "Z":
+            assert time.monotonic() < killed + 5, "the killed worker did not exit"
+            time.sleep(0.005)
+        new: list[int] = []
+        while not new:
+            session(port)
+            new = [pid for pid in serving.workers() if pid not in first]
+            assert new or time.monotonic() < killed + 1.0, f"no new worker within a second: {serving.log}"
+        (replacement,) = new
+        assert serving.workers() == sorted([first[1], replacement])
+        serving.wait_for_log(rf'msg="worker ready" event=start pid={replacement}\b')
+        for _ in range(10):  # over both workers, the new one included
+            session(port)
+        line = f'msg="worker died" pid={victim} status=SIGKILL replaced_by={replacement}'
+        assert line in serving.log, serving.log
+
+        code = serving.stop()
+        log = serving.log
+    assert code == 0, log
+    # On SIGTERM nothing is replaced: one death in the whole log, and nobody left behind.
+    assert log.count('msg="worker died"') == 1, log
+    assert log.count("shutting down") == 2, log
+    assert live_children(serving.process.pid) == []
+
+
+def test_a_worker_that_keeps_dying_is_not_forked_for_ever(log_stream: io.StringIO) -> None:
+    gone: list[int] = []
+    sigchld = signal.getsignal(signal.SIGCHLD)
+
+    def broken(say_ready: Callable[[], None]) -> int:
+        return 3  # as a worker whose config or library fails right after the fork
+
+    code = workers.supervise(
+        1, broken, notifier=Notifier(socket_name=""), on_exit=gone.append, respawn_limit=2
+    )
+    assert code == 1
+    assert len(gone) == 3 and len(set(gone)) == 3, "the first worker and two replacements, then stop"
+    lines = log_stream.getvalue().splitlines()
+    assert sum('msg="worker died"' in line for line in lines) == 2, lines
+    assert 'level=error logger=gateway.workers msg="workers keep dying: stopping the service"' in lines[-1]
+    assert f"pid={gone[-1]} status=\"exit 3\" deaths=3 window=60s" in lines[-1]
+    assert signal.getsignal(signal.SIGCHLD) == sigchld, "the supervisor's handlers are put back"
+    assert live_children(os.getpid()) == []
+
+
+def bounce_reply(port: int) -> int:
+    """The reply to RCPT of a bounce to an address we never signed (550 enforced, 250 observed)."""
+    with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
+        client.ehlo()
+        assert client.mail("")[0] == 250
+        return int(client.rcpt("nobody@example.com")[0])
+
+
+def test_a_replacement_worker_serves_the_config_as_reloaded_not_as_started(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with SmtpSink(dumps) as sink:
+        config = workers_config(tmp_path, 2, sink.port)
+        with Supervised(tmp_path, config) as serving:
+            port = serving.port("mx")
+            assert {bounce_reply(port) for _ in range(6)} == {550}
+            text = config.read_text()
+            assert "observe_domains = []" in text
+            config.write_text(text.replace("observe_domains = []", 'observe_domains = ["example.com"]'))
+            os.kill(serving.process.pid, signal.SIGHUP)
+            serving.wait_for_log(r'msg="reload applied"(.|\n)*msg="reload applied"')
+
+            victim = serving.workers()[0]
+            os.kill(victim, signal.SIGKILL)
+            died = serving.wait_for_log(rf'msg="worker died" pid={victim} .* replaced_by=(\d+)')
+            replacement = int(died[1])
+            serving.wait_for_log(rf'msg="worker ready" event=start pid={replacement}\b')
+            # The replacement reloads as soon as its loop runs: the third "reload applied" is its own.
+            serving.wait_for_log(r'(msg="reload applied"(.|\n)*){3}')
+            assert replacement in serving.workers()
+            assert {bounce_reply(port) for _ in range(12)} == {250}, "every worker observes now"
+            assert serving.stop() == 0, serving.log
