@@ -23,6 +23,13 @@ Two shapes share this module:
   share of the connections and leave them unanswered. A worker that keeps dying is not forked for ever: past
   `respawn_limit` deaths in `respawn_window` seconds the main process stops everything and exits 1, so that
   systemd (Restart=on-failure) starts the whole service again, and says so in one line.
+
+What each worker keeps for itself, in memory: its SessionGate per listener (`max_sessions`,
+`max_sessions_per_client`) and its GuessLimiter (`guess_rate`, `guess_burst` per client network). The
+kernel spreads one client's connections over every worker, so with N workers a client can reach N times
+each of those limits (docs/operations.md, "Several workers"); per-session limits (error counts, sizes,
+timeouts) are exact, since a session lives in one worker. Only the metrics are shared (metrics.py). That is
+why `workers` defaults to 1 until those limits live in a store the workers share.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .logs import log_fields
+from .sdnotify import Notifier
 
 _log = logging.getLogger("gateway.workers")
 
@@ -236,7 +244,7 @@ class _Supervisor:
         self,
         count: int,
         worker: Callable[[Callable[[], None]], int],
-        notifier: Any,
+        notifier: Notifier,
         on_exit: Callable[[int], None],
         respawn_limit: int,
         respawn_window: float,
@@ -383,16 +391,16 @@ def supervise(
     count: int,
     worker: Callable[[Callable[[], None]], int],
     *,
-    notifier: Any,
+    notifier: Notifier,
     on_exit: Callable[[int], None] = lambda pid: None,
     respawn_limit: int = RESPAWN_LIMIT,
     respawn_window: float = RESPAWN_WINDOW,
     stop_timeout: float = 30.0,
 ) -> int:
     """Run `count` workers (each `worker(say_ready)`, as `fork`) until SIGTERM or SIGINT, replacing any
-    that dies (and sending the replacement SIGHUP: a reload); `on_exit(pid)` is told of each worker gone. `notifier` (sdnotify.Notifier) hears READY
-    once every worker is up and STOPPING with the first SIGTERM. 0 after a clean stop, 1 when the workers
-    kept dying (see the module docstring)."""
+    that dies (the replacement is sent SIGHUP: a reload); `on_exit(pid)` is told of each worker gone.
+    `notifier` (sdnotify.Notifier) hears READY once every worker is up and STOPPING with the first
+    SIGTERM. 0 after a clean stop, 1 when the workers kept dying (see the module docstring)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)

@@ -5,6 +5,7 @@ the workers' shared metrics: tests/test_metrics.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -65,9 +66,13 @@ class Supervised:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
+        if self.process.poll() is None:  # a test that failed half-way: nothing of it may live on
+            left = live_children(self.process.pid)
             self.process.kill()
             self.process.wait()
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     @property
     def log(self) -> str:
