@@ -371,7 +371,9 @@ class _Supervisor:
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self.wake_fd, 512):
                         pass
-            arrived, pending[:] = pending[:], []
+            arrived = []
+            while pending:  # one pop at a time: a signal handled between two steps stays for the next turn
+                arrived.append(pending.pop(0))
             # A stop first: systemd signals the main process and its workers at once, and a worker that
             # drained and exited must not look like one that died.
             if signal.SIGTERM in arrived or signal.SIGINT in arrived:
