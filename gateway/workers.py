@@ -31,6 +31,7 @@ each of those limits (docs/operations.md, "Several workers"); per-session limits
 timeouts) are exact, since a session lives in one worker. Only the metrics are shared (metrics.py). That is
 why `workers` defaults to 1 until those limits live in a store the workers share.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -363,7 +364,7 @@ class _Supervisor:
             self.spawn()
         while self.pids or not self.stopping:
             # A second's timeout: a lost wake-up costs at most that long (waitpid finds the dead anyway).
-            timeout = 1.0
+            timeout = 0.0 if pending else 1.0  # signals remembered before the wake-up pipe was set
             if self.kill_at is not None:
                 timeout = max(0.0, min(timeout, self.kill_at - time.monotonic()))
             readable, _, _ = select.select([self.wake_fd, *self.ready_fds], [], [], timeout)

@@ -281,6 +281,7 @@ def test_with_two_workers_the_endpoint_counts_the_decisions_of_every_worker(
         SmtpSink(dumps) as sink,
         Supervised(tmp_path, workers_config(tmp_path, 2, sink.port, metrics=True)) as serving,
     ):
+        serving.wait_ready()
         port, metrics = serving.port("mx"), serving.metrics_port
         (folder,) = serving.tmp.glob("batv-metrics-*")
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, "the counts are private to the service"

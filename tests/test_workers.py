@@ -63,6 +63,9 @@ class Supervised:
             )
 
     def __enter__(self) -> Supervised:
+        return self
+
+    def wait_ready(self) -> Supervised:
         self.wait_for_log(r'msg="workers ready"')
         return self
 
@@ -277,6 +280,7 @@ def test_a_worker_killed_is_replaced_within_a_second_and_sessions_are_answered_t
     keyring_file: keystore.KeyringFile,  # noqa: F811
 ) -> None:
     with Supervised(tmp_path, workers_config(tmp_path, 2, next_hop=free_port())) as serving:
+        serving.wait_ready()
         port = serving.port("mx")
         first = serving.workers()
         assert len(first) == 2, serving.log
@@ -354,6 +358,7 @@ def test_a_replacement_worker_serves_the_config_as_reloaded_not_as_started(
     with SmtpSink(dumps) as sink:
         config = workers_config(tmp_path, 2, sink.port)
         with Supervised(tmp_path, config) as serving:
+            serving.wait_ready()
             port = serving.port("mx")
             assert {bounce_reply(port) for _ in range(6)} == {550}
             text = config.read_text()
@@ -372,3 +377,51 @@ def test_a_replacement_worker_serves_the_config_as_reloaded_not_as_started(
             assert replacement in serving.workers()
             assert {bounce_reply(port) for _ in range(12)} == {250}, "every worker observes now"
             assert serving.stop() == 0, serving.log
+
+
+def test_a_sigterm_while_the_workers_start_stops_them_all(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    serving = Supervised(tmp_path, workers_config(tmp_path, 2, next_hop=free_port()))
+    with serving:  # no wait for ready: the signal comes while the workers start
+        serving.wait_for_log(r"msg=\"inbound listener mx enforces")  # signals are remembered from here
+        code = serving.stop()
+    assert code == 0, serving.log
+    assert 'msg=stopped event=stop status=0' in serving.log
+    assert 'msg="worker died"' not in serving.log
+    assert live_children(serving.process.pid) == []
+
+
+EARLY_SIGTERM = """
+import os, signal, sys, time
+from gateway import logs, workers
+from gateway.sdnotify import Notifier
+
+logs.setup()
+workers.remember_signals()
+os.kill(os.getpid(), signal.SIGTERM)  # before supervise: remembered, not handled yet
+main = os.getpid()
+
+def worker(say_ready):
+    say_ready()
+    # Its own remembered signals; and should the test kill the main process, no worker outlives it.
+    while signal.SIGTERM not in workers._early_signals and os.getppid() == main:
+        time.sleep(0.01)
+    return 0
+
+sys.exit(workers.supervise(2, worker, notifier=Notifier(socket_name="")))
+"""
+
+
+def test_a_sigterm_remembered_before_the_supervisor_runs_stops_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGTERM],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "worker died" not in done.stderr
