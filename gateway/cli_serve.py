@@ -15,6 +15,7 @@ uvloop runs the loop when it is installed (the `fast` extra).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import socket
 import sys
@@ -140,7 +141,8 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
     except OSError as error:
         raise GatewayError(f"cannot listen: {error}") from None
     metrics_socket = ops.bind_metrics(config)
-    shared = metrics.shared_folder()
+    # Shared counts cost each count a write to a file (a few microseconds): only when someone can read them.
+    shared = metrics.shared_folder() if metrics_socket is not None else None
 
     def worker(say_ready: Callable[[], None]) -> int:
         own = [workers.own_socket(sock) for sock in reserved]
@@ -162,7 +164,7 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
             config.workers,
             worker,
             notifier=Notifier(),
-            on_exit=lambda pid: metrics.process_gone(shared, pid),
+            on_exit=functools.partial(metrics.process_gone, shared) if shared else lambda pid: None,
             # The workers drain within the same deadline.
             stop_timeout=config.limits.shutdown_deadline + 10.0,
         )
@@ -171,7 +173,8 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
             sock.close()
         if metrics_socket is not None:
             metrics_socket.close()
-        metrics.remove_shared_folder(shared)
+        if shared is not None:
+            metrics.remove_shared_folder(shared)
 
 
 async def _serve(

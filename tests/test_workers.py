@@ -284,6 +284,7 @@ def test_a_worker_killed_is_replaced_within_a_second_and_sessions_are_answered_t
         port = serving.port("mx")
         first = serving.workers()
         assert len(first) == 2, serving.log
+        assert list(serving.tmp.iterdir()) == [], "no metrics endpoint, no shared counts (metrics.py)"
         victim = first[0]
         with Sessions(port) as sessions:
             while len(sessions.done) < 4:
