@@ -3,14 +3,15 @@
 Every server owns a private `CollectorRegistry` (never prometheus-client's global one), so two gateways in one
 process, as in the tests, count separately.
 
-With `[gateway] workers = N` (workers.supervise) the counts are prometheus-client's multiprocess mode: the
-main process makes a private folder (`shared_folder`, mode 0700, removed when it exits) and switches the
-value class before it forks; every worker's counters, gauges and histograms then live in its own mmap file
-there, and whichever worker answers a scrape adds up every file (`Metrics(shared=folder)`). A dead
-worker's counts stay in the sum (they happened); its live gauges (open sessions, the last reload) go with
-it (`process_gone`). Open sessions are sampled into the shared gauge every second (`refresh`), since a
-gauge read by a function only exists in the process that owns the function. The keyring gauges are read at
-scrape time from the answering worker's keyring: every worker reloads on the same SIGHUP.
+With `[gateway] workers = N` (workers.supervise) and an endpoint, the counts are prometheus-client's
+multiprocess mode: the main process makes a private folder (`shared_folder`, mode 0700, removed when it
+exits) and switches the value class before it forks; every worker's counters, gauges and histograms then
+live in its own mmap file there, and whichever worker answers a scrape adds up every file
+(`Metrics(shared=folder)`). A dead worker's counts stay in the sum (they happened); its live gauges (open
+sessions, the last reload) go with it (`process_gone`). Open sessions are sampled into the shared gauge
+every second (`refresh`), since a gauge read by a function only exists in the process that owns the
+function. The keyring gauges are read at scrape time from the answering worker's keyring: every worker
+reloads on the same SIGHUP.
 
 The endpoint is a few lines of asyncio, not prometheus-client's threaded WSGI server: it lives and dies with
 the event loop that serves the mail, so shutdown and tests leave no thread behind. It answers
