@@ -207,7 +207,8 @@ def _spawn(worker: Callable[[Callable[[], None]], int], close_in_child: Sequence
         os._exit(code)
 
 
-# A worker that dies more often than this is broken (a bad file, a missing library), not unlucky.
+# Workers that die more often than this (or than there are workers, if more) are broken (a bad file, a
+# missing library), not unlucky; the floor lets one event that kills several at once (an admin's kill) pass.
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW = 60.0
 
@@ -396,14 +397,15 @@ def supervise(
     *,
     notifier: Notifier,
     on_exit: Callable[[int], None] = lambda pid: None,
-    respawn_limit: int = RESPAWN_LIMIT,
+    respawn_limit: int | None = None,
     respawn_window: float = RESPAWN_WINDOW,
     stop_timeout: float = 30.0,
 ) -> int:
     """Run `count` workers (each `worker(say_ready)`, as `fork`) until SIGTERM or SIGINT, replacing any
     that dies (the replacement is sent SIGHUP: a reload); `on_exit(pid)` is told of each worker gone.
     `notifier` (sdnotify.Notifier) hears READY once every worker is up and STOPPING with the first
-    SIGTERM. 0 after a clean stop, 1 when the workers kept dying (see the module docstring)."""
+    SIGTERM. 0 after a clean stop, 1 past `respawn_limit` deaths (max(RESPAWN_LIMIT, count) by default) in
+    `respawn_window` seconds (see the module docstring)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -418,6 +420,8 @@ def supervise(
     pending[:0] = _early_signals
     _early_signals.clear()
     previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    if respawn_limit is None:
+        respawn_limit = max(RESPAWN_LIMIT, count)
     supervisor = _Supervisor(
         count, worker, notifier, on_exit, respawn_limit, respawn_window, stop_timeout, wake_r
     )

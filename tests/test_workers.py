@@ -322,13 +322,13 @@ def test_a_worker_killed_is_replaced_within_a_second_and_sessions_are_answered_t
     assert live_children(serving.process.pid) == []
 
 
+def broken(say_ready: Callable[[], None]) -> int:
+    return 3  # as a worker whose config or library fails right after the fork
+
+
 def test_a_worker_that_keeps_dying_is_not_forked_for_ever(log_stream: io.StringIO) -> None:
     gone: list[int] = []
     sigchld = signal.getsignal(signal.SIGCHLD)
-
-    def broken(say_ready: Callable[[], None]) -> int:
-        return 3  # as a worker whose config or library fails right after the fork
-
     code = workers.supervise(
         1, broken, notifier=Notifier(socket_name=""), on_exit=gone.append, respawn_limit=2
     )
@@ -339,6 +339,17 @@ def test_a_worker_that_keeps_dying_is_not_forked_for_ever(log_stream: io.StringI
     assert 'level=error logger=gateway.workers msg="workers keep dying: stopping the service"' in lines[-1]
     assert f"pid={gone[-1]} status=\"exit 3\" deaths=3 window=60s" in lines[-1]
     assert signal.getsignal(signal.SIGCHLD) == sigchld, "the supervisor's handlers are put back"
+    assert live_children(os.getpid()) == []
+
+
+def test_with_more_workers_than_the_respawn_limit_that_many_deaths_are_replaced(
+    log_stream: io.StringIO,
+) -> None:
+    # Six workers killed at once (an admin's kill, the OOM killer on a busy night) is not a crash loop.
+    assert workers.supervise(6, broken, notifier=Notifier(socket_name="")) == 1
+    text = log_stream.getvalue()
+    assert text.count('msg="worker died"') == 6, text
+    assert "deaths=7 window=60s" in text
     assert live_children(os.getpid()) == []
 
 
