@@ -291,6 +291,15 @@ class _Supervisor:
         self.pass_on(signal.SIGTERM)
         self.kill_at = time.monotonic() + self.stop_timeout
 
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads on its own. systemd's Type=notify-reload waits for RELOADING=1 and
+        then READY=1 from the main process: both at once, as the workers do not report back (a refused
+        reload is in each worker's log and in batv_last_reload_success)."""
+        self.pass_on(signal.SIGHUP)
+        if self.announced:
+            self.notifier.reloading()
+            self.notifier.ready(status=f"serving: {self.count} workers")
+
     def on_ready(self, fd: int) -> None:
         pid = self.ready_fds.pop(fd)
         try:
@@ -381,7 +390,7 @@ class _Supervisor:
             if signal.SIGTERM in arrived or signal.SIGINT in arrived:
                 self.stop()
             if signal.SIGHUP in arrived and not self.stopping:
-                self.pass_on(signal.SIGHUP)
+                self.reload()
             for fd in readable:
                 if fd in self.ready_fds:
                     self.on_ready(fd)

@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +22,8 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from gateway import keystore, logs, workers
 from gateway.sdnotify import Notifier
@@ -49,7 +53,7 @@ class Supervised:
     """`serve` with several workers as a child process; its log goes to a file read while it runs, and
     TMPDIR is the test's own (the workers' shared metrics folder is made there)."""
 
-    def __init__(self, folder: Path, config: Path) -> None:
+    def __init__(self, folder: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = folder / "tmp"
         self.tmp.mkdir()
         self.log_file = folder / "serve.log"
@@ -59,7 +63,7 @@ class Supervised:
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(self.tmp)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(self.tmp), **(env or {})},
             )
 
     def __enter__(self) -> Supervised:
@@ -437,3 +441,42 @@ def test_a_sigterm_remembered_before_the_supervisor_runs_stops_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "worker died" not in done.stderr
+
+
+def notified(sock: socket.socket) -> tuple[int, str]:
+    """One sd_notify datagram: the sender's pid (SO_PASSCRED) and the message."""
+    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+    pids = [
+        struct.unpack("3i", payload)[0]
+        for level, kind, payload in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+    ]
+    assert len(pids) == 1, ancillary
+    return pids[0], data.decode()
+
+
+def test_the_main_process_alone_speaks_to_systemd_ready_reloading_stopping(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(15)
+        config = workers_config(tmp_path, 2, next_hop=free_port())
+        with Supervised(tmp_path, config, env={"NOTIFY_SOCKET": str(tmp_path / "notify")}) as serving:
+            main = serving.process.pid
+            # READY once both workers serve (workers' own notifiers are off: systemd would refuse them).
+            assert notified(sock) == (main, "READY=1\nSTATUS=serving: 2 workers")
+            assert len(serving.workers()) == 2
+            # Type=notify-reload: SIGHUP is answered RELOADING=1, then READY=1.
+            os.kill(main, signal.SIGHUP)
+            pid, message = notified(sock)
+            assert pid == main and message.startswith("RELOADING=1\nMONOTONIC_USEC="), message
+            assert notified(sock) == (main, "READY=1\nSTATUS=serving: 2 workers")
+            serving.wait_for_log(r'msg="reload: nothing changed"(.|\n)*msg="reload: nothing changed"')
+            assert serving.stop() == 0, serving.log
+            assert notified(sock) == (main, "STOPPING=1")
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                notified(sock)  # and nothing else, from anyone
