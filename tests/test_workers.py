@@ -75,12 +75,15 @@ class Supervised:
 
     def __exit__(self, *exc: object) -> None:
         if self.process.poll() is None:  # a test that failed half-way: nothing of it may live on
-            left = live_children(self.process.pid)
-            self.process.kill()
-            self.process.wait()
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self.kill()
+
+    def kill(self) -> None:
+        left = live_children(self.process.pid)
+        self.process.kill()
+        self.process.wait()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     @property
     def log(self) -> str:
@@ -111,7 +114,7 @@ class Supervised:
         try:
             return self.process.wait(30)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.kill()
             raise AssertionError(f"serve did not stop: {self.log}") from None
 
 
