@@ -3,17 +3,19 @@
 Flags override the file (config.with_flags). SIGTERM/SIGINT shut down cleanly (serve.py); SIGHUP reloads
 the config and the keyring (reload.py), and a changed keyring file is picked up without a signal.
 
-`[gateway] workers = N` runs N processes on the same ports (workers.py): the main process passes SIGTERM
-and SIGHUP on, says READY only when every worker serves, and alone binds the metrics endpoint, whose
-counters are then the main process's share of the traffic (the workers' decisions are in the log). Each
-process keeps its own session limits and per-client guess limits, so a client may get up to N times
-`max_sessions_per_client` and the guess burst: keep workers = 1 where those limits must be exact.
+`[gateway] workers = N` runs N worker processes on the same ports under a main process that only
+supervises them (workers.supervise): it passes SIGTERM and SIGHUP on, says READY only when every worker
+serves, and replaces a worker that dies. It binds the metrics endpoint, which every worker serves with the
+sums of all the workers' counts (metrics.py). Each process keeps its own session limits and per-client
+guess limits, so a client may get up to N times `max_sessions_per_client` and the guess burst: keep
+workers = 1 where those limits must be exact.
 uvloop (a dependency) runs the loop; stdlib asyncio stands in where it cannot be imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import socket
 import sys
@@ -28,7 +30,6 @@ from .errors import GatewayError
 if TYPE_CHECKING:
     from . import keystore
     from .config import Config, MetricsConfig
-    from .workers import Workers
 
 log = logging.getLogger("gateway.serve")
 ROLES = ("inbound", "outbound")  # config.Role's values; config is imported only when serve runs
@@ -128,36 +129,59 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> int:
-    from . import workers
+    from . import metrics, ops, workers
     from .serve import bind_failure
 
     if config.workers == 1:
         return workers.run(_serve(args, config, kf))
-    # Several processes on the same ports: bound here, once, so that a port 0 listener is one port.
-    bound: list[socket.socket] = []
+    # Several processes on the same ports: reserved here, once, so that a port 0 listener is one port;
+    # the main process only supervises them (workers.supervise).
+    reserved: list[socket.socket] = []
     for lc in config.listeners:
         try:
-            bound.append(workers.bind(lc.listen.host, lc.listen.port, shared=True))
+            reserved.append(workers.reserve(lc.listen.host, lc.listen.port))
         except OSError as error:
-            for sock in bound:
+            for sock in reserved:
                 sock.close()
             # The line serve.Gateway.start gives with workers = 1.
             raise GatewayError(
                 f"listener {lc.name}: cannot listen on {lc.listen}: {bind_failure(error)}"
             ) from None
+    metrics_socket = ops.bind_metrics(config)
+    # Shared counts cost each count a write to a file (a few microseconds): only when someone can read them.
+    shared = metrics.shared_folder() if metrics_socket is not None else None
 
     def worker(say_ready: Callable[[], None]) -> int:
-        own = [workers.own_socket(sock) for sock in bound]
-        return workers.run(_serve(args, config, kf, sockets=own, say_ready=say_ready))
+        own = [workers.own_socket(sock) for sock in reserved]
+        serving = _serve(
+            args,
+            config,
+            kf,
+            sockets=own,
+            say_ready=say_ready,
+            shared_metrics=shared,
+            metrics_socket=metrics_socket,
+        )
+        return workers.run(serving)
 
-    children = workers.fork(config.workers - 1, worker)
+    from .sdnotify import Notifier
+
     try:
-        return workers.run(_serve(args, config, kf, sockets=bound, children=children))
+        return workers.supervise(
+            config.workers,
+            worker,
+            notifier=Notifier(),
+            on_exit=functools.partial(metrics.process_gone, shared) if shared else lambda pid: None,
+            # The workers drain within the same deadline.
+            stop_timeout=config.limits.shutdown_deadline + 10.0,
+        )
     finally:
-        for sock in bound:
+        for sock in reserved:
             sock.close()
-        # They were sent SIGTERM with us and drain within the same deadline.
-        children.reap(timeout=config.limits.shutdown_deadline + 10.0)
+        if metrics_socket is not None:
+            metrics_socket.close()
+        if shared is not None:
+            metrics.remove_shared_folder(shared)
 
 
 async def _serve(
@@ -166,11 +190,13 @@ async def _serve(
     kf: keystore.KeyringFile,
     *,
     sockets: Sequence[socket.socket] | None = None,
-    children: Workers | None = None,
     say_ready: Callable[[], None] | None = None,
+    shared_metrics: Path | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> int:
-    """One process's gateway. `children`: the main process's workers (signals go on to them, READY waits
-    for them); `say_ready`: set in a worker, which has no metrics endpoint and does not speak to systemd."""
+    """One process's gateway. `say_ready`: set in a worker, which tells the main process it serves
+    instead of speaking to systemd, and serves the main process's `metrics_socket` with the workers'
+    `shared_metrics`."""
     # Imported here: the other sub-commands do not need the SMTP stack loaded.
     from .ops import Operations
     from .sdnotify import Notifier
@@ -184,12 +210,11 @@ async def _serve(
         kf,
         load_config=lambda: load_config(args),
         notifier=Notifier(socket_name="") if in_worker else None,
-        serve_metrics=not in_worker,
+        shared_metrics=shared_metrics,
+        metrics_socket=metrics_socket,
     )
 
     def ready(gateway: Gateway) -> None:
-        if children is not None and not children.wait_ready():
-            log.warning("a worker did not start; serving with the others")
         ops.ready(gateway)
         if say_ready is not None:
             say_ready()
@@ -204,7 +229,6 @@ async def _serve(
             ready=ready,
             stopping=ops.stopping,
             sockets=sockets,
-            pass_on=children.pass_on if children is not None else None,
         )
     finally:
         await ops.close()

@@ -5,10 +5,10 @@ unthrottled client at 1000 guesses a second finds a valid tag for a chosen addre
 some 2.3 hours on average. Two brakes, both Postfix-style:
 
 - `ErrorTally`, per session: every error reply of ours (a failed tag check, a policy refusal, a syntax
-  error) counts, and so does a next hop's 5xx; a next hop's 4xx, or our 4xx for a next hop that cannot be
-  talked to, does not: a next hop that caps recipients per transaction (452 4.5.3 after 50, say) must not get a
-  client with 70 recipients disconnected before DATA (Postfix too keeps recipient overshoot apart, in
-  smtpd_recipient_overshoot_limit), nor a next hop's outage cost a client its session. Past
+  error) counts, and so does a next hop's 5xx; a next hop's 4xx, or our 4xx for a next hop that cannot
+  be talked to, does not: a next hop that caps recipients per transaction (452 4.5.3 after 50, say) must
+  not get a client with 70 recipients disconnected before DATA (Postfix too keeps recipient overshoot
+  apart, in smtpd_recipient_overshoot_limit), nor a next hop's outage cost a client its session. Past
   `soft_error_limit` each error reply is delayed by `error_sleep_time` (smtpd_soft_error_limit,
   smtpd_error_sleep_time); at `hard_error_limit` the session is closed with 421 (smtpd_hard_error_limit).
   Like Postfix, the count is never reset within a session, so delivering one message does not buy a

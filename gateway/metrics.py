@@ -3,6 +3,16 @@
 Every server owns a private `CollectorRegistry` (never prometheus-client's global one), so two gateways in one
 process, as in the tests, count separately.
 
+With `[gateway] workers = N` (workers.supervise) and an endpoint, the counts are prometheus-client's
+multiprocess mode: the main process makes a private folder (`shared_folder`, mode 0700, removed when it
+exits) and switches the value class before it forks; every worker's counters, gauges and histograms then
+live in its own mmap file there, and whichever worker answers a scrape adds up every file
+(`Metrics(shared=folder)`). A dead worker's counts stay in the sum (they happened); its live gauges (open
+sessions, the last reload) go with it (`process_gone`). Open sessions are sampled into the shared gauge
+every second (`refresh`), since a gauge read by a function only exists in the process that owns the
+function. The keyring gauges are read at scrape time from the answering worker's keyring: every worker
+reloads on the same SIGHUP.
+
 The endpoint is a few lines of asyncio, not prometheus-client's threaded WSGI server: it lives and dies with
 the event loop that serves the mail, so shutdown and tests leave no thread behind. It answers
 - `GET /metrics`: the Prometheus text format;
@@ -19,13 +29,19 @@ import bisect
 import contextlib
 import itertools
 import logging
+import os
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.utils import floatToGoString
 
 from .keyring import Keyring, KeyState
@@ -37,6 +53,7 @@ TRANSACTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 REPLY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 600.0)
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 10.0
+SESSIONS_SAMPLE_INTERVAL = 1.0  # seconds between two samples of the open sessions (shared counts only)
 
 _log = logging.getLogger("gateway.metrics")
 
@@ -125,14 +142,60 @@ class _Histogram:
         yield family
 
 
+class _SharedHistogram:
+    """`_Histogram`'s one call on prometheus-client's Histogram, whose values the multiprocess mode can
+    keep in the shared files (plain ints in one process cannot be added up by another)."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]) -> None:
+        self._histogram = Histogram(name, documentation, [label], buckets=buckets, registry=None)
+        self._children: dict[str, Any] = {}
+
+    def observe(self, label_value: str, amount: float) -> None:
+        child = self._children.get(label_value)
+        if child is None:
+            child = self._children[label_value] = self._histogram.labels(label_value)
+        child.observe(amount)
+
+
+def shared_folder() -> Path:
+    """Before the workers are forked: a private folder for their counts, and every metric made from now
+    on in this process and its children keeps its value there. prometheus-client picks its value class
+    when it is first imported (from PROMETHEUS_MULTIPROC_DIR); it is set here as well, since this module
+    has imported it long before the config said how many workers there are."""
+    folder = Path(tempfile.mkdtemp(prefix="batv-metrics-"))  # mode 0700
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    return folder
+
+
+def remove_shared_folder(folder: Path) -> None:
+    """When the main process leaves: the counts die with the service, as one process's would."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_gone(folder: Path, pid: int) -> None:
+    """A worker has exited: its live gauges leave the sums (its counters stay)."""
+    mark_process_dead(pid, str(folder))  # type: ignore[no-untyped-call]
+
+
 class Metrics:
-    """Every metric of one gateway, in its own registry."""
+    """Every metric of one gateway, in its own registry (or, `shared`, in the workers' folder)."""
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time
+        self,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        shared: Path | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.shared = shared
+        if shared is not None and not getattr(values.ValueClass, "_multiprocess", False):
+            raise RuntimeError("Metrics(shared=...) needs metrics.shared_folder() first, before the fork")
+        # Shared: the metrics are made unregistered (their values are in the files) and the registry
+        # exposes the sum of every worker's files instead.
+        r: CollectorRegistry | None = self.registry if shared is None else None
+        if shared is not None:
+            MultiProcessCollector(self.registry, str(shared))  # type: ignore[no-untyped-call]
         self.decisions = Counter(
             f"{NAMESPACE}_decisions",
             "Decisions per recipient or transaction, by listener role, verdict and reason",
@@ -158,34 +221,46 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.transaction_seconds = _Histogram(
+        histogram = _Histogram if shared is None else _SharedHistogram
+        self.transaction_seconds = histogram(
             f"{NAMESPACE}_transaction_seconds",
             "Time from MAIL FROM to the final reply of a transaction",
             "role",
             TRANSACTION_BUCKETS,
         )
-        r.register(self.transaction_seconds)
-        self.next_hop_reply_seconds = _Histogram(
+        self.next_hop_reply_seconds = histogram(
             f"{NAMESPACE}_next_hop_reply_seconds",
             "Time the next hop took to answer a command, by command",
             "command",
             REPLY_BUCKETS,
         )
-        r.register(self.next_hop_reply_seconds)
+        if r is not None:
+            r.register(self.transaction_seconds)  # type: ignore[arg-type]
+            r.register(self.next_hop_reply_seconds)  # type: ignore[arg-type]
+        # The multiprocess modes say how the workers' values add up; one process ignores them.
         self.open_sessions = Gauge(
-            f"{NAMESPACE}_open_sessions", "Client SMTP sessions open now, by role", ["role"], registry=r
+            f"{NAMESPACE}_open_sessions",
+            "Client SMTP sessions open now, by role",
+            ["role"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.reloads = Counter(f"{NAMESPACE}_reloads", "Reload attempts by result", ["result"], registry=r)
         self.last_reload_success = Gauge(
             f"{NAMESPACE}_last_reload_success",
             "1 if the last reload was applied, 0 if it was refused",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.last_reload_timestamp = Gauge(
-            f"{NAMESPACE}_last_reload_timestamp_seconds", "Unix time of the last reload attempt", registry=r
+            f"{NAMESPACE}_last_reload_timestamp_seconds",
+            "Unix time of the last reload attempt",
+            registry=r,
+            multiprocess_mode="livemax",
         )
+        self._session_counts: dict[str, Callable[[], float]] = {}
         self._keyring = _KeyringCollector(clock)
-        r.register(self._keyring)
+        self.registry.register(self._keyring)
         self._clock = clock
         # A process that has not reloaded yet has, by definition, a config that loaded.
         self.last_reload_success.set(1)
@@ -221,8 +296,18 @@ class Metrics:
             self.srs.labels("forward").inc()
 
     def count_sessions(self, role: object, count: Callable[[], float]) -> None:
-        """The open-sessions gauge of a role reads `count()` at scrape time (the listeners' own sets)."""
-        self.open_sessions.labels(_label(role)).set_function(count)
+        """The open-sessions gauge of a role reads `count()` at scrape time (the listeners' own sets), or
+        shared, at each `refresh`."""
+        if self.shared is None:
+            self.open_sessions.labels(_label(role)).set_function(count)
+        else:
+            self._session_counts[_label(role)] = count
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Shared counts: this worker's open sessions into its file (ops.py calls it every second)."""
+        for role, count in self._session_counts.items():
+            self._child(self.open_sessions, role).set(count())
 
     def next_hop_error(self, kind: object) -> None:
         self.next_hop_errors.labels(_label(kind)).inc()
@@ -251,6 +336,7 @@ class Metrics:
         self.last_reload_timestamp.set(self._clock())
 
     def exposition(self) -> bytes:
+        self.refresh()
         return bytes(generate_latest(self.registry))
 
 
@@ -263,9 +349,18 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 9425) -> None:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 9425, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or on `sock`: bound and listening already, shared by the workers (any of
+        them answers: the counts are the same)."""
         # limit=: a request head longer than that is an error (LimitOverrunError), never a big buffer.
-        self._server = await asyncio.start_server(self._handle_client, host, port, limit=MAX_REQUEST_HEAD)
+        if sock is not None:
+            self._server = await asyncio.start_server(self._handle_client, sock=sock, limit=MAX_REQUEST_HEAD)
+        else:
+            self._server = await asyncio.start_server(
+                self._handle_client, host, port, limit=MAX_REQUEST_HEAD
+            )
 
     @property
     def port(self) -> int:

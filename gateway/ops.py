@@ -10,13 +10,20 @@
 while the gateway starts. `stopping(gateway)`, when the drain begins, turns /readyz back to 503 and tells
 systemd STOPPING=1; /readyz also reads 503 as soon as serve's stop() marks the listeners as shutting down.
 `close()`, once `run` returns, stops the watcher and the endpoint.
+
+In a worker of `[gateway] workers = N` (workers.supervise) the endpoint is the socket the main process
+bound, shared by every worker, and the counts are the workers' shared ones (metrics.py): whichever worker
+answers a scrape gives the sums, and its own /healthz and /readyz.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import keystore, logs
@@ -24,7 +31,7 @@ from .config import Config, Role
 from .errors import GatewayError
 from .keyring import Keyring
 from .logs import DecisionLog, log_fields
-from .metrics import Metrics, MetricsServer
+from .metrics import SESSIONS_SAMPLE_INTERVAL, Metrics, MetricsServer
 from .reload import DEFAULT_POLL_INTERVAL, Reloader
 from .sdnotify import Notifier
 from .serve import bind_failure
@@ -42,11 +49,12 @@ class Operations:
         metrics: Metrics | None = None,
         notifier: Notifier | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        serve_metrics: bool = True,
+        shared_metrics: Path | None = None,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.keyring = keyring
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(shared=shared_metrics)
         self.metrics.set_keyring(keyring.keyring, keyring.generation)
         self.notifier = notifier if notifier is not None else Notifier()
         self.decision_log = DecisionLog()
@@ -56,8 +64,9 @@ class Operations:
         self._load_config = load_config
         self._poll_interval = poll_interval
         self._ready = False
-        # With [gateway] workers > 1 only the main process binds the endpoint (workers.py).
-        self._serve_metrics = serve_metrics
+        # With [gateway] workers > 1 the main process binds the endpoint and the workers serve it.
+        self._metrics_socket = metrics_socket
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def observers(self) -> Sequence[Callable[[Any], None]]:
@@ -73,16 +82,12 @@ class Operations:
 
     async def start(self) -> None:
         listen = self.config.metrics.listen
-        if listen is not None and self._serve_metrics:
+        if listen is not None:
             self.metrics_server = MetricsServer(self.metrics, ready=lambda: self.is_ready)
             try:
-                await self.metrics_server.start(listen.host, listen.port)
+                await self.metrics_server.start(listen.host, listen.port, sock=self._metrics_socket)
             except OSError as error:
-                # Most often another gateway (the quick start's serve) holds the port.
-                raise GatewayError(
-                    f"metrics endpoint: cannot listen on {listen}: {bind_failure(error)}"
-                    " (set [metrics] listen, or give --metrics HOST:PORT or --metrics off)"
-                ) from None
+                raise _metrics_taken(listen, error) from None
             log_fields(
                 _log,
                 logging.INFO,
@@ -110,6 +115,8 @@ class Operations:
         )
         self.reloader.start_watching()
         loop = asyncio.get_running_loop()
+        if self.metrics.shared is not None:
+            self._sampler = loop.create_task(_sample_sessions(self.metrics))
         reloader, metrics = self.reloader, self.metrics
 
         def on_sighup() -> None:
@@ -145,6 +152,10 @@ class Operations:
 
     async def close(self) -> None:
         self.stopping()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         if self.reloader is not None:
             await self.reloader.close()
         if self.metrics_server is not None:
@@ -157,6 +168,28 @@ class Operations:
             roles.setdefault(lst.config.role.value, []).append(lst)
         for role, listeners in roles.items():
             self.metrics.count_sessions(role, _session_counter(listeners))
+
+
+def bind_metrics(config: Config) -> socket.socket | None:
+    """`[gateway] workers = N`: the endpoint's one socket, bound by the main process before the fork and
+    served by every worker (one socket, not one each: any worker can answer for all of them)."""
+    from .workers import bind
+
+    listen = config.metrics.listen
+    if listen is None:
+        return None
+    try:
+        return bind(listen.host, listen.port, shared=False)
+    except OSError as error:
+        raise _metrics_taken(listen, error) from None
+
+
+def _metrics_taken(listen: object, error: OSError) -> GatewayError:
+    # Most often another gateway (the quick start's serve) holds the port.
+    return GatewayError(
+        f"metrics endpoint: cannot listen on {listen}: {bind_failure(error)}"
+        " (set [metrics] listen, or give --metrics HOST:PORT or --metrics off)"
+    )
 
 
 def announce(config: Config) -> None:
@@ -209,6 +242,13 @@ def _session_counter(listeners: Sequence[Any]) -> Callable[[], float]:
         return float(sum(len(lst.sessions) for lst in listeners))
 
     return count
+
+
+async def _sample_sessions(metrics: Metrics) -> None:
+    """Shared counts: the open sessions, into this worker's file every second (metrics.py)."""
+    while True:
+        await asyncio.sleep(SESSIONS_SAMPLE_INTERVAL)
+        metrics.refresh()
 
 
 def _reload_safely(reloader: Reloader, metrics: Metrics) -> None:

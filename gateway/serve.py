@@ -255,12 +255,11 @@ async def run(
     ready: Callable[[Gateway], None] | None = None,
     stopping: Callable[[Gateway], None] | None = None,
     sockets: Sequence[socket.socket] | None = None,
-    pass_on: Callable[[signal.Signals], None] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
     `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests); `stopping(gateway)`
-    when the drain begins (sd_notify STOPPING=1). `sockets`: listening sockets bound already (workers.py);
-    `pass_on(signal)`: the main process of several workers hands SIGTERM and SIGHUP on to them."""
+    when the drain begins (sd_notify STOPPING=1). `sockets`: listening sockets bound already (a worker's:
+    workers.py)."""
     from . import workers
 
     gateway = Gateway(config, keyring, observers)
@@ -270,17 +269,13 @@ async def run(
     reload = on_reload(gateway) if on_reload is not None else None
 
     def stop() -> None:
-        if pass_on is not None:
-            pass_on(signal.SIGTERM)
         stopped.set()
 
     def hup() -> None:
-        if pass_on is not None:
-            pass_on(signal.SIGHUP)
         if reload is not None:
             reload()
 
-    installed = install_signals(loop, stop, hup if reload is not None or pass_on is not None else None)
+    installed = install_signals(loop, stop, hup if reload is not None else None)
     # Signals that came before the loop handled them (a command that forks remembers them).
     workers.replay_signals(stop, hup)
     try:

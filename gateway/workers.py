@@ -9,11 +9,33 @@ waits until every worker is up before it says READY, and reaps them when it stop
 behind. A signal that arrives before a process's event loop handles it (start-up takes a moment, and a
 worker can be signalled as soon as it is forked) is remembered here and replayed once the loop is up:
 without that, an early SIGHUP or SIGTERM would kill the main process by default and orphan its workers.
+
+Two shapes share this module:
+- `fork` (socketmap): the main process forks N - 1 workers before its own event loop starts, then serves
+  too. It cannot replace a worker that dies: a fork from inside a running event loop hands the child the
+  parent's loop (its epoll set, its signal wake-up socket, uvloop's libuv state), and the child's first
+  signal or closed socket would reach the parent's loop.
+- `supervise` (serve): the main process serves no mail and runs no event loop. It forks N workers, each of
+  which starts its own fresh loop, and then only waits: for SIGCHLD, SIGTERM, SIGHUP and the workers'
+  ready pipes, in a plain select(). Nothing in it is running when it forks, so a dead worker is replaced at
+  once by a child as clean as the first ones. Its ports are `reserve`d: bound, so that they are ours and
+  port 0 is one port, but never listening, since a listening socket that nobody accepts on would take its
+  share of the connections and leave them unanswered. A worker that keeps dying is not forked for ever: past
+  `respawn_limit` deaths in `respawn_window` seconds the main process stops everything and exits 1, so that
+  systemd (Restart=on-failure) starts the whole service again, and says so in one line.
+
+What each worker keeps for itself, in memory: its SessionGate per listener (`max_sessions`,
+`max_sessions_per_client`) and its GuessLimiter (`guess_rate`, `guess_burst` per client network). The
+kernel spreads one client's connections over every worker, so with N workers a client can reach N times
+each of those limits (docs/operations.md, "Several workers"); per-session limits (error counts, sizes,
+timeouts) are exact, since a session lives in one worker. Only the metrics are shared (metrics.py). That is
+why `workers` defaults to 1 until those limits live in a store the workers share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -23,9 +45,14 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .logs import log_fields
+from .sdnotify import Notifier
+
+_log = logging.getLogger("gateway.workers")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _early_signals: list[int] = []
@@ -134,31 +161,286 @@ def fork(count: int, worker: Callable[[Callable[[], None]], int]) -> Workers:
     the caller's code; `say_ready()` tells the main process it is serving (Workers.wait_ready)."""
     workers = Workers()
     for _ in range(count):
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            for fd in workers._ready_fds:  # the earlier workers' pipes belong to the main process
-                os.close(fd)
-            _early_signals.clear()  # the main process's, not ours
-            code = 1
-
-            def say_ready(fd: int = write_fd) -> None:
-                with contextlib.suppress(OSError):
-                    os.write(fd, b"1")
-                    os.close(fd)
-
-            try:
-                code = worker(say_ready)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                # os._exit skips atexit, and with it logging.shutdown(): log lines still held for the
-                # end of an event-loop turn (logs.BatchingStreamHandler) must not die with the worker.
-                with contextlib.suppress(Exception):
-                    logging.shutdown()
-                os._exit(code)
-        os.close(write_fd)
+        # The earlier workers' pipes belong to the main process.
+        pid, read_fd = _spawn(worker, close_in_child=workers._ready_fds)
         workers.pids.append(pid)
         workers._ready_fds.append(read_fd)
     return workers
+
+
+def _spawn(worker: Callable[[Callable[[], None]], int], close_in_child: Sequence[int]) -> tuple[int, int]:
+    """Fork one worker: its pid, and the read end of its ready pipe."""
+    read_fd, write_fd = os.pipe()
+    # Blocked across the fork: a signal for the new worker must not run the main process's handler in it
+    # (the supervisor's would write into the supervisor's wake-up pipe); it waits, and is remembered below.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {*SIGNALS, signal.SIGCHLD})
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(write_fd)
+        return pid, read_fd
+    code = 1
+    try:
+        os.close(read_fd)
+        for fd in close_in_child:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _early_signals.clear()  # the main process's, not ours
+        remember_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+        def say_ready(fd: int = write_fd) -> None:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"1")
+                os.close(fd)
+
+        code = worker(say_ready)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # os._exit skips atexit, and with it logging.shutdown(): log lines still held for the
+        # end of an event-loop turn (logs.BatchingStreamHandler) must not die with the worker.
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        os._exit(code)
+
+
+# Workers that die more often than this (or than there are workers, if more) are broken (a bad file, a
+# missing library), not unlucky; the floor lets one event that kills several at once (an admin's kill) pass.
+RESPAWN_LIMIT = 5
+RESPAWN_WINDOW = 60.0
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """A port for `supervise`: bound with SO_REUSEPORT but not listening (see the module docstring).
+    Each worker listens on it with its own socket (`own_socket`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # as socket.create_server does, and so own_socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def describe(status: int) -> str:
+    """A wait status as an operator reads it: "SIGKILL", "exit 3"."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit {code}"
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        count: int,
+        worker: Callable[[Callable[[], None]], int],
+        notifier: Notifier,
+        on_exit: Callable[[int], None],
+        respawn_limit: int,
+        respawn_window: float,
+        stop_timeout: float,
+        wake_fd: int,
+    ) -> None:
+        self.count = count
+        self.worker = worker
+        self.notifier = notifier
+        self.on_exit = on_exit
+        self.respawn_limit = respawn_limit
+        self.respawn_window = respawn_window
+        self.stop_timeout = stop_timeout
+        self.wake_fd = wake_fd
+        self.pids: list[int] = []
+        self.ready: set[int] = set()
+        self.ready_fds: dict[int, int] = {}  # read end of a ready pipe -> the worker's pid
+        self.deaths: collections.deque[float] = collections.deque()
+        self.announced = False
+        self.stopping = False
+        self.kill_at: float | None = None
+        self.code = 0
+
+    def spawn(self) -> int:
+        pid, read_fd = _spawn(self.worker, close_in_child=[self.wake_fd, *self.ready_fds])
+        self.pids.append(pid)
+        self.ready_fds[read_fd] = pid
+        return pid
+
+    def pass_on(self, sig: signal.Signals) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def stop(self, code: int = 0) -> None:
+        """No replacement from now on: every worker drains (SIGTERM), and after `stop_timeout` is killed."""
+        self.code = self.code or code
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.stopping()
+        self.pass_on(signal.SIGTERM)
+        self.kill_at = time.monotonic() + self.stop_timeout
+
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads on its own. systemd's Type=notify-reload waits for RELOADING=1 and
+        then READY=1 from the main process: both at once, as the workers do not report back (a refused
+        reload is in each worker's log and in batv_last_reload_success)."""
+        self.pass_on(signal.SIGHUP)
+        if self.announced:
+            self.notifier.reloading()
+            self.notifier.ready(status=f"serving: {self.count} workers")
+
+    def on_ready(self, fd: int) -> None:
+        pid = self.ready_fds.pop(fd)
+        try:
+            said = os.read(fd, 1)
+        except OSError:
+            said = b""
+        os.close(fd)
+        if said != b"1" or pid not in self.pids:
+            return  # it died before it served: reap() sees to it
+        self.ready.add(pid)
+        if not self.announced and len(self.ready) == self.count:
+            self.announced = True
+            self.notifier.ready(status=f"serving: {self.count} workers")
+            log_fields(_log, logging.INFO, "workers ready", event="start", workers=self.count)
+        elif self.announced:
+            log_fields(_log, logging.INFO, "worker ready", event="start", pid=pid)
+
+    def reap(self) -> None:
+        for pid in list(self.pids):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone all the same
+                done, status = pid, 0
+            if done == 0:
+                continue
+            self.pids.remove(pid)
+            self.ready.discard(pid)
+            for fd, owner in list(self.ready_fds.items()):
+                if owner == pid:
+                    os.close(fd)
+                    del self.ready_fds[fd]
+            self.on_exit(pid)
+            if self.stopping:
+                continue
+            now = time.monotonic()
+            self.deaths.append(now)
+            while self.deaths and self.deaths[0] < now - self.respawn_window:
+                self.deaths.popleft()
+            if len(self.deaths) > self.respawn_limit:
+                log_fields(
+                    _log,
+                    logging.ERROR,
+                    "workers keep dying: stopping the service",
+                    event="stop",
+                    pid=pid,
+                    status=describe(status),
+                    deaths=len(self.deaths),
+                    window=f"{self.respawn_window:g}s",
+                )
+                self.stop(1)
+                continue
+            new = self.spawn()
+            # The replacement starts from the config and keyring the main process read at start-up;
+            # a reload (remembered by the child and replayed once its loop is up) brings it to the files
+            # as they are now, where SIGHUP and the keyring watch brought the others.
+            os.kill(new, signal.SIGHUP)
+            log_fields(
+                _log, logging.WARNING, "worker died", pid=pid, status=describe(status), replaced_by=new
+            )
+
+    def kill_the_rest(self) -> None:
+        """Past the drain deadline: what has not stopped is killed (and reaped at once)."""
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.reap()
+
+    def run(self, pending: list[int]) -> int:
+        for _ in range(self.count):
+            self.spawn()
+        while self.pids or not self.stopping:
+            # A second's timeout: a lost wake-up costs at most that long (waitpid finds the dead anyway).
+            timeout = 0.0 if pending else 1.0  # signals remembered before the wake-up pipe was set
+            if self.kill_at is not None:
+                timeout = max(0.0, min(timeout, self.kill_at - time.monotonic()))
+            readable, _, _ = select.select([self.wake_fd, *self.ready_fds], [], [], timeout)
+            if self.wake_fd in readable:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.wake_fd, 512):
+                        pass
+            arrived = []
+            while pending:  # one pop at a time: a signal handled between two steps stays for the next turn
+                arrived.append(pending.pop(0))
+            # A stop first: systemd signals the main process and its workers at once, and a worker that
+            # drained and exited must not look like one that died.
+            if signal.SIGTERM in arrived or signal.SIGINT in arrived:
+                self.stop()
+            if signal.SIGHUP in arrived and not self.stopping:
+                self.reload()
+            for fd in readable:
+                if fd in self.ready_fds:
+                    self.on_ready(fd)
+            self.reap()
+            if self.kill_at is not None and self.pids and time.monotonic() >= self.kill_at:
+                self.kill_the_rest()
+        return self.code
+
+
+def supervise(
+    count: int,
+    worker: Callable[[Callable[[], None]], int],
+    *,
+    notifier: Notifier,
+    on_exit: Callable[[int], None] = lambda pid: None,
+    respawn_limit: int | None = None,
+    respawn_window: float = RESPAWN_WINDOW,
+    stop_timeout: float = 30.0,
+) -> int:
+    """Run `count` workers (each `worker(say_ready)`, as `fork`) until SIGTERM or SIGINT, replacing any
+    that dies (the replacement is sent SIGHUP: a reload); `on_exit(pid)` is told of each worker gone.
+    `notifier` (sdnotify.Notifier) hears READY once every worker is up and STOPPING with the first
+    SIGTERM. 0 after a clean stop, 1 past `respawn_limit` deaths (max(RESPAWN_LIMIT, count) by default) in
+    `respawn_window` seconds (see the module docstring)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    pending: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    watched = (*SIGNALS, signal.SIGCHLD)
+    previous = {sig: signal.signal(sig, handler) for sig in watched}
+    # What came before these handlers (remember_signals), ahead of what comes after.
+    pending[:0] = _early_signals
+    _early_signals.clear()
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    if respawn_limit is None:
+        respawn_limit = max(RESPAWN_LIMIT, count)
+    supervisor = _Supervisor(
+        count, worker, notifier, on_exit, respawn_limit, respawn_window, stop_timeout, wake_r
+    )
+    try:
+        return supervisor.run(pending)
+    finally:
+        supervisor.stop()
+        supervisor.kill_the_rest()
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+        os.close(wake_r)
+        os.close(wake_w)

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import signal
+import smtplib
+import stat
+import time
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import keystore, prvs
 from gateway.keyring import Key, Keyring, KeyState
 from gateway.metrics import REPLY_BUCKETS, Metrics, MetricsServer
 from gateway.replies import bounce_refused
+from tests.smtp_peers import LOCALHOST, SmtpSink
+from tests.test_serve import keyring_file  # noqa: F401  (a fixture)
+from tests.test_workers import Supervised, workers_config
 
 
 # Stand-ins with the values of config.Role, policy.Action and policy.Reason: metrics reads enum values only.
@@ -227,3 +239,86 @@ def test_our_histogram_exposes_what_prometheus_clients_would(observations: list[
     assert mine.keys() == reference.keys()
     for key, value in reference.items():
         assert mine[key] == pytest.approx(value)
+
+
+# ------------------------------------------------------------------------------ several workers, one endpoint
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(value for (sample_name, _), value in samples.items() if sample_name == name)
+
+
+def decisions_in(counts: Path) -> float:
+    """What one worker counted: its own file in the shared folder."""
+    if not counts.exists():
+        return 0.0
+    return sum(
+        s.value
+        for family in MultiProcessCollector.merge([str(counts)])
+        for s in family.samples
+        if s.name == "batv_decisions_total"
+    )
+
+
+def test_with_two_workers_the_endpoint_counts_the_decisions_of_every_worker(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    connections = 16  # the kernel spreads them over the workers: each gets some (checked below)
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with (
+        SmtpSink(dumps) as sink,
+        Supervised(tmp_path, workers_config(tmp_path, 2, sink.port, metrics=True)) as serving,
+    ):
+        serving.wait_ready()
+        port, metrics = serving.port("mx"), serving.metrics_port
+        (folder,) = serving.tmp.glob("batv-metrics-*")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, "the counts are private to the service"
+        genuine = prvs.sign("bob@example.com", keyring_file.keyring, int(time.time()) // 86400)
+        for _ in range(connections):
+            with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
+                message = "Subject: bounce\r\n\r\nhi\r\n"
+                refused = client.sendmail("", ["nobody@example.com", genuine], message)
+            assert list(refused) == ["nobody@example.com"] and refused["nobody@example.com"][0] == 550
+
+        pids = serving.workers()
+        per_worker = [decisions_in(folder / f"counter_{pid}.db") for pid in pids]
+        assert len(per_worker) == 2 and all(per_worker), f"both workers decided: {per_worker}"
+        samples = scrape(metrics)
+        assert total(samples, "batv_decisions_total") == 2 * connections == sum(per_worker)
+        inbound = (("reason", "unsigned"), ("role", "inbound"), ("verdict", "reject"))
+        assert samples["batv_decisions_total", inbound] == connections
+        inbound = (("reason", "valid-prvs"), ("role", "inbound"), ("verdict", "relay"))
+        assert samples["batv_decisions_total", inbound] == connections
+        assert samples["batv_transaction_seconds_count", (("role", "inbound"),)] == connections
+
+        # Sessions held open on either worker add up (each worker samples its own every second).
+        held = [smtplib.SMTP(LOCALHOST, port, timeout=20) for _ in range(4)]
+        try:
+            open_sessions = ("batv_open_sessions", (("role", "inbound"),))
+            deadline = time.monotonic() + 10
+            while scrape(metrics).get(open_sessions) != 4:
+                assert time.monotonic() < deadline, scrape(metrics).get(open_sessions)
+                time.sleep(0.1)
+        finally:
+            for client in held:
+                client.quit()
+
+        # A dead worker's decisions happened: they stay in the sum.
+        os.kill(pids[0], signal.SIGKILL)
+        serving.wait_for_log(rf'msg="worker died" pid={pids[0]} ')
+        assert total(scrape(metrics), "batv_decisions_total") == 2 * connections
+        code = serving.stop()
+    assert code == 0, serving.log
+    assert not folder.exists(), "the main process removes the shared counts when it stops"

@@ -1,24 +1,127 @@
 """workers.py: `batv-gateway serve` with `[gateway] workers = 2` relays, reloads every worker on SIGHUP,
-and stops every one on SIGTERM (socketmap's workers: tests/test_socketmap.py)."""
+stops every one on SIGTERM, and replaces a worker that dies (socketmap's workers: tests/test_socketmap.py;
+the workers' shared metrics: tests/test_metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
 import os
 import re
 import signal
 import smtplib
+import socket
+import struct
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from gateway import keystore, logs, workers
-from tests.postfix_instance import live_children
+from gateway.sdnotify import Notifier
+from tests.postfix_instance import children, live_children
 from tests.smtp_peers import LOCALHOST, SmtpSink, free_port
-from tests.test_serve import Serving, example_config, keyring_file  # noqa: F401  (a fixture)
+from tests.test_serve import ROOT, Serving, example_config, keyring_file  # noqa: F401  (a fixture)
+
+
+def workers_config(folder: Path, count: int, next_hop: int, metrics: bool = False) -> Path:
+    """The example config on port 0 with `count` workers, no guess limit (a test's own bounces are not
+    guesses to slow down) and, with `metrics`, the endpoint on port 0 too."""
+    path = example_config(folder, 0, 0, next_hop)
+    text = path.read_text()
+    for old, new in [
+        ("workers = 1\n", f"workers = {count}\n"),
+        ("guess_rate = 1.0 ", "guess_rate = 0.0 "),
+    ]:
+        assert old in text, f"the example config changed: {old!r} is gone; update this test"
+        text = text.replace(old, new)
+    if metrics:
+        text = text.replace('[metrics]\nlisten = ""', f'[metrics]\nlisten = "{LOCALHOST}:0"')
+    path.write_text(text)
+    return path
+
+
+class Supervised:
+    """`serve` with several workers as a child process; its log goes to a file read while it runs, and
+    TMPDIR is the test's own (the workers' shared metrics folder is made there)."""
+
+    def __init__(self, folder: Path, config: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp = folder / "tmp"
+        self.tmp.mkdir()
+        self.log_file = folder / "serve.log"
+        with self.log_file.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(self.tmp), **(env or {})},
+            )
+
+    def __enter__(self) -> Supervised:
+        return self
+
+    def wait_ready(self) -> Supervised:
+        self.wait_for_log(r'msg="workers ready"')
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:  # a test that failed half-way: nothing of it may live on
+            self.kill()
+
+    def kill(self) -> None:
+        left = live_children(self.process.pid)
+        self.process.kill()
+        self.process.wait()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    @property
+    def log(self) -> str:
+        return self.log_file.read_text()
+
+    def wait_for_log(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.log)
+            if found is not None:
+                return found
+            assert self.process.poll() is None, f"serve exited: {self.log}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in: {self.log}"
+            time.sleep(0.02)
+
+    def port(self, listener: str) -> int:
+        return int(self.wait_for_log(rf'msg="listener {listener} \(\w+\) on [^:]+:(\d+)"').group(1))
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.wait_for_log(r'msg="metrics endpoint up" event=start metrics=[^:]+:(\d+)').group(1))
+
+    def workers(self) -> list[int]:
+        return sorted(live_children(self.process.pid))
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"serve did not stop: {self.log}") from None
+
+
+def session(port: int) -> None:
+    """One SMTP session that is answered: greeting, NOOP, QUIT (smtplib raises otherwise)."""
+    with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
+        assert client.noop()[0] == 250
 
 
 def dumped(sink: SmtpSink) -> set[Path]:
@@ -68,12 +171,12 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
         try:
             serving.wait_ready()
             deadline = time.monotonic() + 10
-            while len(live_children(serving.process.pid)) < 1 and time.monotonic() < deadline:
+            while len(live_children(serving.process.pid)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            (worker,) = live_children(serving.process.pid)
-            # One process binds the metrics endpoint (a second would fail to start), and it answers
-            # /readyz 200 once every worker is up (the ports are bound before the fork: listening is not
-            # being ready).
+            pair = live_children(serving.process.pid)
+            assert len(pair) == 2, "two workers under a main process that serves no mail"
+            # The main process binds the metrics endpoint once (the workers serve it), and /readyz says
+            # 200 once a worker is up (the ports are bound before the fork: listening is not being ready).
             while True:
                 try:
                     with urllib.request.urlopen(f"http://{LOCALHOST}:{metrics}/readyz", timeout=10) as reply:
@@ -106,9 +209,10 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
             code, err = serving.stop()
             print(err)  # shown by pytest when the test fails half-way
     assert code == 0, err
-    assert err.count("reload applied") >= 2, "the main process and the worker reloaded"
+    assert err.count("reload applied") >= 2, "both workers reloaded"
     assert err.count("shutting down") == 2, err
-    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+    for worker in pair:
+        assert not Path(f"/proc/{worker}").exists()
     assert live_children(serving.process.pid) == []
 
 
@@ -149,3 +253,233 @@ def test_a_worker_writes_the_log_lines_it_still_held_when_it_exits(tmp_path: Pat
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert "the last line" in log_file.read_text()
+
+
+class Sessions(threading.Thread):
+    """SMTP sessions one after another until stopped, each recorded with when it began and how it ended."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.done: list[tuple[float, BaseException | None]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            began = time.monotonic()
+            try:
+                session(self.port)
+                self.done.append((began, None))
+            except (OSError, smtplib.SMTPException, AssertionError) as error:
+                self.done.append((began, error))
+
+    def __enter__(self) -> Sessions:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.join(30)
+
+
+def test_a_worker_killed_is_replaced_within_a_second_and_sessions_are_answered_throughout(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    with Supervised(tmp_path, workers_config(tmp_path, 2, next_hop=free_port())) as serving:
+        serving.wait_ready()
+        port = serving.port("mx")
+        first = serving.workers()
+        assert len(first) == 2, serving.log
+        assert list(serving.tmp.iterdir()) == [], "no metrics endpoint, no shared counts (metrics.py)"
+        victim = first[0]
+        with Sessions(port) as sessions:
+            while len(sessions.done) < 4:
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            new: list[int] = []
+            while not new:
+                assert time.monotonic() < killed + 1.0, f"no new worker within a second: {serving.log}"
+                new = [pid for pid in serving.workers() if pid not in first]
+                time.sleep(0.005)
+            (replacement,) = new
+            # The dead worker is gone (reaped) once it has been replaced: its listening socket was closed
+            # when it exited, so no session begun from now on can be handed to it.
+            assert victim not in children(serving.process.pid)
+            gone = time.monotonic()
+            serving.wait_for_log(rf'msg="worker ready" event=start pid={replacement}\b')
+            answered = len(sessions.done)
+            while len(sessions.done) < answered + 10:  # over both workers, the new one included
+                time.sleep(0.01)
+        after = [error for began, error in sessions.done if began > gone]
+        assert len(after) >= 10 and not any(after), after
+        # Only a session the killed worker held may have been cut (a client then tries again).
+        assert sum(error is not None for _, error in sessions.done) <= 1, sessions.done
+        assert serving.workers() == sorted([first[1], replacement])
+        line = f'msg="worker died" pid={victim} status=SIGKILL replaced_by={replacement}'
+        assert line in serving.log, serving.log
+
+        code = serving.stop()
+        log = serving.log
+    assert code == 0, log
+    # On SIGTERM nothing is replaced: one death in the whole log, and nobody left behind.
+    assert log.count('msg="worker died"') == 1, log
+    assert log.count("shutting down") == 2, log
+    assert live_children(serving.process.pid) == []
+
+
+def broken(say_ready: Callable[[], None]) -> int:
+    return 3  # as a worker whose config or library fails right after the fork
+
+
+def test_a_worker_that_keeps_dying_is_not_forked_for_ever(log_stream: io.StringIO) -> None:
+    gone: list[int] = []
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    code = workers.supervise(
+        1, broken, notifier=Notifier(socket_name=""), on_exit=gone.append, respawn_limit=2
+    )
+    assert code == 1
+    assert len(gone) == 3 and len(set(gone)) == 3, "the first worker and two replacements, then stop"
+    lines = log_stream.getvalue().splitlines()
+    assert sum('msg="worker died"' in line for line in lines) == 2, lines
+    assert 'level=error logger=gateway.workers msg="workers keep dying: stopping the service"' in lines[-1]
+    assert f"pid={gone[-1]} status=\"exit 3\" deaths=3 window=60s" in lines[-1]
+    assert signal.getsignal(signal.SIGCHLD) == sigchld, "the supervisor's handlers are put back"
+    assert live_children(os.getpid()) == []
+
+
+def test_with_more_workers_than_the_respawn_limit_that_many_deaths_are_replaced(
+    log_stream: io.StringIO,
+) -> None:
+    # Six workers killed at once (an admin's kill, the OOM killer on a busy night) is not a crash loop.
+    assert workers.supervise(6, broken, notifier=Notifier(socket_name="")) == 1
+    text = log_stream.getvalue()
+    assert text.count('msg="worker died"') == 6, text
+    assert "deaths=7 window=60s" in text
+    assert live_children(os.getpid()) == []
+
+
+def bounce_reply(port: int) -> int:
+    """The reply to RCPT of a bounce to an address we never signed (550 enforced, 250 observed)."""
+    with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
+        client.ehlo()
+        assert client.mail("")[0] == 250
+        return int(client.rcpt("nobody@example.com")[0])
+
+
+def test_a_replacement_worker_serves_the_config_as_reloaded_not_as_started(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with SmtpSink(dumps) as sink:
+        config = workers_config(tmp_path, 2, sink.port)
+        with Supervised(tmp_path, config) as serving:
+            serving.wait_ready()
+            port = serving.port("mx")
+            assert {bounce_reply(port) for _ in range(6)} == {550}
+            text = config.read_text()
+            assert "observe_domains = []" in text
+            config.write_text(text.replace("observe_domains = []", 'observe_domains = ["example.com"]'))
+            os.kill(serving.process.pid, signal.SIGHUP)
+            serving.wait_for_log(r'msg="reload applied"(.|\n)*msg="reload applied"')
+
+            victim = serving.workers()[0]
+            os.kill(victim, signal.SIGKILL)
+            died = serving.wait_for_log(rf'msg="worker died" pid={victim} .* replaced_by=(\d+)')
+            replacement = int(died[1])
+            serving.wait_for_log(rf'msg="worker ready" event=start pid={replacement}\b')
+            # The replacement reloads as soon as its loop runs: the third "reload applied" is its own.
+            serving.wait_for_log(r'(msg="reload applied"(.|\n)*){3}')
+            assert replacement in serving.workers()
+            assert {bounce_reply(port) for _ in range(12)} == {250}, "every worker observes now"
+            assert serving.stop() == 0, serving.log
+
+
+def test_a_sigterm_while_the_workers_start_stops_them_all(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    serving = Supervised(tmp_path, workers_config(tmp_path, 2, next_hop=free_port()))
+    with serving:  # no wait for ready: the signal comes while the workers start
+        serving.wait_for_log(r"msg=\"inbound listener mx enforces")  # signals are remembered from here
+        code = serving.stop()
+    assert code == 0, serving.log
+    assert 'msg=stopped event=stop status=0' in serving.log
+    assert 'msg="worker died"' not in serving.log
+    assert live_children(serving.process.pid) == []
+
+
+EARLY_SIGTERM = """
+import os, signal, sys, time
+from gateway import logs, workers
+from gateway.sdnotify import Notifier
+
+logs.setup()
+workers.remember_signals()
+os.kill(os.getpid(), signal.SIGTERM)  # before supervise: remembered, not handled yet
+main = os.getpid()
+
+def worker(say_ready):
+    say_ready()
+    # Its own remembered signals; and should the test kill the main process, no worker outlives it.
+    while signal.SIGTERM not in workers._early_signals and os.getppid() == main:
+        time.sleep(0.01)
+    return 0
+
+sys.exit(workers.supervise(2, worker, notifier=Notifier(socket_name="")))
+"""
+
+
+def test_a_sigterm_remembered_before_the_supervisor_runs_stops_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EARLY_SIGTERM],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "worker died" not in done.stderr
+
+
+def notified(sock: socket.socket) -> tuple[int, str]:
+    """One sd_notify datagram: the sender's pid (SO_PASSCRED) and the message."""
+    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+    pids = [
+        struct.unpack("3i", payload)[0]
+        for level, kind, payload in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+    ]
+    assert len(pids) == 1, ancillary
+    return pids[0], data.decode()
+
+
+def test_the_main_process_alone_speaks_to_systemd_ready_reloading_stopping(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(15)
+        config = workers_config(tmp_path, 2, next_hop=free_port())
+        with Supervised(tmp_path, config, env={"NOTIFY_SOCKET": str(tmp_path / "notify")}) as serving:
+            main = serving.process.pid
+            # READY once both workers serve (workers' own notifiers are off: systemd would refuse them).
+            assert notified(sock) == (main, "READY=1\nSTATUS=serving: 2 workers")
+            assert len(serving.workers()) == 2
+            # Type=notify-reload: SIGHUP is answered RELOADING=1, then READY=1.
+            os.kill(main, signal.SIGHUP)
+            pid, message = notified(sock)
+            assert pid == main and message.startswith("RELOADING=1\nMONOTONIC_USEC="), message
+            assert notified(sock) == (main, "READY=1\nSTATUS=serving: 2 workers")
+            serving.wait_for_log(r'msg="reload: nothing changed"(.|\n)*msg="reload: nothing changed"')
+            assert serving.stop() == 0, serving.log
+            assert notified(sock) == (main, "STOPPING=1")
+            sock.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                notified(sock)  # and nothing else, from anyone
