@@ -33,7 +33,7 @@ from .nexthop import (
 )
 from .policy import Action, Policy, Reason
 from .replies import Reply
-from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
+from .smtpcore import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
 
 _TRUSTED_CACHE_SIZE = 4096  # client addresses whose trust verdict is kept (OutboundRules)
 

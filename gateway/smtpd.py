@@ -29,9 +29,7 @@ DATA can be made out of anything but the client's own <CR><LF>.<CR><LF>. With `B
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -41,12 +39,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from aiosmtpd.smtp import SMTP, Session
 
 from . import replies
-from .addresses import Address, parse_path
 from .deadlines import Deadline
-from .errors import AddressError
 from .guard import ErrorTally, GuardSettings, GuessLimiter, Penalty
 from .nexthop import NextHopReply
 from .replies import Reply
+from .smtpcore import (
+    XFORWARD_OFFER,
+    BareNewline,
+    CommandError,
+    DataDecoder,
+    MailCommand,
+    Offer,
+    RcptCommand,
+    parse_mail,
+    parse_rcpt,
+    parse_xforward,
+)
 
 if TYPE_CHECKING:
     from .relay import RelaySession
@@ -55,256 +63,8 @@ log = logging.getLogger("gateway.smtpd")
 
 ReplyLike = Reply | NextHopReply
 
-# ------------------------------------------------------------------------------------------------ DATA
-
-
-class BareNewline(enum.Enum):
-    NORMALIZE = "normalize"  # Postfix 3.9 default: a bare LF ends a line; only CRLF.CRLF ends DATA
-    REJECT = "reject"  # refuse the message (554 5.5.0)
-
-
-class DataFailure(enum.Enum):
-    TOO_BIG = "too-big"
-    LINE_TOO_LONG = "line-too-long"
-    BARE_NEWLINE = "bare-newline"
-
-
-DATA_FAILURE_REPLIES: dict[DataFailure, Reply] = {
-    DataFailure.TOO_BIG: replies.MESSAGE_TOO_BIG,
-    DataFailure.LINE_TOO_LONG: replies.LINE_TOO_LONG,
-    DataFailure.BARE_NEWLINE: replies.BARE_NEWLINE,
-}
-
 _READ_LIMIT = 64 * 1024  # DATA is read in chunks of up to this much
-VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-_STRAY = re.compile(rb"[\r\x00]")
-
-
-class DataDecoder:
-    """The DATA stream, as read from the client, into the byte stream the next hop gets. Pure.
-
-    The body stays dot-stuffed (what the client stuffed is what the next hop unstuffs), so a clean chunk
-    passes through untouched and the per-byte work is done by `bytes.find`/`count` in C. Only chunks with
-    a bare CR, bare LF or NUL take the line-by-line path. Only complete lines are emitted; the unfinished
-    tail of a chunk waits for the next one (a tail longer than the line limit is dropped, not buffered).
-    """
-
-    __slots__ = (
-        "_after_crlf",
-        "_carry",
-        "_line_limit",
-        "_mode",
-        "_size_limit",
-        "_skipping",
-        "done",
-        "failure",
-        "leftover",
-        "size",
-    )
-
-    def __init__(self, size_limit: int | None, line_limit: int, mode: BareNewline = BareNewline.NORMALIZE):
-        self._size_limit = size_limit or None
-        # octets, the CRLF included (RFC 5321 §4.5.3.1.6: 1000); 0: none but the message size (a line
-        # is only ever held whole while it is incomplete, so some bound is needed)
-        self._line_limit = line_limit or size_limit or 1 << 26
-        self._mode = mode
-        self._carry = b""
-        self._after_crlf = True  # the previous line ended in CRLF (DATA's own line did)
-        self._skipping = False  # inside an over-long line, dropped as it goes
-        self.done = False
-        self.failure: DataFailure | None = None
-        self.leftover = b""  # what the client sent after the final dot (pipelined commands)
-        self.size = 0  # octets passed on (dot-stuffed, normalised)
-
-    def _fail(self, failure: DataFailure) -> None:
-        if self.failure is None:
-            self.failure = failure
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Take the next chunk from the client; return what the next hop gets now (maybe nothing)."""
-        if self.done:
-            raise RuntimeError("DATA already ended")
-        data = self._carry + chunk if self._carry else chunk
-        self._carry = b""
-        if self._skipping:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return b""
-            self._after_crlf = newline > 0 and data[newline - 1] == 0x0D
-            data = data[newline + 1 :]
-            self._skipping = False
-        last = data.rfind(b"\n")
-        if last < 0:
-            self._hold(data)
-            return b""
-        lines, tail = data[: last + 1], data[last + 1 :]
-        end = self._find_end(lines)
-        if end >= 0:
-            self.done = True
-            self.leftover = lines[end + 3 :] + tail
-            lines = lines[:end]
-        else:
-            self._hold(tail)
-        if not lines:
-            return b""
-        out = self._lines(lines)
-        if self.failure is not None:
-            return b""
-        self.size += len(out)
-        if self._size_limit is not None and self.size > self._size_limit:
-            self._fail(DataFailure.TOO_BIG)
-            return b""
-        return out
-
-    def _hold(self, tail: bytes) -> None:
-        if len(tail) >= self._line_limit:
-            self._fail(DataFailure.LINE_TOO_LONG)
-            self._skipping = True
-            self._carry = b""
-        else:
-            self._carry = tail
-
-    def _find_end(self, lines: bytes) -> int:
-        """Where the line "." that ends DATA starts in `lines` (complete lines), or -1."""
-        if self._after_crlf and lines.startswith(b".\r\n"):
-            return 0
-        found = lines.find(b"\r\n.\r\n")
-        return found + 2 if found >= 0 else -1
-
-    def _lines(self, lines: bytes) -> bytes:
-        crlf = lines.count(b"\r\n")
-        if (
-            crlf == lines.count(b"\n") == lines.count(b"\r")
-            and b"\x00" not in lines
-            and (self._after_crlf or not lines.startswith(b".\r\n"))
-        ):
-            # The fast path: only CRLF line ends, no NUL. Check line lengths only when a line could be long.
-            if len(lines) >= self._line_limit and self._has_long_line(lines):
-                self._fail(DataFailure.LINE_TOO_LONG)
-                return b""
-            self._after_crlf = True
-            return lines
-        return self._slow_lines(lines)
-
-    def _has_long_line(self, lines: bytes) -> bool:
-        """Whether a line (CRLF included) is over the limit: from each line end, the last newline within
-        the next `limit` octets must exist. One C-speed rfind per `limit` octets, not one per line."""
-        limit = self._line_limit
-        rfind = lines.rfind
-        end = len(lines)
-        last = -1  # the newline before the first line (the chunk starts at a line start)
-        while end - last - 1 > limit:
-            newline = rfind(b"\n", last + 1, last + 1 + limit)
-            if newline < 0:
-                return True
-            last = newline
-        return False
-
-    def _slow_lines(self, lines: bytes) -> bytes:
-        out: list[bytes] = []
-        start = 0
-        after_crlf = self._after_crlf
-        limit = self._line_limit
-        while start < len(lines):
-            newline = lines.index(b"\n", start)
-            line = lines[start:newline]
-            start = newline + 1
-            ends_crlf = line.endswith(b"\r")
-            if ends_crlf:
-                line = line[:-1]
-            elif self._mode is BareNewline.REJECT:
-                self._fail(DataFailure.BARE_NEWLINE)
-                return b""
-            if len(line) + 2 > limit:
-                self._fail(DataFailure.LINE_TOO_LONG)
-                return b""
-            if line == b".":
-                # Not the end of DATA (that was found before): a dot-stuffed empty line, sent as one.
-                line = b""
-            elif b"\r" in line or b"\x00" in line:
-                line = _STRAY.sub(b" ", line)
-            out.append(line)
-            after_crlf = ends_crlf
-        self._after_crlf = after_crlf
-        out.append(b"")
-        return b"\r\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------------ commands
-
-# RFC 5321 §4.1.2 esmtp-param: keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-");
-# value = 1*(%d33-60 / %d62-126)
-_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?\Z")
-# The fast path for a path: "<" printable ASCII without space, quote, backslash or angle brackets ">".
-_SIMPLE_PATH = re.compile(r"<([!#-;=?-\[\]-~]*)>(?: +(.*))?\Z", re.DOTALL)
-_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4: xtext
-_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-
-
-@dataclass(frozen=True)
-class MailCommand:
-    path: str  # the reverse-path as the client wrote it, without the angle brackets ("" = null sender)
-    sender: Address | None  # None: the null sender
-    params: tuple[str, ...]  # each as the client wrote it (passed on unchanged)
-    size: int | None = None
-    eight_bit: bool = False  # BODY=8BITMIME
-    smtputf8: bool = False
-    dsn: bool = False  # RET or ENVID given
-
-
-@dataclass(frozen=True)
-class RcptCommand:
-    path: str  # the forward-path as the client wrote it, without the angle brackets
-    recipient: Address
-    params: tuple[str, ...]
-    dsn: bool = False  # NOTIFY or ORCPT given
-    # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>", with no domain, must be accepted. `recipient` is then
-    # postmaster at our host name, for whatever looks at it; it is sent on as the client wrote it.
-    bare_postmaster: bool = False
-
-
-# XFORWARD (Postfix's XFORWARD_README): the attributes we pass on to a next hop that offers it.
-XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
-XFORWARD_OFFER = "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)
-_XFORWARD_VALUE_MAX = 255  # octets, as Postfix's smtpd allows
-
-
-def parse_xforward(arg: str) -> dict[str, str]:
-    """XFORWARD's "NAME=value ..." → {NAME: value}, names upper-cased, values kept as xtext (they go on
-    to the next hop as they came). Raises ValueError with the 501 text for anything else."""
-    attributes: dict[str, str] = {}
-    words = arg.split()
-    if not words:
-        raise ValueError("Syntax: XFORWARD attribute=value...")
-    for word in words:
-        name, equals, value = word.partition("=")
-        name = name.upper()
-        if not equals or name not in XFORWARD_ATTRIBUTES:
-            raise ValueError(f"Bad XFORWARD attribute name: {word[:40]}")
-        if not value or len(value) > _XFORWARD_VALUE_MAX or not _XTEXT.match(value):
-            raise ValueError(f"Bad XFORWARD attribute value for {name}: not xtext of 1 to 255 octets")
-        attributes[name] = value
-    return attributes
-
-
-class CommandError(Exception):
-    """A MAIL or RCPT we cannot take; carries the reply (never shown to anyone but the client)."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-@dataclass(frozen=True)
-class Offer:
-    """The ESMTP extensions offered in EHLO: ours, cut down to what the next hop can carry."""
-
-    size: int | None  # our limit (0: none); None: do not advertise SIZE
-    eight_bit: bool
-    smtputf8: bool
-    dsn: bool
-    starttls: bool
-
+VRFY_REPLY = replies.CANNOT_VRFY
 
 # ------------------------------------------------------------------------------------------------ sessions
 
@@ -760,48 +520,7 @@ class EdgeProtocol(SMTP):
         await self._reply(reply)
 
     def _parse_mail(self, arg: str | None) -> MailCommand:
-        if arg is None or arg[:5].upper() != "FROM:":
-            raise CommandError(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
-        path, params = self._split_path(arg[5:])
-        sender = self._address(path, null_ok=True)
-        offer = self.offer
-        size: int | None = None
-        eight_bit = smtputf8 = dsn = False
-        seen: set[str] = set()
-        for param in params:
-            keyword, _, value = param.partition("=")
-            keyword = keyword.upper()
-            if keyword in seen:
-                raise CommandError(Reply(501, "5.5.4", f"Duplicate MAIL parameter {keyword}"))
-            seen.add(keyword)
-            if keyword == "SIZE" and offer and offer.size is not None:
-                if not value.isdigit():
-                    raise CommandError(Reply(501, "5.5.4", "Bad SIZE parameter"))
-                size = int(value)
-                # RFC 1870: refuse at MAIL what we (or the next hop, per the SIZE we offered) cannot take.
-                if offer.size and size > offer.size:
-                    raise CommandError(replies.MESSAGE_TOO_BIG)
-            elif keyword == "BODY" and offer and offer.eight_bit:
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    raise CommandError(Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
-                eight_bit = value.upper() == "8BITMIME"
-            elif keyword == "SMTPUTF8" and offer and offer.smtputf8:
-                if value:
-                    raise CommandError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
-                smtputf8 = True
-            elif keyword == "RET" and offer and offer.dsn:
-                if value.upper() not in ("FULL", "HDRS"):
-                    raise CommandError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
-                dsn = True
-            elif keyword == "ENVID" and offer and offer.dsn:
-                if not value or len(value) > 100 or not _XTEXT.match(value):
-                    raise CommandError(Reply(501, "5.5.4", "Bad ENVID parameter"))
-                dsn = True
-            else:
-                raise CommandError(Reply(555, "5.5.4", f"MAIL parameter {keyword} not recognized"))
-        if not smtputf8 and not path.isascii():
-            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
-        return MailCommand(path, sender, params, size, eight_bit, smtputf8, dsn)
+        return parse_mail(arg or "", self.offer, self.esmtp)
 
     # ---- RCPT
 
@@ -831,77 +550,7 @@ class EdgeProtocol(SMTP):
         return _Outcome(reply, failed_guess)
 
     def _parse_rcpt(self, arg: str | None, mail: MailCommand) -> RcptCommand:
-        if arg is None or arg[:3].upper() != "TO:":
-            raise CommandError(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
-        path, params = self._split_path(arg[3:])
-        bare_postmaster = path.lower() == "postmaster"
-        recipient = (
-            Address("postmaster", self.hostname) if bare_postmaster else self._address(path, null_ok=False)
-        )
-        assert recipient is not None
-        offer = self.offer
-        dsn = False
-        seen: set[str] = set()
-        for param in params:
-            keyword, _, value = param.partition("=")
-            keyword = keyword.upper()
-            if keyword in seen:
-                raise CommandError(Reply(501, "5.5.4", f"Duplicate RCPT parameter {keyword}"))
-            seen.add(keyword)
-            if keyword == "NOTIFY" and offer and offer.dsn:
-                words = value.upper().split(",")
-                if not (words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS)):
-                    raise CommandError(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
-                dsn = True
-            elif keyword == "ORCPT" and offer and offer.dsn:
-                kind, semi, address = value.partition(";")
-                if not semi or not kind or len(value) > 500 or not _XTEXT.match(address):
-                    raise CommandError(Reply(501, "5.5.4", "Bad ORCPT parameter"))
-                dsn = True
-            else:
-                raise CommandError(Reply(555, "5.5.4", f"RCPT parameter {keyword} not recognized"))
-        if not mail.smtputf8 and not path.isascii():
-            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
-        return RcptCommand(path, recipient, params, dsn, bare_postmaster)
-
-    def _split_path(self, text: str) -> tuple[str, tuple[str, ...]]:
-        """The path inside <...> and the parameters after it (each as written)."""
-        text = text.lstrip(" ")  # "MAIL FROM: <a@b>" is common enough to accept (Postfix does)
-        match = _SIMPLE_PATH.match(text)
-        if match is not None:
-            path, rest = match.group(1), match.group(2)
-        else:
-            # The unusual: quoted local parts, source routes. aiosmtpd's (email package) parser knows them.
-            if not text.startswith("<"):
-                raise CommandError(Reply(501, "5.5.4", "Syntax: address must be in angle brackets"))
-            if text.startswith("<>"):
-                path, rest = "", text[2:].lstrip(" ") or None
-            else:
-                address, remainder = self._getaddr(text)
-                if address is None:
-                    raise CommandError(Reply(553, "5.1.3", "Malformed address"))
-                path, rest = address, (remainder or "").strip() or None
-        params: tuple[str, ...] = ()
-        if rest:
-            if not self.esmtp:
-                raise CommandError(Reply(501, "5.5.4", "Parameters need EHLO"))
-            params = tuple(rest.split())
-            for param in params:
-                if not _PARAM.match(param):
-                    raise CommandError(Reply(501, "5.5.4", "Syntax error in parameters"))
-        return path, params
-
-    @staticmethod
-    def _address(path: str, null_ok: bool) -> Address | None:
-        try:
-            address = parse_path(f"<{path}>")
-        except AddressError as error:
-            status = error.status_hint
-            code = 501 if status.startswith("5.5") else 553
-            raise CommandError(Reply(code, status, "Malformed address")) from None
-        if address is None and not null_ok:
-            raise CommandError(Reply(501, "5.1.3", "The null address is not a recipient"))
-        return address
+        return parse_rcpt(arg or "", mail, self.offer, self.esmtp, self.hostname)
 
     # ---- DATA
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import replies
-from gateway.smtpd import BareNewline, DataDecoder, DataFailure
+from gateway.smtpcore import BareNewline, DataDecoder, DataFailure
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,
