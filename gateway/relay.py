@@ -691,7 +691,8 @@ class RelaySession:
         self._clear()
         self.forwarded.clear()
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """The client connection is gone."""
         if self._in_data:
             self.abort()
         else:

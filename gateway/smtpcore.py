@@ -640,6 +640,11 @@ class ServerConnection:
         return self.state is State.COMMAND and b"\n" in self._buffer
 
     @property
+    def buffered_octets(self) -> int:
+        """What the client sent that is not handled yet (the edge stops reading past a limit)."""
+        return len(self._buffer) + sum(len(chunk) for chunk in self._chunks)
+
+    @property
     def in_data(self) -> bool:
         """The client is sending its message (the edge's DATA timeout applies)."""
         return self.state is State.DATA
