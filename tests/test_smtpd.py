@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from gateway import replies
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,
+    Script,
     gateway_config,
     gateway_port,
     make_cert,
@@ -314,6 +316,51 @@ def test_commands_pipelined_behind_starttls_are_thrown_away(tmp_path: Path) -> N
             assert code == 250 and text.startswith("gw.test")
             # Had the injected MAIL run, this would be a nested MAIL (503).
             assert (await client.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            await client.close()
+
+    run(body())
+
+
+def test_a_client_flooding_while_the_next_hop_thinks_is_not_read_past_the_limit() -> None:
+    # Reading stops while a command is in hand and what the client sent beyond it passes a bound, as
+    # asyncio's StreamReader stopped at twice its limit: memory does not grow with what a client pushes.
+    async def body() -> None:
+        async with (
+            FakeNextHop(Script(delays={"RCPT": 1.0})) as hop,
+            running_gateway(gateway_config(hop.port)) as gw,
+        ):
+            client = await RawClient.connect(gateway_port(gw))
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<a@example.org>")
+            client.send("RCPT TO:<bob@example.com>")
+            await asyncio.sleep(0.1)  # the gateway now waits on the next hop's RCPT reply
+            client.send(b"NOOP\r\n" * 1_000_000)  # 6 MB of commands it cannot take yet
+            await asyncio.sleep(0.4)
+            (session,) = gw.listeners[0].sessions
+            assert session.core.buffered_octets < 1024 * 1024
+            assert (await client.reply())[0] == 250  # the RCPT, once the next hop has answered
+            for _ in range(1000):
+                assert (await client.reply())[0] == 250  # and the NOOPs, in order
+            await client.close()
+
+    run(body())
+
+
+def test_a_client_that_does_not_read_its_replies_is_not_served_past_the_write_limit() -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(gateway_config(hop.port)) as gw:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the replies back up at our end
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway_port(gw)))
+            client = RawClient(*await asyncio.open_connection(sock=sock))
+            await client.ehlo()
+            client.send(b"EHLO c\r\n" * 200_000)  # some 30 MB of EHLO replies owed, none read
+            await asyncio.sleep(1.0)
+            (session,) = gw.listeners[0].sessions
+            assert session.transport.get_write_buffer_size() < 1024 * 1024
+            for _ in range(1000):
+                assert (await client.reply())[0] == 250
             await client.close()
 
     run(body())
