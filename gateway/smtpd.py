@@ -296,6 +296,8 @@ class EdgeProtocol(asyncio.Protocol):
                     )
                     self._resume_reading()
                     return
+                if event is PAUSED:
+                    return  # a reply is owed by whatever holds it (the TLS handshake)
                 self._idle.clear()
                 if not self._handle_now(event):
                     self._start(self._handle_later(event))
