@@ -617,6 +617,7 @@ class ServerConnection:
         self._skipping = False  # inside an over-long command line, dropped as it arrives
         self._unknown = 0
         self._owed: deque[Event] = deque([_Connect()])  # commands awaiting their reply, in order
+        self._deciding = 1  # of those, the ones whose reply decides what comes next (all but RCPT)
         self._queued: deque[Event] = deque()  # events found but not yet given out
         self._decoder: DataDecoder | None = None
         self._chunks: deque[bytes] = deque()  # DATA as received, not yet decoded
@@ -659,7 +660,7 @@ class ServerConnection:
             return self._queued.popleft()
         state = self.state
         if state is State.COMMAND:
-            if any(not isinstance(event, Rcpt) for event in self._owed):
+            if self._deciding:
                 return PAUSED
             return self._next_command()
         if state is State.DATA:
@@ -695,6 +696,8 @@ class ServerConnection:
 
     def _owe(self, event: Event) -> Event:
         self._owed.append(event)
+        if not isinstance(event, Rcpt):
+            self._deciding += 1
         return event
 
     def _command(self, line: bytes) -> Event:
@@ -812,6 +815,7 @@ class ServerConnection:
         if code == 421:
             self.state = State.CLOSED
             self._owed.clear()
+            self._deciding = 0
             self._queued.clear()
             return _wire(reply, self)
         if not self._owed:
@@ -820,6 +824,8 @@ class ServerConnection:
         if not _fits(event, reply, code):
             raise ProtocolError(f"{code} is no reply to {type(event).__name__}")
         self._owed.popleft()
+        if not isinstance(event, Rcpt):
+            self._deciding -= 1
         wire = _wire(reply, self)
         self._advance(event, reply, code)
         return wire
