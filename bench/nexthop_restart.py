@@ -1,8 +1,8 @@
 """A bounded soak: the next hop is killed every 2-3 s and started again 1 s later, while clients send.
 
-    python bench/nexthop_restart.py                      # smtp-sink as the next hop, 20 s
-    python bench/nexthop_restart.py --next-hop postfix   # a private Postfix (as root); its master killed
-    python bench/nexthop_restart.py --seconds 10 --clients 8
+    python3 bench/nexthop_restart.py                      # smtp-sink as the next hop, 20 s
+    python3 bench/nexthop_restart.py --next-hop postfix   # a private Postfix (as root); its master killed
+    python3 bench/nexthop_restart.py --seconds 10 --clients 8
 
 Loopback only: the gateway runs in this process (inbound role, on port 0), the clients are ours, one
 message per session. Prints the share of messages answered 2xx and, for each restart, how long until the

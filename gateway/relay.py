@@ -34,7 +34,7 @@ from .nexthop import (
 )
 from .policy import Action, Policy, Reason
 from .replies import Reply
-from .smtpd import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
+from .smtpcore import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
 
 _TRUSTED_CACHE_SIZE = 4096  # client addresses whose trust verdict is kept (OutboundRules)
 
@@ -761,7 +761,8 @@ class RelaySession:
         self._clear()
         self.forwarded.clear()
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """The client connection is gone."""
         if self._in_data:
             self.abort()
         else:

@@ -87,13 +87,6 @@ def tag_refused(address: str, why: str) -> Reply:
     return Reply(550, "5.7.1", f"<{address}>: invalid return-path tag ({why})")
 
 
-def malformed_address(status: str = "5.1.3") -> Reply:
-    """The SMTP edge's answer to a path that addresses.parse_path refuses (status: its status_hint)."""
-    return Reply(501 if status.startswith("5.5") else 553, status, "Malformed address")
-
-
-NULL_RECIPIENT = Reply(501, "5.1.3", "The null address is not a recipient")
-
 
 def bad_address(address: str, why: str, status: str = "5.1.3") -> Reply:
     return Reply(501 if status.startswith("5.5") else 553, status, f"<{address}>: {why}")
@@ -106,3 +99,68 @@ NEXT_HOP_CANNOT_CARRY = Reply(
     451, "4.3.3", "Next hop cannot carry this message now, try again later", from_next_hop=True
 )
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+
+# --- the SMTP conversation (smtpcore.py: the server's state machine) ---------------------------------
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "See RFC 5321")
+EXPN_NOT_IMPLEMENTED = Reply(502, "5.5.1", "EXPN not implemented")
+STARTTLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
+# RFC 5321 §2.3.8: CR and LF only ever together; a command with a lone one (or a NUL) is not run.
+BARE_CR_OR_NUL = Reply(500, "5.5.2", "Error: bare <CR> or NUL in command line")
+HELO_FIRST = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+MAIL_IN_PROGRESS = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+XFORWARD_NOT_AUTHORIZED = Reply(550, "5.7.0", "Error: insufficient authorization")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+PATH_SYNTAX = Reply(501, "5.5.4", "Syntax: address must be in angle brackets")
+MALFORMED_PATH = Reply(553, "5.1.3", "Malformed address")
+NULL_RECIPIENT = Reply(501, "5.1.3", "The null address is not a recipient")
+PARAMETERS_NEED_EHLO = Reply(501, "5.5.4", "Parameters need EHLO")
+PARAMETER_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters")
+BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
+BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+BAD_RET = Reply(501, "5.5.4", "RET must be FULL or HDRS")
+BAD_ENVID = Reply(501, "5.5.4", "Bad ENVID parameter")
+BAD_NOTIFY = Reply(501, "5.5.4", "Bad NOTIFY parameter")
+BAD_ORCPT = Reply(501, "5.5.4", "Bad ORCPT parameter")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
+
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+def helo_ok(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+def malformed_address(status: str) -> Reply:
+    """A path addresses.parse_path refused; its status says whether syntax (5.5.x) or the address."""
+    return Reply(501 if status.startswith("5.5") else 553, status, MALFORMED_PATH.text)
+
+
+def helo_syntax(verb: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {verb} hostname")
+
+
+def no_argument(verb: str) -> Reply:
+    """RSET, DATA and STARTTLS take no argument."""
+    return Reply(501, "5.5.4", f"Syntax: {verb}")
+
+
+def duplicate_parameter(verb: str, keyword: str) -> Reply:
+    return Reply(501, "5.5.4", f"Duplicate {verb} parameter {keyword}")
+
+
+def unknown_parameter(verb: str, keyword: str) -> Reply:
+    return Reply(555, "5.5.4", f"{verb} parameter {keyword} not recognized")
+
+
+def bad_xforward(why: str) -> Reply:
+    return Reply(501, "5.5.4", why)

@@ -1,310 +1,79 @@
-"""The SMTP server edge: aiosmtpd's protocol, with our own command loop, parameters, limits and DATA stream.
+"""The SMTP server edge: an asyncio Protocol that carries bytes between a client and the state machine.
 
-aiosmtpd 1.4 gives us the connection, the STARTTLS switch and the timeout timer; what it does not fit, we
-replace, in this subclass only:
+What the client's bytes mean, and what may be answered when, is smtpcore.py's (no IO there). This module
+only moves bytes: `data_received` feeds the core and handles the events it gives, one after another, in
+the callback itself; only a command that waits on something (the relay's next hop, a tarpit delay) runs
+as a task, and no more events are taken until it is answered. There is no reader coroutine per session.
 
-- `__init__` does not call aiosmtpd's: that one runs `inspect.getmembers` and `dir()` over the protocol and
-  the handler for every connection, and looks up the host name when none is given. Our dispatch table is
-  built once per class, and the host name always comes from the config.
-- MAIL and RCPT parameters: aiosmtpd upper-cases every value (ENVID and ORCPT are case-sensitive xtext)
-  and refuses RET, ENVID, NOTIFY and ORCPT with 555. We check each parameter against what we advertised
-  and pass its original text to the next hop unchanged (RFC 3461 §4, RFC 1870, RFC 6152, RFC 6531).
-- DATA is read in chunks, not line by line, and streamed to the next hop as it arrives (`DataDecoder`),
-  so memory does not grow with the message.
-- Replies to pipelined commands (RFC 2920) are queued and sent in order once the client stops sending,
-  so that RCPTs a client pipelines are pipelined to the next hop too.
+- Replies to pipelined RCPTs (RFC 2920) are held while the client is still sending commands and sent in
+  order once it stops, so that RCPTs a client pipelines are pipelined to the next hop too.
 - End of file from the client does not cancel the session: a client that pipelines "." and QUIT and then
   half-closes its side still gets its transaction completed and its replies.
-
-Bare CR and LF (SMTP smuggling, CVE-2023-51764 and friends). We follow Postfix 3.9's defaults:
-`smtpd_forbid_bare_newline = normalize` - only <CR><LF>.<CR><LF> ends DATA, and a line that ends in a
-bare <LF> is taken as a line and sent on ending in <CR><LF> - and `cleanup_replace_stray_cr_lf = yes` - a
-<CR> that is not part of a <CR><LF> pair becomes a space. A NUL becomes a space too (we do not offer
-BINARYMIME, so no NUL may appear). A line that is only "." but does not end DATA (a bare <LF> before or
-after it) is a dot-stuffed empty line and is sent on as one, so no line the next hop reads as the end of
-DATA can be made out of anything but the client's own <CR><LF>.<CR><LF>. With `BareNewline.REJECT`
-(Postfix's `reject`) a message with a bare newline is refused instead.
+- STARTTLS uses the loop's own `start_tls`; reading is paused before the 220 is written, so the client's
+  TLS hello is never read as plaintext, and the core discards whatever plaintext was pipelined.
+- One idle timer per session (deadlines.Deadline), running only while we wait on the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import re
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
-
-from aiosmtpd.smtp import SMTP, Session
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 from . import replies
-from .addresses import Address, parse_path
 from .deadlines import Deadline
-from .errors import AddressError
 from .guard import ErrorTally, GuardSettings, GuessLimiter, Penalty
 from .nexthop import NextHopReply
 from .replies import Reply
+from .smtpcore import (
+    NEED_DATA,
+    PAUSED,
+    BareNewline,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    Ehlo,
+    EndOfData,
+    Event,
+    Expn,
+    Helo,
+    Help,
+    Limits,
+    Mail,
+    Noop,
+    Quit,
+    Rcpt,
+    Refused,
+    Rset,
+    ServerConnection,
+    StartTls,
+    State,
+    Vrfy,
+    XForward,
+)
 
 if TYPE_CHECKING:
     from .relay import RelaySession
+    from .smtpcore import Offer
 
 log = logging.getLogger("gateway.smtpd")
 
 ReplyLike = Reply | NextHopReply
-
-# ------------------------------------------------------------------------------------------------ DATA
-
-
-class BareNewline(enum.Enum):
-    NORMALIZE = "normalize"  # Postfix 3.9 default: a bare LF ends a line; only CRLF.CRLF ends DATA
-    REJECT = "reject"  # refuse the message (554 5.5.0)
-
-
-class DataFailure(enum.Enum):
-    TOO_BIG = "too-big"
-    LINE_TOO_LONG = "line-too-long"
-    BARE_NEWLINE = "bare-newline"
-
-
-DATA_FAILURE_REPLIES: dict[DataFailure, Reply] = {
-    DataFailure.TOO_BIG: replies.MESSAGE_TOO_BIG,
-    DataFailure.LINE_TOO_LONG: replies.LINE_TOO_LONG,
-    DataFailure.BARE_NEWLINE: replies.BARE_NEWLINE,
+# What the client may have sent that we have not handled yet, while a command is in hand, before we stop
+# reading (as asyncio's StreamReader pauses at twice its limit): not paused on every command, which would
+# cost two epoll_ctl calls each.
+_BUFFER_LIMIT = 128 * 1024
+_FIXED_REPLIES: dict[type[Event], Reply] = {
+    Noop: replies.OK,
+    Vrfy: replies.CANNOT_VRFY,  # RFC 5321 §3.5.3: 252 when we do not verify; we never disclose anything
+    Expn: replies.EXPN_NOT_IMPLEMENTED,
+    Help: replies.HELP,
 }
-
-_READ_LIMIT = 64 * 1024  # DATA is read in chunks of up to this much
-VRFY_REPLY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
-_STRAY = re.compile(rb"[\r\x00]")
-
-
-class DataDecoder:
-    """The DATA stream, as read from the client, into the byte stream the next hop gets. Pure.
-
-    The body stays dot-stuffed (what the client stuffed is what the next hop unstuffs), so a clean chunk
-    passes through untouched and the per-byte work is done by `bytes.find`/`count` in C. Only chunks with
-    a bare CR, bare LF or NUL take the line-by-line path. Only complete lines are emitted; the unfinished
-    tail of a chunk waits for the next one (a tail longer than the line limit is dropped, not buffered).
-    """
-
-    __slots__ = (
-        "_after_crlf",
-        "_carry",
-        "_line_limit",
-        "_mode",
-        "_size_limit",
-        "_skipping",
-        "done",
-        "failure",
-        "leftover",
-        "size",
-    )
-
-    def __init__(self, size_limit: int | None, line_limit: int, mode: BareNewline = BareNewline.NORMALIZE):
-        self._size_limit = size_limit or None
-        # octets, the CRLF included (RFC 5321 §4.5.3.1.6: 1000); 0: none but the message size (a line
-        # is only ever held whole while it is incomplete, so some bound is needed)
-        self._line_limit = line_limit or size_limit or 1 << 26
-        self._mode = mode
-        self._carry = b""
-        self._after_crlf = True  # the previous line ended in CRLF (DATA's own line did)
-        self._skipping = False  # inside an over-long line, dropped as it goes
-        self.done = False
-        self.failure: DataFailure | None = None
-        self.leftover = b""  # what the client sent after the final dot (pipelined commands)
-        self.size = 0  # octets passed on (dot-stuffed, normalised)
-
-    def _fail(self, failure: DataFailure) -> None:
-        if self.failure is None:
-            self.failure = failure
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Take the next chunk from the client; return what the next hop gets now (maybe nothing)."""
-        if self.done:
-            raise RuntimeError("DATA already ended")
-        data = self._carry + chunk if self._carry else chunk
-        self._carry = b""
-        if self._skipping:
-            newline = data.find(b"\n")
-            if newline < 0:
-                return b""
-            self._after_crlf = newline > 0 and data[newline - 1] == 0x0D
-            data = data[newline + 1 :]
-            self._skipping = False
-        last = data.rfind(b"\n")
-        if last < 0:
-            self._hold(data)
-            return b""
-        lines, tail = data[: last + 1], data[last + 1 :]
-        end = self._find_end(lines)
-        if end >= 0:
-            self.done = True
-            self.leftover = lines[end + 3 :] + tail
-            lines = lines[:end]
-        else:
-            self._hold(tail)
-        if not lines:
-            return b""
-        out = self._lines(lines)
-        if self.failure is not None:
-            return b""
-        self.size += len(out)
-        if self._size_limit is not None and self.size > self._size_limit:
-            self._fail(DataFailure.TOO_BIG)
-            return b""
-        return out
-
-    def _hold(self, tail: bytes) -> None:
-        if len(tail) >= self._line_limit:
-            self._fail(DataFailure.LINE_TOO_LONG)
-            self._skipping = True
-            self._carry = b""
-        else:
-            self._carry = tail
-
-    def _find_end(self, lines: bytes) -> int:
-        """Where the line "." that ends DATA starts in `lines` (complete lines), or -1."""
-        if self._after_crlf and lines.startswith(b".\r\n"):
-            return 0
-        found = lines.find(b"\r\n.\r\n")
-        return found + 2 if found >= 0 else -1
-
-    def _lines(self, lines: bytes) -> bytes:
-        crlf = lines.count(b"\r\n")
-        if (
-            crlf == lines.count(b"\n") == lines.count(b"\r")
-            and b"\x00" not in lines
-            and (self._after_crlf or not lines.startswith(b".\r\n"))
-        ):
-            # The fast path: only CRLF line ends, no NUL. Check line lengths only when a line could be long.
-            if len(lines) >= self._line_limit and self._has_long_line(lines):
-                self._fail(DataFailure.LINE_TOO_LONG)
-                return b""
-            self._after_crlf = True
-            return lines
-        return self._slow_lines(lines)
-
-    def _has_long_line(self, lines: bytes) -> bool:
-        """Whether a line (CRLF included) is over the limit: from each line end, the last newline within
-        the next `limit` octets must exist. One C-speed rfind per `limit` octets, not one per line."""
-        limit = self._line_limit
-        rfind = lines.rfind
-        end = len(lines)
-        last = -1  # the newline before the first line (the chunk starts at a line start)
-        while end - last - 1 > limit:
-            newline = rfind(b"\n", last + 1, last + 1 + limit)
-            if newline < 0:
-                return True
-            last = newline
-        return False
-
-    def _slow_lines(self, lines: bytes) -> bytes:
-        out: list[bytes] = []
-        start = 0
-        after_crlf = self._after_crlf
-        limit = self._line_limit
-        while start < len(lines):
-            newline = lines.index(b"\n", start)
-            line = lines[start:newline]
-            start = newline + 1
-            ends_crlf = line.endswith(b"\r")
-            if ends_crlf:
-                line = line[:-1]
-            elif self._mode is BareNewline.REJECT:
-                self._fail(DataFailure.BARE_NEWLINE)
-                return b""
-            if len(line) + 2 > limit:
-                self._fail(DataFailure.LINE_TOO_LONG)
-                return b""
-            if line == b".":
-                # Not the end of DATA (that was found before): a dot-stuffed empty line, sent as one.
-                line = b""
-            elif b"\r" in line or b"\x00" in line:
-                line = _STRAY.sub(b" ", line)
-            out.append(line)
-            after_crlf = ends_crlf
-        self._after_crlf = after_crlf
-        out.append(b"")
-        return b"\r\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------------ commands
-
-# RFC 5321 §4.1.2 esmtp-param: keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-");
-# value = 1*(%d33-60 / %d62-126)
-_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-<>-~]+)?\Z")
-# The fast path for a path: "<" printable ASCII without space, quote, backslash or angle brackets ">".
-_SIMPLE_PATH = re.compile(r"<([!#-;=?-\[\]-~]*)>(?: +(.*))?\Z", re.DOTALL)
-_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")  # RFC 3461 §4: xtext
-_NOTIFY_WORDS = frozenset({"SUCCESS", "FAILURE", "DELAY"})
-
-
-@dataclass(frozen=True)
-class MailCommand:
-    path: str  # the reverse-path as the client wrote it, without the angle brackets ("" = null sender)
-    sender: Address | None  # None: the null sender
-    params: tuple[str, ...]  # each as the client wrote it (passed on unchanged)
-    size: int | None = None
-    eight_bit: bool = False  # BODY=8BITMIME
-    smtputf8: bool = False
-    dsn: bool = False  # RET or ENVID given
-
-
-@dataclass(frozen=True)
-class RcptCommand:
-    path: str  # the forward-path as the client wrote it, without the angle brackets
-    recipient: Address
-    params: tuple[str, ...]
-    dsn: bool = False  # NOTIFY or ORCPT given
-    # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>", with no domain, must be accepted. `recipient` is then
-    # postmaster at our host name, for whatever looks at it; it is sent on as the client wrote it.
-    bare_postmaster: bool = False
-
-
-# XFORWARD (Postfix's XFORWARD_README): the attributes we pass on to a next hop that offers it.
-XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
-XFORWARD_OFFER = "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES)
-_XFORWARD_VALUE_MAX = 255  # octets, as Postfix's smtpd allows
-
-
-def parse_xforward(arg: str) -> dict[str, str]:
-    """XFORWARD's "NAME=value ..." → {NAME: value}, names upper-cased, values kept as xtext (they go on
-    to the next hop as they came). Raises ValueError with the 501 text for anything else."""
-    attributes: dict[str, str] = {}
-    words = arg.split()
-    if not words:
-        raise ValueError("Syntax: XFORWARD attribute=value...")
-    for word in words:
-        name, equals, value = word.partition("=")
-        name = name.upper()
-        if not equals or name not in XFORWARD_ATTRIBUTES:
-            raise ValueError(f"Bad XFORWARD attribute name: {word[:40]}")
-        if not value or len(value) > _XFORWARD_VALUE_MAX or not _XTEXT.match(value):
-            raise ValueError(f"Bad XFORWARD attribute value for {name}: not xtext of 1 to 255 octets")
-        attributes[name] = value
-    return attributes
-
-
-class CommandError(Exception):
-    """A MAIL or RCPT we cannot take; carries the reply (never shown to anyone but the client)."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(str(reply))
-        self.reply = reply
-
-
-@dataclass(frozen=True)
-class Offer:
-    """The ESMTP extensions offered in EHLO: ours, cut down to what the next hop can carry."""
-
-    size: int | None  # our limit (0: none); None: do not advertise SIZE
-    eight_bit: bool
-    smtputf8: bool
-    dsn: bool
-    starttls: bool
-
+RcptAnswer = Callable[[], Awaitable[tuple[ReplyLike, bool]]]  # the relay's: awaited when its turn comes
 
 # ------------------------------------------------------------------------------------------------ sessions
 
@@ -322,7 +91,18 @@ class EdgeLimits:
     max_sessions: int = 100
     max_sessions_per_client: int = 50
     bare_newline: BareNewline = BareNewline.NORMALIZE
-    max_unknown_commands: int = 10  # like aiosmtpd's and Postfix's junk command limit
+    max_unknown_commands: int = 10  # like Postfix's junk command limit
+
+    def core(self) -> Limits:
+        """What the SMTP state machine enforces itself."""
+        return Limits(
+            command_line=self.command_line_limit,
+            data_line=self.line_length_limit,
+            message_size=self.message_size_limit,
+            recipients=self.recipient_limit,
+            unknown_commands=self.max_unknown_commands,
+            bare_newline=self.bare_newline,
+        )
 
 
 class SessionGate:
@@ -363,7 +143,7 @@ class EdgeContext:
     guard: GuardSettings
     guesses: GuessLimiter
     gate: SessionGate
-    # A RelaySession for a new client connection: (client ip, port, tls?) -> session
+    # A RelaySession for a new client connection: (client ip, port) -> session
     new_relay: Callable[[str, int], RelaySession]
     offer: Callable[[], Offer]
     tls_context: ssl.SSLContext | None = None
@@ -371,628 +151,363 @@ class EdgeContext:
     shutting_down: bool = False
     # How the tarpit waits; tests inject a recorder so they never sleep.
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    core_limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core_limits = self.limits.core()
 
 
-def _wire(reply: ReplyLike) -> str:
-    if isinstance(reply, NextHopReply):
-        return reply.wire()
-    return str(reply)
-
-
-class _Outcome:
-    """A reply to send, whether it counts as an error, and what the guard says about it."""
-
-    __slots__ = ("close", "failed_guess", "reply")
-
-    def __init__(self, reply: ReplyLike, failed_guess: bool = False, close: bool = False) -> None:
-        self.reply = reply
-        self.failed_guess = failed_guess
-        self.close = close
-
-
-Deferred = Callable[[], Awaitable[_Outcome]]  # called (and awaited) only when its turn comes
-
-
-async def _ready(outcome: _Outcome) -> _Outcome:
-    return outcome
-
-
-class EdgeProtocol(SMTP):
+class EdgeProtocol(asyncio.Protocol):
     """One client connection. Built by `serve` per connection with the listener's shared context."""
 
-    # Commands we answer, resolved once per class (aiosmtpd builds this per connection with dir()).
-    _COMMANDS: ClassVar[dict[str, Callable[[EdgeProtocol, str | None], Awaitable[None]]]] = {}
-
     def __init__(self, context: EdgeContext) -> None:
-        # Deliberately not SMTP.__init__ (see the module docstring); set what its kept methods use.
-        loop = asyncio.get_running_loop()
-        self.loop = loop
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            # The reader's limit is also its flow-control mark (it pauses the socket at twice the limit),
-            # so a command-sized limit would make DATA arrive in 4 KiB sips. Command lines are held to
-            # command_line_limit below instead.
-            asyncio.StreamReader(loop=loop, limit=max(_READ_LIMIT, context.limits.command_line_limit)),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
-        )
         self.ctx = context
-        self.__ident__ = "ESMTP"
-        self.hostname = context.hostname
-        self.tls_context = context.tls_context
-        self.require_starttls = False
-        self.enable_SMTPUTF8 = True
-        self.data_size_limit = context.limits.message_size_limit
-        self._decode_data = False
-        self._timeout_duration = context.limits.command_timeout
-        # The idle timer: aiosmtpd made a TimerHandle per command (eight per message); one Deadline
-        # moves instead. aiosmtpd's connection_lost calls _timeout_handle.cancel(), which ends it.
-        self._idle = Deadline(loop, self._timeout_cb)
-        self._timeout_handle = self._idle  # type: ignore[assignment]
-        self._tls_handshake_okay = True
-        self._tls_protocol: Any = None
-        self._original_transport: asyncio.BaseTransport | None = None
-        self.session: Session | None = None
-        self.envelope: Any = None
-        self.transport: asyncio.BaseTransport | None = None
-        self._handler_coroutine: asyncio.Task[None] | None = None
-        self._handle_hooks: dict[str, Any] = {}
-        self._proxy_timeout = None
-        self.event_handler = None
-        # ours
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.core = ServerConnection(context.hostname, context.core_limits, context.tls_context is not None)
+        self.relay: RelaySession | None = None
         self.client_ip = ""
         self.client_port = 0
-        self.helo: str | None = None
-        self.esmtp = False
-        self.relay: RelaySession | None = None
-        self.offer: Offer | None = None
-        self.mail: MailCommand | None = None
-        self.rcpt_count = 0  # RCPT commands in this transaction
-        # Recipients accepted, or whose answer is still owed: what recipient_limit counts (as Postfix's
-        # smtpd_recipient_limit counts accepted ones, so refused guesses do not use it up).
-        self.rcpt_taken = 0
         self.errors = ErrorTally(context.guard)
-        self._pending: deque[Deferred] = deque()
-        self._refusal: Reply | None = None
+        # The idle timer: one Deadline moved on every command, not a timer made and cancelled each time.
+        self._idle = Deadline(self.loop, self._timeout)
+        self._pending: deque[RcptAnswer] = deque()  # RCPT replies owed, in order
+        self._task: asyncio.Task[None] | None = None  # the command in hand, if it waits on something
         self._admitted = False
-        self._in_data = False
         self._closing = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._under_tls: list[bytes] = []
 
     # ------------------------------------------------------------------ connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        if first:
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple):
-                self.client_ip, self.client_port = str(peer[0]), int(peer[1])
-            if self.ctx.shutting_down:
-                self._refusal = replies.SHUTTING_DOWN
-            else:
-                self._refusal = self.ctx.gate.admit(self.client_ip)
-            if self._refusal is None:
-                self._admitted = True
-                if self.ctx.sessions is not None:
-                    self.ctx.sessions.add(self)
-        super().connection_made(transport)
-        if not first:
-            # After STARTTLS (RFC 3207 §4.2): forget everything the client said before it.
-            self.helo = None
-            self.esmtp = False
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        ctx = self.ctx
+        refusal = replies.SHUTTING_DOWN if ctx.shutting_down else ctx.gate.admit(self.client_ip)
+        if refusal is not None:
+            self._write(self.core.send(refusal))
+            self._close()
+            return
+        self._admitted = True
+        if ctx.sessions is not None:
+            ctx.sessions.add(self)
+        self.relay = relay = ctx.new_relay(self.client_ip, self.client_port)
+        self.core.xforward = relay.offers_xforward
+        self._write(self.core.send(replies.greeting(ctx.hostname)))
+        self._idle.set(ctx.limits.command_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        if core.state is State.TLS:
+            # Only the TLS layer can give us bytes now (reading was paused before the 220): the client's
+            # first commands under TLS, which can come before start_tls has returned the new transport.
+            self._under_tls.append(data)
+            return
+        core.receive_data(data)
+        if self._task is None:
+            self._pump()
+        elif core.buffered_octets > _BUFFER_LIMIT:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        # The client half-closed: what it pipelined before (the final dot, QUIT) is still answered, so
+        # the transport stays open for our replies (a TLS transport cannot stay half-open).
+        self.core.receive_data(b"")
+        if self._task is None:
+            self._pump()
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._closing = True
+        self._idle.cancel()
         if self._admitted:
             self._admitted = False
             self.ctx.gate.leave(self.client_ip)
             if self.ctx.sessions is not None:
                 self.ctx.sessions.discard(self)
-        super().connection_lost(error)
+        if self._task is not None:
+            self._task.cancel()
+        self._pending.clear()
+        if self.relay is not None:
+            self.relay.close()
 
-    def eof_received(self) -> bool | None:
-        # aiosmtpd cancels the session here; we let the reader drain what was pipelined before the
-        # half-close (the final dot, QUIT) and see the end of the stream itself.
-        if self.session is not None and self.session.ssl is not None:
-            return False
-        return asyncio.StreamReaderProtocol.eof_received(self)
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop taking its commands until it does.
+        self._writing_paused = True
+        self._pause_reading()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """The client has `duration` seconds (default: the command timeout) to send what we wait for."""
-        self._idle.set(duration or self._timeout_duration)
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._task is None:
+            self._pump()
 
-    def _stop_timer(self) -> None:
-        """We no longer wait on the client (it waits on us: the next hop, a tarpit delay)."""
-        self._idle.clear()
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
 
-    def _timeout_cb(self) -> None:
-        # RFC 5321 §4.5.3.2.7; Postfix says 421 4.4.2 before closing, and so do we.
-        if self.transport is not None and not self.transport.is_closing():
-            writer = self._writer
-            writer.write(f"{replies.TIMEOUT}\r\n".encode())
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self._writing_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._idle.cancel()
+        if self.transport is not None:
             self.transport.close()
 
-    async def push(self, status: str | bytes) -> None:
-        data = status.encode("utf-8", "surrogateescape") if isinstance(status, str) else status
-        writer = self._writer
-        writer.write(data + b"\r\n")
-        transport = writer.transport
-        # drain() waits only while the client reads slower than we write, and raises once it is gone; a
-        # reply the socket took whole needs neither, and skipping the coroutine saves it seven times a
-        # message.
-        if transport.get_write_buffer_size() or transport.is_closing():
-            await writer.drain()
+    def _timeout(self) -> None:
+        # RFC 5321 §4.5.3.2.7; Postfix says 421 4.4.2 before closing, and so do we.
+        if self.core.state is not State.CLOSED:
+            self._write(self.core.send(replies.TIMEOUT))
+        self._close()
 
-    # ------------------------------------------------------------------ the command loop
+    # ------------------------------------------------------------------ events
 
-    def _buffered_line(self) -> bool:
-        # aiosmtpd itself reaches into the reader's buffer (after STARTTLS); we only look at it, to
-        # know whether the client has pipelined more commands.
-        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
-        return b"\n" in buffer
-
-    async def _flush(self) -> None:
-        """Send the replies owed, in order, applying each one's penalties."""
-        while self._pending:
-            deferred = self._pending.popleft()
-            outcome = await deferred()
-            await self._answer(outcome)
-
-    async def _answer(self, outcome: _Outcome) -> None:
-        reply = outcome.reply
-        penalty = Penalty()
-        if outcome.failed_guess:
-            penalty = self.ctx.guesses.failed_guess(self.client_ip)
-            if penalty.disconnect:
-                # Over its guess budget: this guess is never answered (an answer is what it wants).
-                log.info("client %s: too many failed tag checks, disconnecting", self.client_ip)
-                await self.push(str(replies.TOO_MANY_ERRORS))
-                self._closing = True
-                return
-        penalty = penalty.then(self.errors.reply(reply))
-        if penalty.delay:
-            await self.ctx.sleep(penalty.delay)
-        await self.push(_wire(reply))
-        if penalty.disconnect or outcome.close:
-            if penalty.disconnect:
-                log.info("client %s: too many errors, disconnecting", self.client_ip)
-                await self.push(str(replies.TOO_MANY_ERRORS))
-            self._closing = True
-
-    async def _reply(self, reply: ReplyLike, failed_guess: bool = False, close: bool = False) -> None:
-        """Answer now: after whatever is owed to pipelined commands before it."""
-        if self._pending:
-            outcome = _Outcome(reply, failed_guess, close)
-            self._pending.append(lambda: _ready(outcome))
-            await self._flush()
-        else:
-            await self._answer(_Outcome(reply, failed_guess, close))
-
-    async def _handle_client(self) -> None:
+    def _pump(self) -> None:
+        """Handle what the client has sent, as far as we can without waiting on anything."""
+        core = self.core
         try:
-            await self._session()
-        except asyncio.CancelledError:
-            raise
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            while self._task is None and not self._closing and not self._writing_paused:
+                event = core.next_event()
+                if event is NEED_DATA:
+                    if self._pending:
+                        # The client has stopped sending: the RCPT replies owed go out now.
+                        self._start(self._flush())
+                        return
+                    if self.ctx.shutting_down and core.mail is None and not core.in_data:
+                        self._write(core.send(replies.SHUTTING_DOWN))
+                        self._close()
+                        return
+                    # The idle timer runs only while we wait for the client, never while it waits for
+                    # us (the next hop's verdict, a tarpit delay): those have their own limits.
+                    self._idle.set(
+                        self.ctx.limits.data_timeout if core.in_data else self.ctx.limits.command_timeout
+                    )
+                    self._resume_reading()
+                    return
+                if event is PAUSED:
+                    return  # a reply is owed by whatever holds it (the TLS handshake)
+                self._idle.clear()
+                if not self._handle_now(event):
+                    self._start(self._handle_later(event))
+                    return
+        except ConnectionError:
+            self._close()
         except Exception:
-            # Never leak an internal error to the client: log it here, give a generic 451 there.
-            log.exception("client %s: internal error", self.client_ip)
-            try:
-                await self.push(str(replies.LOCAL_ERROR))
-            except Exception:  # noqa: S110 - the client may be gone; the error is logged above
-                pass
+            self._internal_error()
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        self._task = self.loop.create_task(self._run(work))
+
+    async def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        me = asyncio.current_task()
+        core = self.core
+        try:
+            await work
+            # Go on with what the client has already sent in this task, rather than one task each: a
+            # message's chunks and its end, RCPTs and their replies, come in one burst.
+            while self._task is me and not self._closing and not self._writing_paused:
+                event = core.next_event()
+                if event is NEED_DATA and self._pending:
+                    await self._flush()
+                    continue
+                if event is NEED_DATA or event is PAUSED:
+                    break
+                self._idle.clear()
+                if not self._handle_now(event):
+                    await self._handle_later(event)
+        except ConnectionError:
+            self._close()
+        except Exception:
+            self._internal_error()
         finally:
-            self._pending.clear()
-            if self.relay is not None:
-                await self.relay.close()
-            if self.transport is not None:
-                self.transport.close()
+            if self._task is me:
+                self._task = None
+        if self._task is None and not self._closing:
+            self._pump()
 
-    async def _session(self) -> None:
-        if self._refusal is not None:
-            await self.push(str(self._refusal))
-            return
-        self.relay = self.ctx.new_relay(self.client_ip, self.client_port)
-        await self.push(f"220 {self.hostname} ESMTP")
-        junk = 0
-        while not self._closing and self.transport is not None:
-            if not self._pending or not self._buffered_line():
-                await self._flush()
-                if self._closing:
-                    break
-                if self.ctx.shutting_down and self.mail is None and not self._buffered_line():
-                    await self.push(str(replies.SHUTTING_DOWN))
-                    break
-            # The idle timer runs only while we wait for the client, never while it waits for us (the
-            # next hop's verdict, a tarpit delay): those have their own, shorter, limits.
-            self._reset_timeout()
-            try:
-                line = await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as error:
-                await self._skip_long_line(error.consumed)
-                await self._reply(replies.LINE_TOO_LONG)
-                continue
-            except asyncio.IncompleteReadError:
-                break  # the client closed its side
-            finally:
-                self._stop_timer()
-            if len(line) > self.ctx.limits.command_line_limit:
-                await self._reply(replies.LINE_TOO_LONG)
-                continue
-            line = line.rstrip(b"\r\n")
-            verb, _, rest = line.partition(b" ")
-            try:
-                command = verb.decode("ascii").upper()
-            except UnicodeDecodeError:
-                command = ""
-            handler = self._COMMANDS.get(command)
-            if handler is None:
-                junk += 1
-                await self._reply(Reply(500, "5.5.2", "Error: command not recognized"))
-                if junk >= self.ctx.limits.max_unknown_commands:
-                    await self._reply(replies.TOO_MANY_ERRORS, close=True)
-                continue
-            arg = rest.strip().decode("utf-8", "surrogateescape") if rest.strip() else None
-            await handler(self, arg)
+    def _internal_error(self) -> None:
+        # Never leak an internal error to the client: log it here, give a generic 451 there. Written
+        # around the core, whose state is not to be trusted after this; the session ends here.
+        log.exception("client %s: internal error", self.client_ip)
+        self._write(f"{replies.LOCAL_ERROR}\r\n".encode())
+        self._close()
 
-    async def _skip_long_line(self, consumed: int) -> None:
-        await self._reader.readexactly(consumed)
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as error:
-                await self._reader.readexactly(error.consumed)
-
-    # ------------------------------------------------------------------ commands
-
-    async def _greet(self, verb: str, arg: str | None, esmtp: bool) -> bool:
-        """HELO and EHLO alike: a name is required; the transaction and the client's name start afresh."""
-        if not arg:
-            await self._reply(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
-            return False
-        await self._reset_transaction()
-        self.helo, self.esmtp = arg, esmtp
-        if self.relay is not None:
-            self.relay.greeted(arg, esmtp=esmtp, tls=self._tls_protocol is not None)
+    def _handle_now(self, event: Event) -> bool:
+        """Handle `event` if that needs no waiting; False if it must run as a task."""
+        if self._pending and not isinstance(event, Rcpt):
+            return False  # the RCPT replies owed come first
+        relay = self.relay
+        assert relay is not None
+        reply: ReplyLike | Offer
+        if isinstance(event, Refused):
+            reply = event.reply
+        elif isinstance(event, Mail):
+            reply = replies.SHUTTING_DOWN if self.ctx.shutting_down else relay.mail(event.command)
+        elif isinstance(event, Helo | Ehlo):
+            esmtp = isinstance(event, Ehlo)
+            relay.reset()
+            relay.greeted(event.name, esmtp=esmtp, tls=self.core.tls_active)
+            reply = self.ctx.offer() if esmtp else replies.helo_ok(self.ctx.hostname)
+        elif isinstance(event, Rset | Quit):
+            relay.reset()
+            reply = replies.OK if isinstance(event, Rset) else replies.BYE
+        elif isinstance(event, XForward):
+            relay.xforward(dict(event.attributes))
+            reply = replies.OK
+        elif type(event) in _FIXED_REPLIES:
+            reply = _FIXED_REPLIES[type(event)]
+        elif isinstance(event, StartTls):
+            self._start_tls()
+            return True
+        elif isinstance(event, ConnectionClosed):
+            self._close()
+            return True
+        else:
+            return False  # RCPT, DATA and the message: the relay waits on the next hop
+        self._answer_soon(reply)
         return True
 
-    async def smtp_HELO(self, arg: str | None) -> None:
-        if await self._greet("HELO", arg, esmtp=False):
-            await self._reply(Reply(250, "", self.hostname))
-
-    async def smtp_EHLO(self, arg: str | None) -> None:
-        if not await self._greet("EHLO", arg, esmtp=True):
-            return
-        offer = self.ctx.offer()
-        if self._tls_protocol is not None:
-            offer = Offer(offer.size, offer.eight_bit, offer.smtputf8, offer.dsn, starttls=False)
-        self.offer = offer
-        lines = [self.hostname, "PIPELINING"]
-        if offer.size is not None:
-            lines.append(f"SIZE {offer.size}")
-        if offer.eight_bit:
-            lines.append("8BITMIME")
-        if offer.smtputf8:
-            lines.append("SMTPUTF8")
-        if offer.dsn:
-            lines.append("DSN")
-        if offer.starttls:
-            lines.append("STARTTLS")
-        if self.relay is not None and self.relay.offers_xforward:
-            lines.append(XFORWARD_OFFER)
-        lines.append("ENHANCEDSTATUSCODES")
-        await self._reply(NextHopReply(250, tuple(lines)))
-
-    async def smtp_NOOP(self, arg: str | None) -> None:
-        await self._reply(replies.OK)
-
-    async def smtp_RSET(self, arg: str | None) -> None:
-        if arg:
-            await self._reply(Reply(501, "5.5.4", "Syntax: RSET"))
-            return
-        await self._reset_transaction()
-        await self._reply(replies.OK)
-
-    async def smtp_QUIT(self, arg: str | None) -> None:
-        await self._reset_transaction()
-        await self._reply(replies.BYE, close=True)
-
-    async def smtp_VRFY(self, arg: str | None) -> None:
-        # RFC 5321 §3.5.3: 252 when we do not verify; we never disclose anything here.
-        await self._reply(VRFY_REPLY)
-
-    async def smtp_EXPN(self, arg: str | None) -> None:
-        await self._reply(Reply(502, "5.5.1", "EXPN not implemented"))
-
-    async def smtp_HELP(self, arg: str | None) -> None:
-        await self._reply(Reply(214, "2.0.0", "See RFC 5321"))
-
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        # Postfix's XFORWARD_README: between transactions only, and only from a client we offered it to.
-        if self.relay is None or not self.relay.offers_xforward:
-            await self._reply(Reply(550, "5.7.0", "Error: insufficient authorization"))
-            return
-        if self.mail is not None:
-            await self._reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
-            return
-        try:
-            attributes = parse_xforward(arg or "")
-        except ValueError as error:
-            await self._reply(Reply(501, "5.5.4", str(error)))
-            return
-        self.relay.xforward(attributes)
-        await self._reply(replies.OK)
-
-    async def smtp_STARTTLS(self, arg: str | None) -> None:
-        if self.tls_context is None or self._tls_protocol is not None:
-            await self._reply(Reply(502, "5.5.1", "STARTTLS not available"))
-            return
-        if arg:
-            await self._reply(Reply(501, "5.5.4", "Syntax: STARTTLS"))
-            return
-        await self._flush()
-        await self._reset_transaction()
-        await SMTP.smtp_STARTTLS(self, "")
-
-    # ---- MAIL
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        if self.helo is None:
-            await self._reply(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
-            return
-        if self.mail is not None:
-            await self._reply(Reply(503, "5.5.1", "Error: nested MAIL command"))
-            return
-        if self.ctx.shutting_down:
-            await self._reply(replies.SHUTTING_DOWN, close=True)
-            return
-        try:
-            mail = self._parse_mail(arg)
-        except CommandError as error:
-            await self._reply(error.reply)
-            return
-        assert self.relay is not None
-        reply = self.relay.mail(mail)
-        if reply.positive:
-            self.mail = mail
-            self.rcpt_count = self.rcpt_taken = 0
-        await self._reply(reply)
-
-    def _parse_mail(self, arg: str | None) -> MailCommand:
-        if arg is None or arg[:5].upper() != "FROM:":
-            raise CommandError(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
-        path, params = self._split_path(arg[5:])
-        sender = self._address(path, null_ok=True)
-        offer = self.offer
-        size: int | None = None
-        eight_bit = smtputf8 = dsn = False
-        seen: set[str] = set()
-        for param in params:
-            keyword, _, value = param.partition("=")
-            keyword = keyword.upper()
-            if keyword in seen:
-                raise CommandError(Reply(501, "5.5.4", f"Duplicate MAIL parameter {keyword}"))
-            seen.add(keyword)
-            if keyword == "SIZE" and offer and offer.size is not None:
-                if not value.isdigit():
-                    raise CommandError(Reply(501, "5.5.4", "Bad SIZE parameter"))
-                size = int(value)
-                # RFC 1870: refuse at MAIL what we (or the next hop, per the SIZE we offered) cannot take.
-                if offer.size and size > offer.size:
-                    raise CommandError(replies.MESSAGE_TOO_BIG)
-            elif keyword == "BODY" and offer and offer.eight_bit:
-                if value.upper() not in ("7BIT", "8BITMIME"):
-                    raise CommandError(Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME"))
-                eight_bit = value.upper() == "8BITMIME"
-            elif keyword == "SMTPUTF8" and offer and offer.smtputf8:
-                if value:
-                    raise CommandError(Reply(501, "5.5.4", "SMTPUTF8 takes no value"))
-                smtputf8 = True
-            elif keyword == "RET" and offer and offer.dsn:
-                if value.upper() not in ("FULL", "HDRS"):
-                    raise CommandError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
-                dsn = True
-            elif keyword == "ENVID" and offer and offer.dsn:
-                if not value or len(value) > 100 or not _XTEXT.match(value):
-                    raise CommandError(Reply(501, "5.5.4", "Bad ENVID parameter"))
-                dsn = True
-            else:
-                raise CommandError(Reply(555, "5.5.4", f"MAIL parameter {keyword} not recognized"))
-        if not smtputf8 and not path.isascii():
-            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
-        return MailCommand(path, sender, params, size, eight_bit, smtputf8, dsn)
-
-    # ---- RCPT
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        if self.mail is None:
-            await self._reply(Reply(503, "5.5.1", "Error: need MAIL command"))
-            return
-        try:
-            rcpt = self._parse_rcpt(arg, self.mail)
-        except CommandError as error:
-            await self._reply(error.reply)
-            return
-        if self.rcpt_taken >= self.ctx.limits.recipient_limit:
-            await self._reply(replies.TOO_MANY_RECIPIENTS)
-            return
-        self.rcpt_count += 1
-        self.rcpt_taken += 1
-        assert self.relay is not None
-        answer = await self.relay.rcpt(rcpt)
-        self._pending.append(lambda: self._rcpt_outcome(answer))
-        # The reply waits while the client is still pipelining; the loop flushes when it stops.
-
-    async def _rcpt_outcome(self, answer: Callable[[], Awaitable[tuple[ReplyLike, bool]]]) -> _Outcome:
-        reply, failed_guess = await answer()
-        if reply.code >= 400:
-            self.rcpt_taken -= 1
-        return _Outcome(reply, failed_guess)
-
-    def _parse_rcpt(self, arg: str | None, mail: MailCommand) -> RcptCommand:
-        if arg is None or arg[:3].upper() != "TO:":
-            raise CommandError(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
-        path, params = self._split_path(arg[3:])
-        bare_postmaster = path.lower() == "postmaster"
-        recipient = (
-            Address("postmaster", self.hostname) if bare_postmaster else self._address(path, null_ok=False)
-        )
-        assert recipient is not None
-        offer = self.offer
-        dsn = False
-        seen: set[str] = set()
-        for param in params:
-            keyword, _, value = param.partition("=")
-            keyword = keyword.upper()
-            if keyword in seen:
-                raise CommandError(Reply(501, "5.5.4", f"Duplicate RCPT parameter {keyword}"))
-            seen.add(keyword)
-            if keyword == "NOTIFY" and offer and offer.dsn:
-                words = value.upper().split(",")
-                if not (words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS)):
-                    raise CommandError(Reply(501, "5.5.4", "Bad NOTIFY parameter"))
-                dsn = True
-            elif keyword == "ORCPT" and offer and offer.dsn:
-                kind, semi, address = value.partition(";")
-                if not semi or not kind or len(value) > 500 or not _XTEXT.match(address):
-                    raise CommandError(Reply(501, "5.5.4", "Bad ORCPT parameter"))
-                dsn = True
-            else:
-                raise CommandError(Reply(555, "5.5.4", f"RCPT parameter {keyword} not recognized"))
-        if not mail.smtputf8 and not path.isascii():
-            raise CommandError(Reply(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"))
-        return RcptCommand(path, recipient, params, dsn, bare_postmaster)
-
-    def _split_path(self, text: str) -> tuple[str, tuple[str, ...]]:
-        """The path inside <...> and the parameters after it (each as written)."""
-        text = text.lstrip(" ")  # "MAIL FROM: <a@b>" is common enough to accept (Postfix does)
-        match = _SIMPLE_PATH.match(text)
-        if match is not None:
-            path, rest = match.group(1), match.group(2)
-        else:
-            # The unusual: quoted local parts, source routes. aiosmtpd's (email package) parser knows them.
-            if not text.startswith("<"):
-                raise CommandError(Reply(501, "5.5.4", "Syntax: address must be in angle brackets"))
-            if text.startswith("<>"):
-                path, rest = "", text[2:].lstrip(" ") or None
-            else:
-                address, remainder = self._getaddr(text)
-                if address is None:
-                    raise CommandError(replies.malformed_address())
-                path, rest = address, (remainder or "").strip() or None
-        params: tuple[str, ...] = ()
-        if rest:
-            if not self.esmtp:
-                raise CommandError(Reply(501, "5.5.4", "Parameters need EHLO"))
-            params = tuple(rest.split())
-            for param in params:
-                if not _PARAM.match(param):
-                    raise CommandError(Reply(501, "5.5.4", "Syntax error in parameters"))
-        return path, params
-
-    @staticmethod
-    def _address(path: str, null_ok: bool) -> Address | None:
-        try:
-            address = parse_path(f"<{path}>")
-        except AddressError as error:
-            raise CommandError(replies.malformed_address(error.status_hint)) from None
-        if address is None and not null_ok:
-            raise CommandError(replies.NULL_RECIPIENT)
-        return address
-
-    # ---- DATA
-
-    async def smtp_DATA(self, arg: str | None) -> None:
-        if arg:
-            await self._reply(Reply(501, "5.5.4", "Syntax: DATA"))
-            return
-        if self.mail is None:
-            await self._reply(Reply(503, "5.5.1", "Error: need MAIL command"))
-            return
-        if self.rcpt_count == 0:
-            await self._reply(Reply(503, "5.5.1", "Error: need RCPT command"))
-            return
-        assert self.relay is not None
-        # DATA goes to the next hop behind the pipelined RCPTs; their replies are owed first.
-        start = await self.relay.data_start()
-        await self._flush()
-        reply = await start()
-        if reply.code != 354:
-            self.mail = None
-            await self._reply(reply)
-            return
-        await self.push(str(replies.START_DATA))
-        await self._stream_data()
-
-    async def _stream_data(self) -> None:
-        limits = self.ctx.limits
-        decoder = DataDecoder(limits.message_size_limit, limits.line_length_limit, limits.bare_newline)
-        assert self.relay is not None
+    async def _handle_later(self, event: Event) -> None:
         relay = self.relay
-        reader = self._reader
-        self._in_data = True
-        try:
-            while not decoder.done:
-                self._reset_timeout(limits.data_timeout)
-                chunk = await reader.read(_READ_LIMIT)
-                self._stop_timer()
-                if not chunk:
-                    # The client went away mid-DATA: nothing was accepted, nothing may be delivered.
-                    relay.abort()
-                    self._closing = True
-                    return
-                out = decoder.feed(chunk)
-                if out and decoder.failure is None:
-                    await relay.data_chunk(out)
-            if decoder.leftover:
-                # Commands the client pipelined after the final dot (QUIT): give them back to the reader.
-                buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-                buffer[:0] = decoder.leftover
-        finally:
-            self._in_data = False
-        reply = await relay.data_end(decoder.failure)
-        self.mail = None
-        await self._reply(reply)
-
-    async def _reset_transaction(self) -> None:
-        self.mail = None
-        self.rcpt_count = self.rcpt_taken = 0
-        if self.relay is not None:
+        assert relay is not None
+        if isinstance(event, Rcpt):
+            self._pending.append(await relay.rcpt(event.command))
+            # The reply waits while the client is still pipelining; the pump flushes when it stops.
+        elif isinstance(event, DataChunk):
+            await relay.data_chunk(event.data)
+        elif isinstance(event, Data):
+            # DATA goes to the next hop behind the pipelined RCPTs; their replies are owed first.
+            start = await relay.data_start()
             await self._flush()
-            self.relay.reset()
+            reply = await start()
+            await self._answer(replies.START_DATA if reply.code == 354 else reply)
+        elif isinstance(event, EndOfData):
+            await self._answer(await relay.data_end(event.failure))
+        else:
+            await self._flush()
+            if not self._closing and not self._handle_now(event):
+                raise AssertionError(f"no handler for {event!r}")
+
+    # ------------------------------------------------------------------ replies
+
+    async def _flush(self) -> None:
+        """Send the RCPT replies owed, in order, applying each one's penalties."""
+        while self._pending and not self._closing:
+            answer = self._pending.popleft()
+            reply, failed_guess = await answer()
+            await self._answer(reply, failed_guess)
+        self._pending.clear()
+
+    def _judge(self, reply: ReplyLike | Offer, failed_guess: bool) -> tuple[Penalty, bool]:
+        """The guard's penalty for this reply, and whether it is never to be sent (a guess too many)."""
+        penalty = Penalty()
+        if failed_guess:
+            penalty = self.ctx.guesses.failed_guess(self.client_ip)
+            if penalty.disconnect:
+                return penalty, True
+        if isinstance(reply, Reply | NextHopReply):
+            penalty = penalty.then(self.errors.reply(reply))
+        return penalty, False
+
+    def _deliver(self, reply: ReplyLike | Offer, penalty: Penalty, withheld: bool) -> None:
+        core = self.core
+        if withheld:
+            # Over its guess budget: this guess is never answered (an answer is what it wants).
+            log.info("client %s: too many failed tag checks, disconnecting", self.client_ip)
+            self._write(core.send(replies.TOO_MANY_ERRORS))
+            self._close()
+            return
+        self._write(core.send(reply))
+        if penalty.disconnect:
+            log.info("client %s: too many errors, disconnecting", self.client_ip)
+            if core.state is not State.CLOSED:
+                self._write(core.send(replies.TOO_MANY_ERRORS))
+            self._close()
+        elif core.state is State.CLOSED:
+            self._close()  # QUIT, or a 421
+
+    async def _answer(self, reply: ReplyLike | Offer, failed_guess: bool = False) -> None:
+        if self._closing:
+            return
+        penalty, withheld = self._judge(reply, failed_guess)
+        if penalty.delay and not withheld:
+            await self.ctx.sleep(penalty.delay)
+            if self._closing:
+                return
+        self._deliver(reply, penalty, withheld)
+
+    def _answer_soon(self, reply: ReplyLike | Offer) -> None:
+        """Answer now, or after the tarpit's delay (a task, so nothing more is read meanwhile)."""
+        penalty, withheld = self._judge(reply, False)
+        if penalty.delay and not withheld:
+            self._start(self._deliver_later(reply, penalty))
+        else:
+            self._deliver(reply, penalty, withheld)
+
+    async def _deliver_later(self, reply: ReplyLike | Offer, penalty: Penalty) -> None:
+        await self.ctx.sleep(penalty.delay)
+        if not self._closing:
+            self._deliver(reply, penalty, False)
+
+    # ------------------------------------------------------------------ STARTTLS
+
+    def _start_tls(self) -> None:
+        assert self.relay is not None and self.ctx.tls_context is not None
+        self.relay.reset()
+        # Stop reading before the 220 goes out: the client's TLS hello must reach the TLS layer, not us.
+        self._pause_reading()
+        self._write(self.core.send(replies.READY_FOR_TLS))
+        self._start(self._handshake(self.ctx.tls_context))
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        assert self.transport is not None
+        try:
+            transport = await self.loop.start_tls(self.transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
+            log.info("client %s: TLS handshake failed: %s", self.client_ip, error)
+            self._close()
+            return
+        if transport is None:  # the connection went away during the handshake
+            self._close()
+            return
+        self.transport = transport
+        self._reading_paused = False  # start_tls resumes reading on the new transport
+        self.core.tls_started()
+        for data in self._under_tls:
+            self.core.receive_data(data)
+        self._under_tls.clear()
 
     # ------------------------------------------------------------------ shutdown
 
     def shutdown(self) -> None:
         """SIGTERM: an idle session is told 421 4.3.2 now; one in a transaction finishes it first."""
-        if self.mail is None and not self._in_data and not self._pending and not self._buffered_line():
-            if self.transport is not None and not self.transport.is_closing():
-                self._writer.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
-                self.transport.close()
+        core = self.core
+        if (
+            self._task is None
+            and not self._pending
+            and core.mail is None
+            and not core.in_data
+            and not core.buffered_command
+            and core.state is State.COMMAND
+        ):
+            self._write(core.send(replies.SHUTTING_DOWN))
+            self._close()
 
     def abort(self) -> None:
         """The shutdown deadline has passed: cut the connection (the client keeps its message)."""
         if self.transport is not None and not self.transport.is_closing():
-            if not self._in_data:
-                self._writer.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
-            self.transport.close()
-
-
-EdgeProtocol._COMMANDS = {
-    name[len("smtp_") :]: getattr(EdgeProtocol, name)
-    for name in (
-        "smtp_HELO",
-        "smtp_EHLO",
-        "smtp_NOOP",
-        "smtp_RSET",
-        "smtp_QUIT",
-        "smtp_VRFY",
-        "smtp_EXPN",
-        "smtp_HELP",
-        "smtp_XFORWARD",
-        "smtp_STARTTLS",
-        "smtp_MAIL",
-        "smtp_RCPT",
-        "smtp_DATA",
-    )
-}
+            if not self.core.in_data and self.core.state is not State.CLOSED:
+                self._write(self.core.send(replies.SHUTTING_DOWN))
+            self._close()
