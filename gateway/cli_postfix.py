@@ -324,12 +324,8 @@ async def _serve(
         notifier.stopping()
         log.info("shutting down")
     finally:
-        # A second SIGTERM (timeout(1) signals the command and then its process group) must not take the
-        # default action before the socket file is removed. Removing the loop's handlers would restore it
-        # for a moment, so each is replaced in place by one that ignores the signal; asyncio.run's close of
-        # the loop restores the defaults once the cleanup below is done.
-        for sig in workers_module.SIGNALS:
-            loop.add_signal_handler(sig, _ignore_signal)
+        # Not before the socket files are removed below.
+        workers_module.ignore_from_now_on(loop, workers_module.SIGNALS)
         await reloader.close()
         for server in servers:
             server.close()
@@ -337,10 +333,6 @@ async def _serve(
         for server in servers:
             await server.wait_closed()
     return 0
-
-
-def _ignore_signal() -> None:
-    pass
 
 
 def _reload(reloader: Any) -> None:

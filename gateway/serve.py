@@ -287,6 +287,6 @@ async def run(
         log.info("shutting down: %g s for transactions in flight", config.limits.shutdown_deadline)
         await gateway.stop()
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        # Not before the stop is logged and the process exits 0.
+        workers.ignore_from_now_on(loop, installed)
     return 0

@@ -45,7 +45,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,19 @@ def replay_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None
     """Once the loop's own handlers are installed: handle what arrived before, in order."""
     while _early_signals:
         (reload if _early_signals.pop(0) == signal.SIGHUP else stop)()
+
+
+def ignore_from_now_on(loop: asyncio.AbstractEventLoop, signals: Iterable[int]) -> None:
+    """Once a command is stopping: a further SIGTERM (an impatient stop, or timeout(1) signalling the
+    process and then its group) must not take the default action before the cleanup is done. Removing the
+    loop's handlers would restore that action at once, so each is replaced in place by one that ignores the
+    signal; closing the loop restores the defaults, when nothing is left to clean up."""
+    for sig in signals:
+        loop.add_signal_handler(sig, _ignore)
+
+
+def _ignore() -> None:
+    pass
 
 
 def bind(host: str, port: int, shared: bool) -> socket.socket:

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -483,3 +484,30 @@ def test_the_main_process_alone_speaks_to_systemd_ready_reloading_stopping(
             sock.settimeout(0.5)
             with pytest.raises(TimeoutError):
                 notified(sock)  # and nothing else, from anyone
+
+
+def test_a_sigterm_once_stopping_is_ignored_until_the_loop_is_closed() -> None:
+    """serve and the Postfix commands call ignore_from_now_on as they stop: a second SIGTERM must not take
+    the default action before they have cleaned up (removing the loop's handlers would restore it)."""
+    script = textwrap.dedent(
+        """
+        import asyncio, os, signal, sys
+        from gateway import workers
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stopped = []
+            loop.add_signal_handler(signal.SIGTERM, lambda: stopped.append(1))
+            workers.ignore_from_now_on(loop, [signal.SIGTERM])
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            print("alive, stop handler called:", bool(stopped), flush=True)
+
+        asyncio.run(main())
+        print("after the loop:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (run.returncode, run.stdout) == (0, "alive, stop handler called: False\nafter the loop: True\n")
