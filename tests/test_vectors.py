@@ -25,6 +25,7 @@ EXPECTED_COUNTS = {
     "srs-mailsrs.jsonl": 115,
     "srs-postsrsd.jsonl": 116,
     "srs-pysrs.jsonl": 115,
+    "srs-exim-native.jsonl": 37,
 }
 
 
@@ -34,14 +35,20 @@ def load(name: str) -> list[dict[str, Any]]:
 
 
 PRVS = load("prvs-exim.jsonl")
-SRS_CASES = [case for name in EXPECTED_COUNTS if name.startswith("srs-") for case in load(name)]
+SRS_CASES = [
+    case
+    for name in EXPECTED_COUNTS
+    if name.startswith("srs-") and name != "srs-exim-native.jsonl"
+    for case in load(name)
+]
+EXIM_NATIVE = load("srs-exim-native.jsonl")
 
 
 def test_case_counts() -> None:
     counts = {name: len(load(name)) for name in EXPECTED_COUNTS}
     print(f"vector cases: {counts}, total {sum(counts.values())}")
     assert counts == EXPECTED_COUNTS
-    assert len(PRVS) + len(SRS_CASES) == sum(EXPECTED_COUNTS.values())
+    assert len(PRVS) + len(SRS_CASES) + len(EXIM_NATIVE) == sum(EXPECTED_COUNTS.values())
 
 
 # --- prvs ---------------------------------------------------------------------------------------------
@@ -160,3 +167,36 @@ def test_srs_matches_implementation(case: dict[str, Any]) -> None:
     if case["impl"] == "postsrsd":
         # The daemon's tcp_table answer agrees with the recorded output.
         assert case["tcp_table_response"].startswith("200 " if case["ok"] else "500 ")
+
+
+# --- Exim's native SRS: a different scheme, never taken for ours ---------------------------------------
+
+
+def exim_native_encode(secret: str, address: str, day: int, alias: str) -> str:
+    """Exim 4.96's ${srs_encode}, as README.md states it (for comparison only; we do not implement it)."""
+    local, domain = address.rsplit("@", 1)
+    digest = hmac.new(secret.encode(), address.lower().encode(), "md5").hexdigest()[:4]
+    stamp, alphabet, value = "", "abcdefghijklmnopqrstuvwxyz234567", day & 0x3FF
+    while value:
+        stamp, value = alphabet[value & 31] + stamp, value >> 5
+    return f"SRS0={digest}={stamp}={domain}={local}@{alias}"
+
+
+@pytest.mark.parametrize("case", EXIM_NATIVE, ids=lambda c: c["id"])
+def test_exim_native_srs_is_never_valid_here(case: dict[str, Any]) -> None:
+    """docs/interop.md: Exim's SUPPORT_SRS (HMAC-MD5, a hex hash) does not interoperate with the Guarded
+    scheme of Mail::SRS, postsrsd and pysrs, which we implement. An address it wrote, checked here with the
+    very secret it used, must never pass as one of ours: it is a bad hash or malformed, never decoded."""
+    secret = case["secret"].encode()
+    if case["op"] == "srs_encode":
+        # The recorded output is the formula's: the vectors are understood, not just skipped.
+        assert exim_native_encode(case["secret"], case["input"], case["day_number"], case["orig_domain"]) == (
+            case["output"]
+        )
+        address, today = case["output"], case["day_number"]
+    else:
+        address, today = f"{case['input_local_part']}@fwd.example.net", case["day_number"]
+    result = srs.reverse(address, [secret], today)
+    assert result.verdict is not srs.SrsVerdict.VALID and result.address is None
+    if case["op"] == "inbound_srs" and case["verdict"] == "not_srs_syntax":
+        assert result.verdict is srs.SrsVerdict.NOT_SRS
