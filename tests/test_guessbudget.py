@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from tests.redis_server import RedisServer
 from tests.smtp_peers import run
 
 NOW = 1_796_450_000.0
+ROOT = Path(__file__).resolve().parent.parent
 GUESS = BudgetRule("guess-budget", rate=1.0, burst=3, max_delay=10.0, network_factor=2)
 
 class Budgets:
@@ -246,3 +250,57 @@ def test_a_store_that_raises_is_never_seen_by_the_caller() -> None:
     budget = FallbackBudget(Away(), "redis", retry_after=0.0)
     assert charges(budget, "198.51.100.7", [NOW] * 4)[-1] == Penalty(1.0)
     assert budget.outages == 1 and budget.fallbacks == 4
+
+
+CHARGER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from gateway.guessbudget import BudgetRule, SqliteBudget
+    from gateway.redisstore import RedisBudget, RedisState
+
+    async def main(kind, where, count):
+        rule = BudgetRule("guess-budget", 1.0, 3, max_delay=1e6, network_factor=0)
+        state = None
+        if kind == "redis":
+            state = RedisState(where, command_timeout=10.0)
+            budget = RedisBudget(rule, state)
+        else:
+            budget = SqliteBudget(rule, Path(where), busy_timeout=10.0)
+        try:
+            for _ in range(count):
+                penalty = await budget.charge("198.51.100.7", 1_796_450_000.0)
+                print(penalty.delay)
+        finally:
+            await budget.close()
+            if state is not None:
+                await state.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_processes_charging_at_once_lose_no_charge(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Workers and hosts charge one client at the same moment: every charge is counted once, so between
+    them they get the burst and then one more second each, exactly as one process would."""
+    where = request.getfixturevalue("redis_server").url if kind == "redis" else str(tmp_path / "state.sqlite")
+    count = 60
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHARGER, kind, where, str(count)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    delays: list[float] = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        delays += [float(line) for line in out.split()]
+    assert sorted(delays) == [0.0, 0.0] + [float(n) for n in range(2 * count - 2)]
