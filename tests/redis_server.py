@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import redis
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
@@ -79,8 +81,6 @@ class RedisServer:
 
     def command(self, *args: str) -> str:
         """redis-cli-like: one command over a fresh connection, the reply as text (tests only)."""
-        import redis
-
         with redis.Redis(unix_socket_path=str(self.socket), decode_responses=True) as client:
             return str(client.execute_command(*args))
 
