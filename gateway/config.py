@@ -184,6 +184,27 @@ class PolicydConfig:
     metrics_listen: HostPort | None = None  # the policy service's own /metrics endpoint; None: none
 
 
+class StateBackend(enum.Enum):
+    SQLITE = "sqlite"  # one host: a file beside the keyring, shared by its workers
+    REDIS = "redis"  # a fleet: every host and worker on one Redis
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """[state]: where the ledger and the shared budgets live (gateway/state.py makes the stores)."""
+
+    backend: StateBackend = StateBackend.SQLITE
+    path: Path | None = None  # sqlite: None is state.sqlite beside the keyring
+    url: str | None = field(default=None, repr=False)  # redis: may hold a password; state.redact it
+    key_prefix: str = "batv:"
+    connect_timeout: float = 0.5
+    command_timeout: float = 0.5
+    retry_after: float = 5.0  # seconds before a budget asks a store that was away again
+    guess_network_factor: int = 4  # a /24 or /48 gets this many times one client's guess budget
+    null_sender_rate: float = 0.0  # null-sender messages a second per client network; 0 = off
+    null_sender_burst: int = 10
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None
@@ -198,6 +219,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     # One line each, naming the file and the key: what loads but is probably not what the operator wants.
     # check-config prints them and serve logs them at start-up.
     warnings: tuple[str, ...] = ()
@@ -377,7 +399,10 @@ def unknown_error(origin: str, where: str, kind: str, name: str, allowed: Sequen
     )
 
 
-_TOP = ("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd")
+_TOP = (
+    *("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd"),
+    "state",
+)
 
 
 def _limits(table: _Table, base: Limits) -> Limits:
@@ -392,6 +417,50 @@ def _limits(table: _Table, base: Limits) -> Limits:
     if values["hard_error_limit"] < values["soft_error_limit"]:
         raise table.error("hard_error_limit", "must not be below soft_error_limit")
     return Limits(**values)
+
+
+_KEY_PREFIX = re.compile(r"[!-~]*")  # printable ASCII, no space
+
+
+def _state(table: _Table) -> StateConfig:
+    from .state import redact, url_problem  # state.py imports redis only when it makes a Redis store
+
+    backend = table.choice("backend", StateBackend, StateBackend.SQLITE)
+    path = table.path("path", None)
+    url = table.string("url", "") or None
+    if backend is StateBackend.REDIS:
+        if url is None:
+            raise table.error("url", 'is required with backend = "redis" (for example "redis://10.0.0.5:6379/0")')
+        problem = url_problem(url)
+        if problem:
+            raise table.error("url", f"{redact(url, url)!r} {problem}")
+        if path is not None:
+            raise table.error("path", 'is the SQLite file: leave it out with backend = "redis"')
+    elif url is not None:
+        raise table.error("url", 'applies to backend = "redis" only: set backend = "redis", or leave url out')
+    prefix = table.string("key_prefix", StateConfig.key_prefix)
+    if not _KEY_PREFIX.fullmatch(prefix) or "{" in prefix or "}" in prefix:
+        raise table.error(
+            "key_prefix", f"{prefix!r}: use printable ASCII without spaces or braces (braces are Redis"
+            ' Cluster hash tags), for example "batv:"'
+        )
+    values: dict[str, Any] = {}
+    for key in ("connect_timeout", "command_timeout", "retry_after", "null_sender_rate"):
+        values[key] = table.number(key, getattr(StateConfig, key))
+    for key in ("connect_timeout", "command_timeout"):
+        if values[key] <= 0:
+            raise table.error(key, f"must be more than 0 seconds (for example {getattr(StateConfig, key)})")
+    state = StateConfig(
+        backend=backend,
+        path=path,
+        url=url,
+        key_prefix=prefix,
+        guess_network_factor=table.integer("guess_network_factor", StateConfig.guess_network_factor, 0, 256),
+        null_sender_burst=table.integer("null_sender_burst", StateConfig.null_sender_burst, 1),
+        **values,
+    )
+    table.done()
+    return state
 
 
 def qualified(hostname: str) -> bool:
@@ -547,6 +616,7 @@ def parse(
         metrics_listen=pd.hostport("metrics_listen", None),
     )
     pd.done()
+    state = _state(root.table("state"))
     root.done()
 
     if settings.srs_options.always_rewrite and alias is None:
@@ -564,6 +634,7 @@ def parse(
         metrics=metrics,
         socketmap=socketmap,
         policyd=policyd,
+        state=state,
         warnings=tuple(warnings),
     )
 

@@ -1,4 +1,5 @@
-"""Suite-wide: the `log_stream` fixture, and a report of how many recorded interop cases ran, by file.
+"""Suite-wide: the `log_stream` and `redis_server` fixtures, and a report of how many recorded interop
+cases ran, by file.
 
 tests/test_vectors.py runs one test per case id (`prvs-exim-0001`, `srs-postsrsd-0042`, ...). The count
 is printed at the end of every run, so a CI log shows that every case of every vector file was run.
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from gateway import logs
+from tests.redis_server import RedisServer, running_redis
 
 
 @pytest.fixture
@@ -29,6 +31,12 @@ def log_stream() -> Iterator[io.StringIO]:
         logger.removeHandler(handler)
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a unix socket of its own, killed at teardown (tests/redis_server.py)."""
+    yield from running_redis()
 
 
 _CASE = re.compile(r"tests/test_vectors\.py::\w+\[((?:prvs|srs)-[a-z-]+?)-\d+\]$")

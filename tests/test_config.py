@@ -240,3 +240,39 @@ def test_a_domain_from_the_file_or_a_flag_is_enough() -> None:
 def test_the_grace_window_is_on_by_default_and_one_key_turns_it_off(tmp_path: Path) -> None:
     assert config.default().policy.bounce_grace is True
     assert config.load(write(tmp_path, "[policy]\nbounce_grace = false\n")).policy.bounce_grace is False
+
+
+def test_state_defaults_to_sqlite_and_a_redis_url_is_read(tmp_path: Path) -> None:
+    assert config.default().state == config.StateConfig()
+    assert config.load(EXAMPLE).state == config.StateConfig()  # the example shows the defaults
+    text = '[state]\nbackend = "redis"\nurl = "rediss://:pw@redis.example.com:6380/2"\nkey_prefix = "mx:"\n'
+    state = config.load(write(tmp_path, text)).state
+    assert state.backend is config.StateBackend.REDIS and state.url == "rediss://:pw@redis.example.com:6380/2"
+    assert state.key_prefix == "mx:" and state.connect_timeout == 0.5
+    assert "pw" not in repr(state)  # a config printed whole keeps the password out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('backend = "redis"', '[state] url: is required with backend = "redis"'),
+        ('backend = "memcached"', "[state] backend: expected one of 'sqlite', 'redis'"),
+        ('url = "redis://10.0.0.5"', '[state] url: applies to backend = "redis" only'),
+        ('backend = "redis"\nurl = "http://:s3cr3t@10.0.0.5/"', "must start with redis://, rediss:// or unix://"),
+        ('backend = "redis"\nurl = "redis://:s3cr3t@10.0.0.5:63x9/0"', "is not a URL with a valid port"),
+        ('backend = "redis"\nurl = "unix://relative.sock?password=s3cr3t"', "needs an absolute socket path"),
+        ('backend = "redis"\nurl = "redis:///0"', "names no host"),
+        ('backend = "redis"\nurl = "redis://h/0"\npath = "/var/lib/x"', "[state] path: is the SQLite file"),
+        ('key_prefix = "{batv}:"', "[state] key_prefix: '{batv}:': use printable ASCII without spaces"),
+        ("command_timeout = 0", "[state] command_timeout: must be more than 0 seconds"),
+        ("null_sender_burst = 0", "[state] null_sender_burst: expected a whole number at least 1"),
+        ("retries = 3", '[state] unknown key "retries"'),
+    ],
+)
+def test_state_mistakes_name_the_key_and_never_the_password(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, f"[state]\n{text}\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert "s3cr3t" not in message and "\n" not in message

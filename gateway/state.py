@@ -1,0 +1,158 @@
+"""[state]: the stores the ledger and the shared budgets live in, made from the config (`make_stores`).
+
+`backend = "sqlite"` (the default) is one file beside the keyring, shared by the workers of one host;
+`backend = "redis"` is one Redis for a fleet (redisstore.py). Either way the ledger answers
+StoreUnavailable when its store is away (the decision is then 451 4.3.0), and both budgets fall back to
+the process's own (guessbudget.FallbackBudget). docs/operations.md, "A fleet on Redis", has the policy.
+
+A Redis URL may carry a password (redis://:secret@host, ?password=secret): `redact` is applied to the URL
+and to every error text before either reaches a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .guard import GuardSettings
+from .guessbudget import BudgetRule, FallbackBudget, SqliteBudget
+from .ledger import LedgerStore, StoreUnavailable
+from .ledgerstore import SqliteLedgerStore
+
+if TYPE_CHECKING:
+    from .config import Config, StateConfig
+    from .redisstore import RedisState
+
+SCHEMES = ("redis", "rediss", "unix")
+STATE_FILE = "state.sqlite"
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The secrets a Redis URL may hold: the password of its userinfo, or of a ?password= parameter.
+
+    Read by hand rather than with urlsplit, which raises on a malformed host or port: an error about a
+    malformed URL must still leave its password out.
+    """
+    rest = url.partition("://")[2]
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo = netloc.rpartition("@")[0]
+    found = [userinfo.partition(":")[2]]
+    query = rest.partition("?")[2].partition("#")[0]
+    found += [value for name, value in urllib.parse.parse_qsl(query) if name == "password"]
+    # The text may show a secret percent-encoded or decoded; redact both forms.
+    forms = {form for secret in found if secret for form in (secret, urllib.parse.unquote(secret))}
+    return tuple(form for form in forms if form)
+
+
+def redact(text: str, url: str) -> str:
+    """`text` (the URL itself, an error) with every secret of `url` replaced by "***"."""
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a [state] url, as the end of a config error; None when it will do."""
+    example = (
+        'for example "redis://10.0.0.5:6379/0", "rediss://:PASSWORD@redis.example.com:6380/0"'
+        ' or "unix:///run/redis/redis.sock"'
+    )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (it raises on a port that is not a number)
+    except ValueError:
+        return f"is not a URL with a valid port ({example})"
+    if parts.scheme not in SCHEMES:
+        return f"must start with redis://, rediss:// or unix:// ({example})"
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            return f"needs an absolute socket path after unix:// ({example})"
+    elif not parts.hostname:
+        return f"names no host ({example})"
+    return None
+
+
+def state_path(config: Config) -> Path:
+    """The SQLite file: [state] path, or state.sqlite beside the keyring."""
+    return config.state.path or config.keyring_path.parent / STATE_FILE
+
+
+@dataclass
+class Stores:
+    """What [state] makes: the ledger's store and the two budgets, on one backend. Close it once."""
+
+    backend: str
+    ledger: LedgerStore
+    guess_budget: FallbackBudget
+    null_sender_rate: FallbackBudget
+    redis: RedisState | None = None
+
+    async def available(self) -> bool:
+        """A readiness detail: whether the store answers now."""
+        if self.redis is not None:
+            return await self.redis.ping()
+        try:
+            await self.ledger.lookup([bytes(32)])
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.ledger.close()
+        await self.guess_budget.close()
+        await self.null_sender_rate.close()
+        if self.redis is not None:
+            await self.redis.close()
+
+
+def budget_rules(config: Config) -> tuple[BudgetRule, BudgetRule]:
+    """The guess budget ([limits] guess_rate and guess_burst, per client and network) and the null-sender
+    rate (per network only)."""
+    state: StateConfig = config.state
+    guess = BudgetRule(
+        "guess-budget",
+        config.limits.guess_rate,
+        config.limits.guess_burst,
+        GuardSettings.max_guess_delay,
+        state.guess_network_factor,
+    )
+    null_sender = BudgetRule(
+        "null-sender-rate",
+        state.null_sender_rate,
+        state.null_sender_burst,
+        GuardSettings.max_guess_delay,
+        network_factor=1,
+        per_client=False,
+    )
+    return guess, null_sender
+
+
+async def make_stores(config: Config) -> Stores:
+    """Open the [state] stores. A Redis that is away now is not an error (the client connects when it
+    can); an SQLite file that cannot be made is StoreUnavailable."""
+    state = config.state
+    guess, null_sender = budget_rules(config)
+    backend = state.backend.value
+    if backend == "redis":
+        from .redisstore import RedisBudget, RedisLedgerStore, RedisState
+
+        assert state.url is not None  # config.py requires it with backend = "redis"
+        redis = RedisState(state.url, state.key_prefix, state.connect_timeout, state.command_timeout)
+        return Stores(
+            backend,
+            RedisLedgerStore(redis),
+            FallbackBudget(RedisBudget(guess, redis), backend, state.retry_after),
+            FallbackBudget(RedisBudget(null_sender, redis), backend, state.retry_after),
+            redis,
+        )
+    path = state_path(config)
+    ledger = await SqliteLedgerStore.open(path)
+    return Stores(
+        backend,
+        ledger,
+        FallbackBudget(SqliteBudget(guess, path), backend, state.retry_after),
+        FallbackBudget(SqliteBudget(null_sender, path), backend, state.retry_after),
+    )
