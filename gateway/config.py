@@ -185,6 +185,18 @@ class PolicydConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:
+    """`batv-gateway milter` (milterd.py): where it listens, and what makes a transaction outbound."""
+
+    listen: Listen = HostPort("127.0.0.1", 10032)
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+    outbound_daemons: tuple[str, ...] = ("ORIGINATING",)  # {daemon_name} values of the submission service
+    trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+    authenticated_outbound: bool = True  # {auth_authen} set: the client authenticated
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -198,6 +210,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     # One line each, naming the file and the key: what loads but is probably not what the operator wants.
     # check-config prints them and serve logs them at start-up.
     warnings: tuple[str, ...] = ()
@@ -378,6 +391,7 @@ def unknown_error(origin: str, where: str, kind: str, name: str, allowed: Sequen
 
 
 _TOP = ("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd")
+_TABLES: tuple[str, ...] = (*_TOP, "milter")  # its own line, so that tables added to _TOP merge cleanly
 
 
 def _limits(table: _Table, base: Limits) -> Limits:
@@ -410,8 +424,8 @@ def parse(
     root = _Table(origin, "", data)
     warnings: list[str] = []
     for key in data:
-        if key not in _TOP:
-            raise unknown_error(origin, "", "table", key, _TOP)
+        if key not in _TABLES:
+            raise unknown_error(origin, "", "table", key, _TABLES)
 
     gw = root.table("gateway")
     hostname = gw.string("hostname", "")
@@ -547,6 +561,19 @@ def parse(
         metrics_listen=pd.hostport("metrics_listen", None),
     )
     pd.done()
+
+    mi = root.table("milter")
+    mi_listen = mi.listen("listen", MilterConfig.listen)
+    mi_mode, mi_group = mi.socket_file(mi_listen)
+    milter = MilterConfig(
+        mi_listen,
+        socket_mode=mi_mode,
+        socket_group=mi_group,
+        outbound_daemons=mi.strings("outbound_daemons", MilterConfig.outbound_daemons),
+        trusted=mi.networks("trusted", LOOPBACK),
+        authenticated_outbound=mi.boolean("authenticated_outbound", True),
+    )
+    mi.done()
     root.done()
 
     if settings.srs_options.always_rewrite and alias is None:
@@ -564,6 +591,7 @@ def parse(
         metrics=metrics,
         socketmap=socketmap,
         policyd=policyd,
+        milter=milter,
         warnings=tuple(warnings),
     )
 
