@@ -300,7 +300,7 @@ def test_many_transactions_and_sessions_on_one_connection() -> None:
         await mta.mail("user@example.org")
         await mta.rcpt("friend@remote.test")
         await mta.send(b"A")
-        await mta.mail("")  # the same session: still authenticated? No: {auth_authen} came with the MAIL
+        await mta.mail("")  # {auth_authen} came with the aborted MAIL: this one is inbound
         refused = await mta.rcpt("user@example.org")
         await mta.send(b"A")
         await mta.send(b"K")
@@ -509,3 +509,47 @@ def subject(data: str) -> str:
 def root(tmp_path: Path) -> Iterator[Path]:
     with private_root(keep_log_in=tmp_path) as path:
         yield path
+
+
+def test_postfix_check_accepts_the_snippet(root: Path) -> None:
+    pf = postfix_with_milter(root, free_port(), free_port()).configure()
+    assert pf.check() == ""
+    assert pf.postconf("-h", "smtpd_milters").strip() == "unix:batv/milter"
+    assert pf.postconf("-h", "milter_default_action").strip() == "tempfail"
+
+
+# ------------------------------------------------------------------------------------------ [milter]
+
+
+def test_the_milter_table_loads_with_its_defaults_and_the_example_file() -> None:
+    import ipaddress
+
+    from gateway import config as gateway_config
+
+    default = gateway_config.default().milter
+    assert str(default.listen) == "127.0.0.1:10032" and default.outbound_daemons == ("ORIGINATING",)
+    example = gateway_config.load(REPO / "deploy" / "gateway.example.toml").milter
+    assert str(example.listen) == "unix:/var/spool/postfix/batv/milter" and example.socket_group == "postfix"
+    mine = gateway_config.parse(
+        {"milter": {"trusted": ["10.0.0.0/8"], "outbound_daemons": [], "authenticated_outbound": False}}
+    ).milter
+    assert mine.trusted == (ipaddress.ip_network("10.0.0.0/8"),) and mine.outbound_daemons == ()
+    assert not mine.authenticated_outbound
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"listne": "127.0.0.1:1"}, "unknown key"),
+        ({"listen": "127.0.0.1:1", "socket_mode": "0660"}, "applies to a unix:/PATH listen address only"),
+        ({"trusted": ["not a network"]}, "is not a network in CIDR form"),
+        ({"authenticated_outbound": "yes"}, "authenticated_outbound"),
+    ],
+)
+def test_the_milter_table_is_strict(table: dict[str, Any], message: str) -> None:
+    from gateway import config as gateway_config
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        gateway_config.parse({"milter": table}, "gw.toml")
+    assert "gw.toml" in str(caught.value) and "milter" in str(caught.value)
