@@ -39,6 +39,7 @@ import contextlib
 import enum
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -351,6 +352,16 @@ class MilterService:
             writer.close()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Over TCP, Postfix writes a macro packet and then its command as two small segments, and Nagle on
+        # its side holds the second until we ACK the first; the macro needs no reply, so our kernel would
+        # delay that ACK (40 ms on Linux) on every command. TCP_QUICKACK, which Linux clears as it goes,
+        # is set again before each read (bench/milter.py --tcp: 34 msgs/s without it, 147 with).
+        sock = writer.get_extra_info("socket")
+        quickack = (
+            sock is not None
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and hasattr(socket, "TCP_QUICKACK")
+        )
         decoder = milter.MilterDecoder()
         session = MilterSession(self.source, self.settings, self.hook)
         self.writers.add(writer)
@@ -358,6 +369,8 @@ class MilterService:
             while not session.closed:
                 event = decoder.next_event()
                 if event is milter.NEED_DATA:
+                    if quickack:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
                     data = await asyncio.wait_for(reader.read(65536), self.idle_timeout or None)
                     if not data:
                         return

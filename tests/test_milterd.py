@@ -5,10 +5,12 @@ independent MTA side (tests/milter/*.lua)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -553,3 +555,16 @@ def test_the_milter_table_is_strict(table: dict[str, Any], message: str) -> None
     with pytest.raises(ConfigError, match=message) as caught:
         gateway_config.parse({"milter": table}, "gw.toml")
     assert "gw.toml" in str(caught.value) and "milter" in str(caught.value)
+
+
+def test_the_benchmark_runs_tiny_and_loses_nothing(tmp_path: Path) -> None:
+    """bench/milter.py --smoke: the harness works, every message arrives, exactly the milter's are signed.
+    Speed is not asserted."""
+    report = tmp_path / "smoke.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "milter.py"), "--smoke", "--json", str(report)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(report.read_text())
+    assert data["problems"] == [] and data["ratio"] > 0
