@@ -55,6 +55,6 @@ async def _start_milter(config: Config, holder: PolicyHolder, bound: Bound, metr
     servers = [await asyncio.start_server(service.handle, sock=sock) for _, sock in bound]
 
     async def close() -> None:
-        service.close_connections()
+        await service.close_connections()
 
     return servers, close

@@ -22,7 +22,7 @@ added (SMFIR_ADDRCPT_PAR with the RCPT's ESMTP parameters when the MTA offers it
 otherwise). The other way, Postfix's recipient_canonical_maps through the socketmap, needs no milter.
 
 Outbound, at end of message (SMFIR_CHGFROM is allowed only there): the envelope sender becomes
-policy.outbound_sender's prvs or SRS address, keeping MAIL FROM's ESMTP parameters, when at least one
+policy.outbound_sender's prvs or SRS address, keeping MAIL FROM's RET and ENVID, when at least one
 recipient is remote (not in `[gateway] local_domains`) and not exempt; mail only to our own domains is
 left alone. No active key: the message is deferred (451 4.3.5).
 
@@ -269,6 +269,7 @@ class MilterSession:
         policy = self.source.policy
         local = policy.settings.local_domains
         sender = t.sender
+        exemption = policy.rewrite_exemption(sender, None)  # the null sender, exempt_senders
         remote = [
             r.address
             for r in t.recipients
@@ -276,16 +277,16 @@ class MilterSession:
             and r.address.domain.lower().rstrip(".") not in local
             and policy.rewrite_exemption(sender, r.address) is None
         ]
-        if not remote:
+        if exemption is None and not remote:
             self._log_sender(t, "relay", Reason.LOCAL_RECIPIENT.value, str(sender or ""))
             return None
-        verdict = policy.outbound_sender(sender, self.today(), policy.rewrite_exemption(sender, None))
+        verdict = policy.outbound_sender(sender, self.today(), exemption)
         self._log_sender(t, verdict.action.value, verdict.reason.value, verdict.address)
         if verdict.action is Action.TEMPFAIL:
             return milter.TempFail(verdict.reply or replies.KEYRING_UNAVAILABLE)
         if sender is None or verdict.address == str(sender):
             return None
-        return milter.ChangeFrom(verdict.address, t.mail.args)
+        return milter.ChangeFrom(verdict.address, sender_params(t.mail.args))
 
     def _strip_tags(self, t: _Transaction) -> list[milter.Response]:
         assert self.negotiated is not None
@@ -331,6 +332,16 @@ class MilterSession:
         )
 
 
+# The MAIL FROM parameters that travel with the envelope sender (RFC 3461 RET and ENVID). The others
+# (SIZE, BODY, SMTPUTF8) describe the message the MTA already holds, and Postfix's cleanup logs each one
+# given with SMFIR_CHGFROM as a warning ("Ignoring bad ESMTP parameter") and drops it.
+_SENDER_PARAMS = ("RET=", "ENVID=")
+
+
+def sender_params(args: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a for a in args if a.upper().startswith(_SENDER_PARAMS))
+
+
 class MilterService:
     """The asyncio edge: one MilterSession per MTA connection."""
 
@@ -346,10 +357,16 @@ class MilterService:
         self.hook = hook
         self.idle_timeout = idle_timeout
         self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
-    def close_connections(self) -> None:
+    async def close_connections(self) -> None:
+        """Close every MTA connection and wait for their handlers to see it (Python 3.11's wait_closed
+        does not; a handler still running when the loop ends would be cancelled and logged as an error).
+        The MTA applies milter_default_action to what was in flight."""
         for writer in list(self.writers):
             writer.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Over TCP, Postfix writes a macro packet and then its command as two small segments, and Nagle on
@@ -365,6 +382,9 @@ class MilterService:
         decoder = milter.MilterDecoder()
         session = MilterSession(self.source, self.settings, self.hook)
         self.writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
         try:
             while not session.closed:
                 event = decoder.next_event()
@@ -397,6 +417,8 @@ class MilterService:
             return
         finally:
             self.writers.discard(writer)
+            if task is not None:
+                self.tasks.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

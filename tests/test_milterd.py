@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import shutil
+import smtplib
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from test_socketmap import ALIAS, Command, socket_config, spool_socket, today, w
 
 from gateway import keystore, prvs, replies, srs
 from gateway.keyring import Keyring
+from gateway.logs import FIELDS_ATTR
 from gateway.milterd import FinishedMessage, MilterService, MilterSettings
 from gateway.policy import Action, Policy, PolicySettings, RcptVerdict
 from gateway.relay import PolicyHolder
@@ -140,8 +142,8 @@ async def serving(
         finally:
             await mta.close()
     finally:
-        service.close_connections()
         server.close()
+        await service.close_connections()
         await server.wait_closed()
 
 
@@ -216,7 +218,7 @@ def outbound_eom(
     async def body(mta: MtaSide) -> list[tuple[bytes, bytes]]:
         await mta.negotiate()
         await mta.connect(ip, **connect)
-        await mta.mail(sender, "SIZE=120", "BODY=8BITMIME")
+        await mta.mail(sender, "SIZE=120", "RET=HDRS", "BODY=8BITMIME", "ENVID=x1")
         for rcpt in rcpts:
             assert await mta.rcpt(rcpt) == (b"c", b"")
         await mta.send(b"E")
@@ -232,14 +234,14 @@ def chgfrom(eom: list[tuple[bytes, bytes]]) -> tuple[str, bytes]:
     return address.decode().strip("<>"), rest
 
 
-def test_outbound_mail_from_a_trusted_client_gets_a_prvs_sender_with_its_esmtp_args() -> None:
+def test_outbound_mail_from_a_trusted_client_gets_a_prvs_sender_with_its_dsn_params() -> None:
     for _ in range(2):
         day = today()
         address, rest = chgfrom(outbound_eom("user@example.org", ["friend@remote.test", "other@example.org"]))
         if today() == day:
             break
     assert prvs.verify(address, KEYRING, day).address == "user@example.org"
-    assert rest == b"SIZE=120 BODY=8BITMIME\0"
+    assert rest == b"RET=HDRS ENVID=x1\0"  # the DSN parameters; the MTA keeps SIZE and BODY itself
 
 
 def test_a_forwarded_sender_gets_srs() -> None:
@@ -285,6 +287,7 @@ def test_without_an_active_key_outbound_mail_is_deferred() -> None:
         finally:
             writer.close()
             server.close()
+            await service.close_connections()
             await server.wait_closed()
 
     assert run(serve_retired()) == [(b"y", str(replies.KEYRING_UNAVAILABLE).encode() + b"\0")]
@@ -446,7 +449,19 @@ def test_postfix_with_the_milter_signs_outbound_and_refuses_forged_bounces(root:
                 forged = swaks(pf.smtp_port, "<>", "user@example.org", "Subject: forged")
                 genuine_tag = prvs.sign("user@example.org", kf.keyring, day)
                 genuine = swaks(pf.smtp_port, "<>", genuine_tag, "Subject: genuine")
-                got = {subject(m.data): m for m in sink.wait_for_messages(4)}
+                with smtplib.SMTP("127.0.0.1", submission) as client:
+                    # ESMTP parameters of MAIL FROM: Postfix takes SMFIR_CHGFROM's without a warning.
+                    client.sendmail(
+                        "user@example.org", ["friend@remote.test"], b"Subject: params\r\n\r\nx\r\n",
+                        mail_options=["BODY=8BITMIME", "RET=HDRS", "ENVID=abc"],
+                    )  # fmt: skip
+                with smtplib.SMTP("127.0.0.1", pf.smtp_port) as client:
+                    # A genuine bounce whose RCPT has DSN parameters: SMFIR_ADDRCPT_PAR carries them.
+                    client.sendmail(
+                        "<>", [genuine_tag], b"Subject: genuine-params\r\n\r\nx\r\n",
+                        rcpt_options=["NOTIFY=NEVER", f"ORCPT=rfc822;{genuine_tag}"],
+                    )  # fmt: skip
+                got = {subject(m.data): m for m in sink.wait_for_messages(6)}
             log = pf.log_text()
     finally:
         code, gateway_log = cmd.stop()
@@ -463,6 +478,9 @@ def test_postfix_with_the_milter_signs_outbound_and_refuses_forged_bounces(root:
     refusal = str(replies.bounce_refused("user@example.org", "unsigned"))
     assert f"<** {refusal}" in forged.stdout, forged.stdout
     assert "milter-reject: RCPT from" in log
+    assert prvs.verify(got["params"].mail_from, kf.keyring, day).address == "user@example.org"
+    assert got["genuine-params"].rcpts == ("user@example.org",), log
+    assert "warning" not in log, log
     for key in kf.keyring.keys:
         assert key.secret.hex() not in gateway_log
 
@@ -568,3 +586,10 @@ def test_the_benchmark_runs_tiny_and_loses_nothing(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(report.read_text())
     assert data["problems"] == [] and data["ratio"] > 0
+
+
+def test_an_outbound_null_sender_is_left_alone_and_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.milter"):
+        assert outbound_eom("", ["friend@remote.test"]) == [(b"c", b"")]
+    (record,) = [r for r in caplog.records if r.name == "gateway.milter"]
+    assert getattr(record, FIELDS_ATTR)["reason"] == "null-sender"
