@@ -68,17 +68,22 @@ def start_milter(root: Path, tcp: bool = False) -> tuple[subprocess.Popen[str], 
             else f'[milter]\nlisten = "unix:{folder / "milter"}"\nsocket_group = "postfix"\n'
         )
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "milter", "--config", str(config)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        found = re.search(r"listen=(\S+) serves=milter", line)
+    # Its log goes to a file: a decision line per message would fill a pipe nobody reads, and stall it.
+    log = root / "milter.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "milter", "--config", str(config)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out, text=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"listen=(\S+) serves=milter", log.read_text())
         if found:
             where = found.group(1)
             return proc, f"inet:{where}" if tcp else "unix:batv/milter"
-    raise RuntimeError("batv-gateway milter did not start")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"batv-gateway milter did not start: {log.read_text()}")
 
 
 def drain(pf: PostfixInstance, sink: SmtpSink, expected: int, limit: float) -> None:
@@ -93,11 +98,13 @@ def drain(pf: PostfixInstance, sink: SmtpSink, expected: int, limit: float) -> N
 def source(port: int, messages: int, sessions: int, size: int) -> float:
     """Seconds smtp-source took to have `messages` accepted."""
     began = time.monotonic()
-    subprocess.run(
+    done = subprocess.run(
         [SMTP_SOURCE, "-m", str(messages), "-s", str(sessions), "-l", str(size),
          "-f", SENDER, "-t", RECIPIENT, "-M", "client.test", f"127.0.0.1:{port}"],
-        check=True, capture_output=True, timeout=DEADLINE,
+        check=False, capture_output=True, text=True, timeout=DEADLINE,
     )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {done.stdout}{done.stderr}")
     return time.monotonic() - began
 
 
