@@ -25,7 +25,7 @@ from test_socketmap import ALIAS, Command, socket_config, spool_socket, today, w
 from gateway import keystore, prvs, replies, srs
 from gateway.keyring import Keyring
 from gateway.logs import FIELDS_ATTR
-from gateway.milterd import FinishedMessage, MilterService, MilterSettings
+from gateway.milterd import MAX_HEADERS, FinishedMessage, MilterService, MilterSettings
 from gateway.policy import Action, Policy, PolicySettings, RcptVerdict
 from gateway.relay import PolicyHolder
 from gateway.replies import Reply
@@ -593,3 +593,56 @@ def test_an_outbound_null_sender_is_left_alone_and_logged_as_such(caplog: pytest
         assert outbound_eom("", ["friend@remote.test"]) == [(b"c", b"")]
     (record,) = [r for r in caplog.records if r.name == "gateway.milter"]
     assert getattr(record, FIELDS_ATTR)["reason"] == "null-sender"
+
+
+def test_quit_closes_the_connection_from_our_side() -> None:
+    async def body(mta: MtaSide) -> bytes:
+        await mta.negotiate()
+        await mta.send(b"Q")
+        return await asyncio.wait_for(mta.reader.read(), 5)
+
+    assert run(serving(body)) == b""
+
+
+def test_headers_kept_for_the_hook_are_bounded() -> None:
+    hook = Hook()
+
+    async def body(mta: MtaSide) -> list[tuple[bytes, bytes]]:
+        await mta.negotiate(ALL_STEPS)  # NR_CONN, NR_MAIL, NR_HDR: none of these is answered
+        await mta.send(b"C", b"client\0" + b"4" + struct.pack(">H", 1) + strings("127.0.0.1"))
+        await mta.send(b"M", strings("<user@example.org>"))
+        assert await mta.rcpt("other@example.org") == (b"c", b"")
+        for n in range(MAX_HEADERS + 5):
+            await mta.send(b"L", strings(f"X-N{n}", "v"))
+        await mta.send(b"E")
+        return await mta.until_final()
+
+    assert run(serving(body, hook=hook)) == [(b"c", b"")]
+    assert len(hook.seen[0].headers) == MAX_HEADERS and hook.seen[0].headers[-1][0] == f"X-N{MAX_HEADERS - 1}"
+
+
+class BrokenHook(Hook):
+    async def end_of_message(self, message: FinishedMessage) -> Reply | None:
+        raise RuntimeError("a bug in the hook")
+
+
+def test_a_failure_of_ours_costs_one_connection_not_the_service(caplog: pytest.LogCaptureFixture) -> None:
+    async def body(mta: MtaSide) -> tuple[bytes, tuple[str, ...]]:
+        await mta.negotiate()
+        await mta.connect("127.0.0.1")
+        await mta.mail("user@example.org")
+        await mta.rcpt("other@example.org")
+        await mta.send(b"E")
+        closed = await asyncio.wait_for(mta.reader.read(), 5)
+        # The service still answers a new connection.
+        reader, writer = await asyncio.open_connection(*mta.writer.get_extra_info("peername"))
+        second = MtaSide(reader, writer)
+        try:
+            version, _, _ = await second.negotiate()
+        finally:
+            await second.close()
+        return closed, (str(version),)
+
+    with caplog.at_level(logging.ERROR, logger="gateway.milter"):
+        assert run(serving(body, hook=BrokenHook())) == (b"", ("6",))
+    assert "milter session failed; connection closed" in caplog.text
