@@ -46,6 +46,7 @@ COMMAND_MODULES: Sequence[str] = (
     "gateway.cli_demo",
     "gateway.cli_serve",
     "gateway.cli_postfix",
+    "gateway.cli_milter",
     "gateway.cli_explain",
 )
 

@@ -89,6 +89,10 @@ def load_config(args: argparse.Namespace) -> Config:
         if args.tcp_reverse:
             sm = replace(sm, tcp_reverse=HostPort.parse(args.tcp_reverse, "--tcp-reverse"))
         config = replace(config, socketmap=sm)
+    elif args.command == "milter":  # cli_milter.py
+        if args.listen:
+            milter = replace(config.milter, listen=parse_listen(args.listen, "--listen"))
+            config = replace(config, milter=milter)
     else:
         pd = config.policyd
         if args.listen:
@@ -132,6 +136,9 @@ def _bind_all(command: str, config: Config, shared: bool, files: list[UnixListen
         pd = config.policyd
         what = "enforce mode" if not pd.observe else "observe mode"
         return [(what, _bind(pd.listen, shared, pd.socket_mode, pd.socket_group, files))]
+    if command == "milter":
+        mi = config.milter
+        return [("milter", _bind(mi.listen, shared, mi.socket_mode, mi.socket_group, files))]
     sm = config.socketmap
     bound = [("maps forward, reverse", _bind(sm.listen, shared, sm.socket_mode, sm.socket_group, files))]
     for name, where in (("forward", sm.tcp_forward), ("reverse", sm.tcp_reverse)):

@@ -206,6 +206,18 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class MilterConfig:
+    """`batv-gateway milter` (milterd.py): where it listens, and what makes a transaction outbound."""
+
+    listen: Listen = HostPort("127.0.0.1", 10032)
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+    outbound_daemons: tuple[str, ...] = ("ORIGINATING",)  # {daemon_name} values of the submission service
+    trusted: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK)
+    authenticated_outbound: bool = True  # {auth_authen} set: the client authenticated
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -220,6 +232,7 @@ class Config:
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
     # One line each, naming the file and the key: what loads but is probably not what the operator wants.
     # check-config prints them and serve logs them at start-up.
     warnings: tuple[str, ...] = ()
@@ -401,7 +414,7 @@ def unknown_error(origin: str, where: str, kind: str, name: str, allowed: Sequen
 
 _TOP = (
     *("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd"),
-    "state",
+    *("state", "milter"),
 )
 
 
@@ -617,6 +630,19 @@ def parse(
     )
     pd.done()
     state = _state(root.table("state"))
+
+    mi = root.table("milter")
+    mi_listen = mi.listen("listen", MilterConfig.listen)
+    mi_mode, mi_group = mi.socket_file(mi_listen)
+    milter = MilterConfig(
+        mi_listen,
+        socket_mode=mi_mode,
+        socket_group=mi_group,
+        outbound_daemons=mi.strings("outbound_daemons", MilterConfig.outbound_daemons),
+        trusted=mi.networks("trusted", LOOPBACK),
+        authenticated_outbound=mi.boolean("authenticated_outbound", True),
+    )
+    mi.done()
     root.done()
 
     if settings.srs_options.always_rewrite and alias is None:
@@ -635,6 +661,7 @@ def parse(
         socketmap=socketmap,
         policyd=policyd,
         state=state,
+        milter=milter,
         warnings=tuple(warnings),
     )
 

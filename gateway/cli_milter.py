@@ -1,0 +1,60 @@
+"""`batv-gateway milter`: the milter front end (milterd.py), for Postfix's smtpd_milters and
+non_smtpd_milters or Sendmail's INPUT_MAIL_FILTER (deploy/postfix/milter-main.cf).
+
+It reads the same config as `serve`, `socketmap` and `policy` and takes their quick-start flags:
+    batv-gateway milter --listen unix:/var/spool/postfix/batv/milter --keyring K --domain example.org
+Signals, reloads and the socket file's life are the Postfix-native modes' (cli_postfix.py): SIGTERM and
+SIGINT stop it, SIGHUP reloads the config's policy and the keyring, and a changed keyring file is picked
+up alone. The `[milter]` rules that tell outbound from inbound are read at start.
+
+One process: each MTA connection is one SMTP session, and its state (the client, the macros, the
+transaction) lives in that connection, so nothing is shared, but `[gateway] workers` is not used here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from .cli import add_quickstart_flags
+
+if TYPE_CHECKING:
+    from .cli_postfix import Bound, Started
+    from .config import Config
+    from .metrics import Metrics
+    from .relay import PolicyHolder
+
+
+def register(subparsers: Any) -> None:
+    mi = subparsers.add_parser(
+        "milter",
+        help="serve the milter protocol to Postfix or Sendmail: the whole gateway inside the MTA",
+        description="A milter (protocol 6): forged bounces refused at RCPT, valid tags stripped, and the "
+        "envelope sender of outbound mail signed at end of message (SMFIR_CHGFROM).",
+    )
+    add_quickstart_flags(mi, "where to listen: HOST:PORT or unix:/PATH (default 127.0.0.1:10032)")
+    mi.set_defaults(handler=handle_milter, help_parser=mi)
+
+
+def handle_milter(args: argparse.Namespace) -> int:
+    from . import cli_postfix
+
+    args.command = "milter"
+    return cli_postfix._main(args, _start_milter)
+
+
+async def _start_milter(config: Config, holder: PolicyHolder, bound: Bound, metrics: Metrics) -> Started:
+    import asyncio
+
+    from .milterd import MilterService, MilterSettings
+
+    mc = config.milter
+    settings = MilterSettings(frozenset(mc.outbound_daemons), mc.trusted, mc.authenticated_outbound)
+    # The Message-ID ledger plugs in here (milterd.EndOfMessageHook) once its config and secret exist.
+    service = MilterService(holder, settings, hook=None)
+    servers = [await asyncio.start_server(service.handle, sock=sock) for _, sock in bound]
+
+    async def close() -> None:
+        await service.close_connections()
+
+    return servers, close
