@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import keystore, prvs, replies
-from gateway.config import StateBackend
+from gateway.config import Role, StateBackend
 from gateway.guard import Penalty
 from gateway.guessbudget import BudgetRule
 from gateway.state import make_stores
@@ -340,3 +340,23 @@ def test_pipelined_replies_keep_their_order_while_a_failed_guess_waits_for_the_b
             assert budget.charged == ["127.0.0.1", "127.0.0.1"]
 
     run(body())
+
+
+def test_an_outbound_listener_leaves_null_sender_mail_unlimited() -> None:
+    """Our own MTAs' DSNs go out through the outbound role: only bounces from the internet are limited."""
+
+    async def scenario() -> None:
+        async with FakeNextHop() as hop:
+            base = gateway_config(hop.port, listener={"role": "outbound", "trusted": ["127.0.0.0/8"]})
+            cfg = dataclasses.replace(base, state=dataclasses.replace(base.state, **NULL_SENDER))
+            async with running_gateway(cfg) as gw:
+                port = gateway_port(gw)
+                assert [(await null_sender_mail(port))[0] for _ in range(4)] == [250] * 4
+            inbound = dataclasses.replace(
+                cfg, listeners=(dataclasses.replace(cfg.listeners[0], role=Role.INBOUND),)
+            )
+            async with running_gateway(inbound) as gw:
+                port = gateway_port(gw)
+                assert [(await null_sender_mail(port))[0] for _ in range(4)] == [250, 250, 450, 450]
+
+    run(scenario())
