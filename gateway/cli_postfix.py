@@ -227,9 +227,11 @@ async def _start_socketmap(config: Config, holder: PolicyHolder, bound: Bound, m
 async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound, metrics: Metrics) -> Started:
     from . import logs
     from .guard import GuardSettings
+    from .guessbudget import LocalBudget
     from .logs import DecisionLog
     from .metrics import MetricsServer
     from .policyd import PolicyCounters, PolicyEvent, PolicyService
+    from .state import budget_rules, budgets_shared, make_stores
 
     limits = config.limits
     guard = GuardSettings(
@@ -245,10 +247,14 @@ async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound, metr
         decision_log(event)
         metrics.on_decision(event)
 
+    # On Redis, the failed-guess budget the fleet's `serve` processes charge too; on SQLite the policy
+    # service is one process, and its own budget counts all it answers (state.budgets_shared).
+    stores = await make_stores(config) if budgets_shared(config, 1) else None
     service = PolicyService(
         holder,
         observe=config.policyd.observe,
         guard=guard,
+        guesses=stores.guess_budget if stores is not None else LocalBudget(budget_rules(config)[0]),
         on_decision=on_decision,
         counters=PolicyCounters(metrics.registry),
     )
@@ -266,6 +272,8 @@ async def _start_policy(config: Config, holder: PolicyHolder, bound: Bound, metr
         service.close_connections()
         if endpoint is not None:
             await endpoint.close()
+        if stores is not None:
+            await stores.close()
 
     return servers, close
 

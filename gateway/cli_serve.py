@@ -6,9 +6,10 @@ the config and the keyring (reload.py), and a changed keyring file is picked up 
 `[gateway] workers = N` runs N worker processes on the same ports under a main process that only
 supervises them (workers.supervise): it passes SIGTERM and SIGHUP on, says READY only when every worker
 serves, and replaces a worker that dies. It binds the metrics endpoint, which every worker serves with the
-sums of all the workers' counts (metrics.py). Each process keeps its own session limits and per-client
-guess limits, so a client may get up to N times `max_sessions_per_client` and the guess burst: keep
-workers = 1 where those limits must be exact.
+sums of all the workers' counts (metrics.py). The failed-guess budget and the null-sender rate are the
+[state] store's, made in each worker after the fork (serve.run): counted across every worker (and, on
+Redis, every host). Each process keeps its own session limits, so a client may get up to N times
+`max_sessions_per_client`: keep workers = 1 where that limit must be exact.
 uvloop (a dependency) runs the loop; stdlib asyncio stands in where it cannot be imported.
 """
 
@@ -215,6 +216,9 @@ async def _serve(
     )
 
     def ready(gateway: Gateway) -> None:
+        if gateway.stores is not None:
+            # batv_state_store_up, batv_state_fallbacks_total and the /readyz detail.
+            ops.metrics.watch_state(gateway.stores)
         ops.ready(gateway)
         if say_ready is not None:
             say_ready()

@@ -316,6 +316,9 @@ class FallbackBudget:
         self.available = True
         self.outages = 0  # times the store went away
         self.fallbacks = 0  # charges answered by the local budget
+        # Told the check of every charge answered locally (metrics.Metrics.state_fallback: a counter
+        # that every worker adds to, where `fallbacks` is one process's).
+        self.on_fallback: Callable[[str], None] | None = None
         self._retry_at = 0.0
 
     async def charge(self, client_ip: str, now: float) -> Penalty:
@@ -345,6 +348,8 @@ class FallbackBudget:
                     logs.log_fields(log, logging.INFO, "state store available", **fields)
                 return penalty
         self.fallbacks += 1
+        if self.on_fallback is not None:
+            self.on_fallback(self.rule.check)
         return await self.local.charge(client_ip, now)
 
     async def close(self) -> None:

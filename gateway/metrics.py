@@ -18,7 +18,11 @@ the event loop that serves the mail, so shutdown and tests leave no thread behin
 - `GET /metrics`: the Prometheus text format;
 - `GET /healthz`: 200 while the process's event loop answers at all (a liveness probe);
 - `GET /readyz`: 200 while the gateway wants new sessions, 503 before its listeners are up and while it
-  drains on shutdown (a readiness probe; a load balancer stops sending new clients).
+  drains on shutdown (a readiness probe; a load balancer stops sending new clients). A [state] store that
+  is away does not make it 503 (tag verdicts need no store; the budgets fall back to the process's own):
+  the body says so on a line of its own: `state store redis: unavailable (the budgets answer locally)`.
+The [state] store is asked (a PING, or an SQLite read) when /metrics or /readyz is asked, so
+`batv_state_store_up` is as fresh as the scrape.
 It binds to loopback by default: the counters tell who mails whom how often, which is not for the internet.
 """
 
@@ -36,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -56,6 +60,14 @@ REQUEST_TIMEOUT = 10.0
 SESSIONS_SAMPLE_INTERVAL = 1.0  # seconds between two samples of the open sessions (shared counts only)
 
 _log = logging.getLogger("gateway.metrics")
+
+
+class StateStore(Protocol):
+    """What the endpoint asks of state.Stores (not imported: the Postfix services need no store)."""
+
+    backend: str
+
+    async def available(self) -> bool: ...
 
 
 def _label(value: object) -> str:
@@ -258,6 +270,22 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # [state]: whether the store answered the last probe (the most recent worker's answer counts:
+        # they all ask the same store), and the budget charges answered locally while it was away.
+        self.state_store_up = Gauge(
+            f"{NAMESPACE}_state_store_up",
+            "1 if the [state] store (sqlite, redis) answered when last asked, 0 if it was away",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.state_fallbacks = Counter(
+            f"{NAMESPACE}_state_fallbacks",
+            "Budget charges answered by the process's own budget while the [state] store was away, by check",
+            ["check"],
+            registry=r,
+        )
+        self.state: StateStore | None = None
         self._session_counts: dict[str, Callable[[], float]] = {}
         self._keyring = _KeyringCollector(clock)
         self.registry.register(self._keyring)
@@ -323,6 +351,28 @@ class Metrics:
 
     def srs_rewrite(self, direction: str) -> None:
         self.srs.labels(direction).inc()
+
+    # --- the [state] store ------------------------------------------------------------------------
+
+    def watch_state(self, stores: Any) -> None:
+        """Count `stores`' fallbacks and probe it at each scrape (state.Stores; serve's worker calls it)."""
+        self.state = stores
+        for budget in (stores.guess_budget, stores.null_sender_rate):
+            budget.on_fallback = self.state_fallback
+        # Seen at once in a scrape, before any charge has fallen back.
+        for check in (stores.guess_budget.rule.check, stores.null_sender_rate.rule.check):
+            self.state_fallbacks.labels(check)
+
+    def state_fallback(self, check: str) -> None:
+        self._child(self.state_fallbacks, check).inc()
+
+    async def probe_state(self) -> bool | None:
+        """Ask the store now and set the gauge: whether it answered; None when there is no store."""
+        if self.state is None:
+            return None
+        up = await self.state.available()
+        self._child(self.state_store_up, self.state.backend).set(1 if up else 0)
+        return up
 
     # --- the reloader's callbacks -----------------------------------------------------------------
 
@@ -406,6 +456,7 @@ class MetricsServer:
         status = 200
         content_type = "text/plain; charset=utf-8"
         if target == "/metrics":
+            await self.metrics.probe_state()
             body = self.metrics.exposition()
             content_type = CONTENT_TYPE_LATEST
         elif target == "/healthz":
@@ -413,6 +464,11 @@ class MetricsServer:
         elif target == "/readyz":
             ready = self._ready()
             status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+            up = await self.metrics.probe_state()
+            if up is not None and self.metrics.state is not None:
+                # A detail, not a verdict: we degrade (local budgets), we do not stop taking mail.
+                how = "available" if up else "unavailable (the budgets answer locally)"
+                body += f"state store {self.metrics.state.backend}: {how}\n".encode()
         else:
             status, body = 404, b"not found\n"
         await self._respond(writer, status, body, content_type, head_only=method == "HEAD")

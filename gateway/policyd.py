@@ -11,9 +11,11 @@ only translates it:
   users send null-sender mail (auto-replies, MDNs) to other domains through the same smtpd.
 - Observe mode (`--observe`, or a domain in `policy.observe_domains`): what enforce mode would have refused
   is accepted, logged, and marked with one `PREPEND`ed header per message.
-- Failed guesses (a wrong hash, an unknown key id) go through guard.GuessLimiter per client network, as in
-  the SMTP role: the answer is held back (Postfix waits up to smtpd_policy_service_timeout, 100 s, and
-  guard holds at most 30 s), and past the limit it is `421`, which makes Postfix disconnect the client.
+- Failed guesses (a wrong hash, an unknown key id) are charged to the failed-guess budget per client
+  network, as in the SMTP role; `batv-gateway policy` charges the same [state] store as `serve`
+  (guessbudget.py: counted across processes and, on Redis, hosts). The answer is held back (Postfix
+  waits up to smtpd_policy_service_timeout, 100 s, and guard holds at most 30 s), and past the limit it
+  is `421`, which makes Postfix disconnect the client.
   Postfix counts our rejects in its own smtpd_soft/hard_error_limit, so guard.ErrorTally is not repeated.
 
 A request that is not the protocol (a line without `=`, a line or request over the limits, non-UTF-8) is
@@ -39,7 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from . import replies
 from .addresses import Address, parse_address, parse_path
 from .errors import GatewayError
-from .guard import GuardSettings, GuessLimiter
+from .guard import GuardSettings
+from .guessbudget import BudgetRule, LocalBudget, RateBudget
 from .logs import DecisionLog
 from .policy import Action, RcptVerdict, Reason
 from .replies import Reply
@@ -234,7 +237,7 @@ class PolicyService:
         *,
         observe: bool = False,
         guard: GuardSettings | None = None,
-        guesses: GuessLimiter | None = None,
+        guesses: RateBudget | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_decision: Callable[[PolicyEvent], None] | None = None,
@@ -243,8 +246,12 @@ class PolicyService:
     ) -> None:
         self.source = source
         self.observe = observe
-        # One limiter for all connections: Postfix runs many smtpd processes, each with its own connection.
-        self.guesses = guesses if guesses is not None else GuessLimiter(guard or GuardSettings())
+        # One budget for all connections: Postfix runs many smtpd processes, each with its own connection.
+        if guesses is None:
+            g = guard or GuardSettings()
+            rule = BudgetRule("guess-budget", g.guess_rate, g.guess_burst, g.max_guess_delay, 0)
+            guesses = LocalBudget(rule)
+        self.guesses = guesses
         self.clock = clock
         self.sleep = sleep
         self.on_decision = on_decision if on_decision is not None else DecisionLog()
@@ -274,7 +281,7 @@ class PolicyService:
         client = attrs.get("client_address", "")
         verdict = decision.verdict
         if verdict is not None and verdict.failed_guess and verdict.action is Action.REJECT:
-            penalty = self.guesses.failed_guess(client)
+            penalty = await self.guesses.charge(client, self.clock())
             if penalty.disconnect:
                 log.info("client %s: too many failed tag guesses, disconnecting", client)
                 answer = PolicyAnswer(Verb.REPLY, replies.TOO_MANY_ERRORS)

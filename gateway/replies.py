@@ -60,6 +60,8 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 SEPARATE_TRANSACTION = Reply(452, "4.5.3", "Send this recipient in a separate transaction")
 KEYRING_UNAVAILABLE = Reply(451, "4.3.5", "Signing keys unavailable, try again later")
+# [state] null_sender_rate: RFC 3463 X.7.1, delivery not authorized (for now); the sender's queue retries.
+NULL_SENDER_RATE = Reply(450, "4.7.1", "Too many bounces from your network, slow down")
 
 # --- permanent --------------------------------------------------------------------------------------
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")

@@ -24,15 +24,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, Limits, ListenerConfig, Role
 from .errors import ConfigError
-from .guard import GuardSettings, GuessLimiter
+from .guard import GuardSettings
+from .guessbudget import LocalBudget, RateBudget
 from .keyring import Keyring
 from .nexthop import NextHopPool, NextHopTimeouts
 from .policy import Policy
 from .relay import DecisionObserver, InboundRules, OutboundRules, PolicyHolder, Relay, RoleRules
 from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
+from .state import budget_rules
+
+if TYPE_CHECKING:
+    from .state import Stores
 
 log = logging.getLogger("gateway.serve")
 STARTUP_PROBE_WAIT = 3.0  # seconds start() waits for the next hops' EHLO before it listens anyway
@@ -116,15 +122,26 @@ class Gateway:
         config: Config,
         keyring: Keyring,
         observers: Sequence[DecisionObserver] = (),
-        guess_clock: Callable[[], float] = time.monotonic,
+        guess_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stores: Stores | None = None,
     ) -> None:
         self.config = config
         self.holder = PolicyHolder(Policy(config.policy, keyring))
         self.observers = tuple(observers)
         self._sleep = sleep
-        # One guess limiter for the process: a client's guesses count across all its sessions and ports.
-        self.guesses = GuessLimiter(guard_settings(config.limits), clock=guess_clock)
+        self._clock = guess_clock
+        # The [state] stores (`run` makes them): the guess budget and the null-sender rate are counted
+        # across every worker and host. Without them (a Gateway made alone: the demo, tests), the
+        # process's own, across all its sessions and ports.
+        self.stores = stores
+        self.guesses: RateBudget
+        self.null_senders: RateBudget
+        if stores is not None:
+            self.guesses, self.null_senders = stores.guess_budget, stores.null_sender_rate
+        else:
+            guess, null_sender = budget_rules(config)
+            self.guesses, self.null_senders = LocalBudget(guess), LocalBudget(null_sender)
         self.listeners: list[Listener] = [self._listener(lc) for lc in config.listeners]
         self._stopping = False
 
@@ -153,7 +170,10 @@ class Gateway:
             offer=lambda: relay.offer(tls is not None),
             tls_context=tls,
             sessions=sessions,
+            # Bounces come in from the internet; the outbound role's own MTAs send theirs unlimited.
+            null_senders=self.null_senders if lc.role is Role.INBOUND else None,
             sleep=self._sleep,
+            clock=self._clock,
         )
         return Listener(lc, relay, context, sessions=sessions)
 
@@ -259,13 +279,22 @@ async def run(
     """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
     `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests); `stopping(gateway)`
     when the drain begins (sd_notify STOPPING=1). `sockets`: listening sockets bound already (a worker's:
-    workers.py)."""
+    workers.py). The [state] stores, when the budgets need them (state.budgets_shared), are made here, in
+    the process and loop that use them (a Redis client belongs to its loop; a worker makes its own after
+    the fork), and closed once the gateway has stopped."""
     from . import workers
+    from .state import budgets_shared, make_stores
 
-    gateway = Gateway(config, keyring, observers)
+    stores = await make_stores(config) if budgets_shared(config, config.workers) else None
+    try:
+        gateway = Gateway(config, keyring, observers, stores=stores)
+        await gateway.start(sockets)
+    except BaseException:
+        if stores is not None:
+            await stores.close()
+        raise
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
-    await gateway.start(sockets)
     reload = on_reload(gateway) if on_reload is not None else None
 
     def stop() -> None:
@@ -289,4 +318,6 @@ async def run(
     finally:
         # Not before the stop is logged and the process exits 0.
         workers.ignore_from_now_on(loop, installed)
+        if stores is not None:
+            await stores.close()
     return 0

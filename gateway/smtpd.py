@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import replies
 from .deadlines import Deadline
-from .guard import ErrorTally, GuardSettings, GuessLimiter, Penalty
+from .guard import ErrorTally, GuardSettings, Penalty
+from .guessbudget import RateBudget
 from .nexthop import NextHopReply
 from .replies import Reply
 from .smtpcore import (
@@ -141,7 +143,9 @@ class EdgeContext:
     hostname: str
     limits: EdgeLimits
     guard: GuardSettings
-    guesses: GuessLimiter
+    # The failed-guess budget: every session of the process charges it, and with a [state] store every
+    # worker and host too (guessbudget.py). Charged at the reply to a failed tag check, not before.
+    guesses: RateBudget
     gate: SessionGate
     # A RelaySession for a new client connection: (client ip, port) -> session
     new_relay: Callable[[str, int], RelaySession]
@@ -149,8 +153,12 @@ class EdgeContext:
     tls_context: ssl.SSLContext | None = None
     sessions: set[EdgeProtocol] | None = None  # live sessions, for shutdown
     shutting_down: bool = False
+    # [state] null_sender_rate per client network, on an inbound listener (None: not limited here).
+    null_senders: RateBudget | None = None
     # How the tarpit waits; tests inject a recorder so they never sleep.
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # The budgets' clock: wall-clock seconds, which every host of a fleet can compare.
+    clock: Callable[[], float] = time.time
     core_limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -354,7 +362,12 @@ class EdgeProtocol(asyncio.Protocol):
         if isinstance(event, Refused):
             reply = event.reply
         elif isinstance(event, Mail):
-            reply = replies.SHUTTING_DOWN if self.ctx.shutting_down else relay.mail(event.command)
+            if self.ctx.shutting_down:
+                reply = replies.SHUTTING_DOWN
+            elif self._rate_limited(event):
+                return False  # the null-sender rate is a store call
+            else:
+                reply = relay.mail(event.command)
         elif isinstance(event, Helo | Ehlo):
             esmtp = isinstance(event, Ehlo)
             relay.reset()
@@ -395,10 +408,28 @@ class EdgeProtocol(asyncio.Protocol):
             await self._answer(replies.START_DATA if reply.code == 354 else reply)
         elif isinstance(event, EndOfData):
             await self._answer(await relay.data_end(event.failure))
+        elif isinstance(event, Mail) and self._rate_limited(event):
+            await self._flush()
+            await self._answer(await self._null_sender_mail(event))
         else:
             await self._flush()
             if not self._closing and not self._handle_now(event):
                 raise AssertionError(f"no handler for {event!r}")
+
+    def _rate_limited(self, event: Mail) -> bool:
+        budget = self.ctx.null_senders
+        return event.command.sender is None and budget is not None and budget.rule.enabled
+
+    async def _null_sender_mail(self, event: Mail) -> ReplyLike:
+        """MAIL FROM:<> under [state] null_sender_rate: the relay's answer, or 450 over the rate."""
+        assert self.ctx.null_senders is not None and self.relay is not None
+        if self.ctx.shutting_down:
+            return replies.SHUTTING_DOWN
+        penalty = await self.ctx.null_senders.charge(self.client_ip, self.ctx.clock())
+        if penalty.disconnect or penalty.delay:
+            log.info("client %s: null-sender rate of its network exceeded", self.client_ip)
+            return replies.NULL_SENDER_RATE
+        return self.relay.mail(event.command)
 
     # ------------------------------------------------------------------ replies
 
@@ -410,11 +441,12 @@ class EdgeProtocol(asyncio.Protocol):
             await self._answer(reply, failed_guess)
         self._pending.clear()
 
-    def _judge(self, reply: ReplyLike | Offer, failed_guess: bool) -> tuple[Penalty, bool]:
-        """The guard's penalty for this reply, and whether it is never to be sent (a guess too many)."""
+    def _judge(self, reply: ReplyLike | Offer, guess: Penalty | None = None) -> tuple[Penalty, bool]:
+        """The guard's penalty for this reply, and whether it is never to be sent (a guess too many).
+        `guess`: what the guess budget said, when the reply answers a failed tag check."""
         penalty = Penalty()
-        if failed_guess:
-            penalty = self.ctx.guesses.failed_guess(self.client_ip)
+        if guess is not None:
+            penalty = guess
             if penalty.disconnect:
                 return penalty, True
         if isinstance(reply, Reply | NextHopReply):
@@ -441,7 +473,14 @@ class EdgeProtocol(asyncio.Protocol):
     async def _answer(self, reply: ReplyLike | Offer, failed_guess: bool = False) -> None:
         if self._closing:
             return
-        penalty, withheld = self._judge(reply, failed_guess)
+        guess = None
+        if failed_guess:
+            # A store call (SQLite or Redis, or the local budget while the store is away). It runs in
+            # this session's one task, so the replies behind it wait their turn, in order.
+            guess = await self.ctx.guesses.charge(self.client_ip, self.ctx.clock())
+            if self._closing:
+                return
+        penalty, withheld = self._judge(reply, guess)
         if penalty.delay and not withheld:
             await self.ctx.sleep(penalty.delay)
             if self._closing:
@@ -450,7 +489,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _answer_soon(self, reply: ReplyLike | Offer) -> None:
         """Answer now, or after the tarpit's delay (a task, so nothing more is read meanwhile)."""
-        penalty, withheld = self._judge(reply, False)
+        penalty, withheld = self._judge(reply)
         if penalty.delay and not withheld:
             self._start(self._deliver_later(reply, penalty))
         else:

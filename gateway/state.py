@@ -119,15 +119,25 @@ def budget_rules(config: Config) -> tuple[BudgetRule, BudgetRule]:
         GuardSettings.max_guess_delay,
         state.guess_network_factor,
     )
+    # A null-sender message over the rate is refused (4xx), never held: max_delay 0 makes any wait a
+    # "disconnect", which charges nothing, so a network that keeps trying is not pushed further back.
     null_sender = BudgetRule(
         "null-sender-rate",
         state.null_sender_rate,
         state.null_sender_burst,
-        GuardSettings.max_guess_delay,
+        max_delay=0.0,
         network_factor=1,
         per_client=False,
     )
     return guess, null_sender
+
+
+def budgets_shared(config: Config, processes: int) -> bool:
+    """Whether a front end of `processes` processes needs the [state] store for its budgets: a fleet on
+    Redis, or several workers of one host on SQLite. One process on SQLite counts every guess it answers
+    in its own budget (guessbudget.LocalBudget), with no file to write (a read-only /etc under systemd's
+    ProtectSystem=strict) and no write per failed guess."""
+    return config.state.backend.value == "redis" or processes > 1
 
 
 async def make_stores(config: Config) -> Stores:

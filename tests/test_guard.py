@@ -8,6 +8,7 @@ import pytest
 
 from gateway import prvs, replies
 from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_error, client_network
+from gateway.guessbudget import BudgetRule, LocalBudget
 from gateway.nexthop import NextHopReply
 from tests.smtp_peers import (
     FakeNextHop,
@@ -209,9 +210,7 @@ def test_a_guess_over_the_clients_budget_is_never_answered() -> None:
         async with FakeNextHop() as hop:
             cfg = gateway_config(hop.port, limits=limits)
             async with running_gateway(cfg, guess_clock=FakeClock(), sleep=record) as gw:
-                strict = GuessLimiter(
-                    GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=0.0), FakeClock()
-                )
+                strict = LocalBudget(BudgetRule("guess-budget", rate=1.0, burst=1, max_delay=0.0))
                 for listener in gw.listeners:
                     listener.context.guesses = strict
                 client = await RawClient.connect(gateway_port(gw))

@@ -30,8 +30,10 @@ from postfix_instance import (
 from prometheus_client import CollectorRegistry
 from test_socketmap import Command, assert_stopped_last, socket_config, spool_socket, today, write_keyring
 
+from gateway import config as config_module
 from gateway import prvs
-from gateway.guard import GuardSettings, GuessLimiter
+from gateway.guard import Penalty
+from gateway.guessbudget import BudgetRule, LocalBudget
 from gateway.keyring import Key, Keyring, KeyState
 from gateway.policy import Action, Policy, PolicySettings, Reason
 from gateway.policyd import (
@@ -46,7 +48,11 @@ from gateway.policyd import (
     decide,
     start_policyd,
 )
+from gateway.redisstore import RedisBudget, RedisState
 from gateway.relay import PolicyHolder
+from gateway.state import budget_rules
+from tests.redis_server import RedisServer
+from tests.smtp_peers import run
 
 TODAY = 20_000
 KEYRING = Keyring((Key(4, b"p" * 32, KeyState.ACTIVE),))
@@ -242,7 +248,7 @@ def test_one_connection_answers_many_requests_and_logs_each_decision() -> None:
 
 def test_failed_guesses_are_slowed_and_then_the_client_is_disconnected() -> None:
     rec = Recorder()
-    limiter = GuessLimiter(GuardSettings(guess_rate=1.0, guess_burst=1, max_guess_delay=1.5))
+    limiter = LocalBudget(BudgetRule("guess-budget", rate=1.0, burst=1, max_delay=1.5, network_factor=0))
     with server(service(rec, guesses=limiter)) as srv, socket.create_connection(("127.0.0.1", srv.port)) as s:
         forged = request(recipient=FORGED)
         got = ask(
@@ -542,3 +548,44 @@ def test_postfix_in_observe_mode_accepts_and_marks_the_forged_bounce(root: Path)
     assert sorted(message.rcpts) == ["other@example.org", "user@example.org"]
     assert message.data.count("X-BATV-Observe: would-reject reason=unsigned") == 1
     assert "would_reject=" in gateway_log
+
+
+def test_the_command_on_redis_charges_the_guess_budget_the_fleet_shares(
+    root: Path, redis_server: RedisServer
+) -> None:
+    """[state] backend = "redis": the policy service charges the budget every `serve` of the fleet charges.
+    A client whose burst a gateway has spent (charged here, as one would) gets 421 at its first guess."""
+    kf = write_keyring(root / "keyring.toml")
+    folder = root / "run"
+    folder.mkdir()
+    config = root / "policy.toml"
+    config.write_text(
+        f'[gateway]\nkeyring = "{root / "keyring.toml"}"\nlocal_domains = ["example.org"]\n'
+        "[limits]\nguess_rate = 0.01\nguess_burst = 1\n"
+        f'[state]\nbackend = "redis"\nurl = "{redis_server.url}"\n'
+        f'[policyd]\nlisten = "unix:{folder / "policy"}"\nsocket_group = "nogroup"\n'
+    )
+    good = prvs.sign("user@example.org", kf.keyring, today())
+    head, code, local = good.split("=", 2)
+    forged = f"{head}={code[:4]}{(int(code[4:], 16) + 1) % 0x1000000:06x}={local}"
+
+    async def spend(client: str) -> None:
+        state = RedisState(redis_server.url)
+        try:
+            rule = budget_rules(config_module.load(config))[0]
+            assert await RedisBudget(rule, state).charge(client, time.time()) == Penalty()
+        finally:
+            await state.close()
+
+    run(spend("192.0.2.7"))
+    cmd = Command("policy", "--config", str(config))
+    try:
+        cmd.wait_listening(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(cmd.paths["enforce mode"]))
+            got = ask(s, request(recipient=forged), request(recipient=forged, client_address="198.51.100.9"))
+    finally:
+        code, log = cmd.stop()
+    assert code == 0, log
+    assert got[0] == "action=421 4.7.0 Too many errors, closing connection", "the fleet's budget is spent"
+    assert got[1].startswith("action=550 5.7.1"), "another client has its own"

@@ -524,6 +524,7 @@ EDGE_REPLIES = {
     "TOO_MANY_FROM_CLIENT": "smtpd: SessionGate",
     "TIMEOUT": "smtpd: the idle timer",
     "LOCAL_ERROR": "smtpd and relay: an internal error",
+    "NULL_SENDER_RATE": "smtpd: MAIL FROM:<> over [state] null_sender_rate",
     "BARE_NEWLINE": "relay: DATA_FAILURE_REPLIES (the core's EndOfData failure)",
     "SENDER_OK": "relay: MAIL",
     "RECIPIENT_OK": "policy/relay: RCPT",

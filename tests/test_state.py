@@ -38,7 +38,8 @@ def test_sqlite_is_one_file_beside_the_keyring_for_the_ledger_and_both_budgets(t
             assert await stores.guess_budget.charge("198.51.100.7", NOW) == NO_PENALTY
             assert await stores.guess_budget.charge("198.51.100.7", NOW) == Penalty(1.0)
             assert await stores.null_sender_rate.charge("198.51.100.8", NOW) == NO_PENALTY
-            assert await stores.null_sender_rate.charge("198.51.100.9", NOW) == Penalty(1.0)  # one /24
+            # One /24; over the rate is refused at once, never held (`disconnect`: not charged).
+            assert await stores.null_sender_rate.charge("198.51.100.9", NOW) == Penalty(0.0, disconnect=True)
         finally:
             await stores.close()
 
