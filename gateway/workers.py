@@ -25,11 +25,11 @@ Two shapes share this module:
   systemd (Restart=on-failure) starts the whole service again, and says so in one line.
 
 What each worker keeps for itself, in memory: its SessionGate per listener (`max_sessions`,
-`max_sessions_per_client`) and its GuessLimiter (`guess_rate`, `guess_burst` per client network). The
-kernel spreads one client's connections over every worker, so with N workers a client can reach N times
-each of those limits (docs/operations.md, "Several workers"); per-session limits (error counts, sizes,
-timeouts) are exact, since a session lives in one worker. Only the metrics are shared (metrics.py). That is
-why `workers` defaults to 1 until those limits live in a store the workers share.
+`max_sessions_per_client`). The kernel spreads one client's connections over every worker, so with N
+workers a client can hold up to N times those (docs/operations.md, "Several workers"); per-session limits
+(error counts, sizes, timeouts) are exact, since a session lives in one worker. The failed-guess budget and
+the null-sender rate are shared through the [state] store (state.py: SQLite on one host, Redis for a
+fleet), and the metrics through metrics.py. `workers` defaults to 1 while the session limits are not shared.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def own_socket(sock: socket.socket) -> socket.socket:
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` on uvloop when the optional "fast" extra is installed (its transports cut the
+    """Run `main` on uvloop (a dependency) when it can be imported (its transports cut the
     per-connection and per-read overhead: bench/README.md), else on stdlib asyncio."""
     try:
         # Imported by name so that type checking does not need it installed.
