@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import glob
 import itertools
 import logging
 import os
@@ -190,6 +191,24 @@ def process_gone(folder: Path, pid: int) -> None:
     mark_process_dead(pid, str(folder))  # type: ignore[no-untyped-call]
 
 
+class _WorkersCollector(MultiProcessCollector):
+    """The sum of every worker's files, as prometheus-client's own collector gives it, less the files of a
+    worker that is starting: prometheus-client creates a worker's file empty and sizes it a moment later, and
+    reading it in between raises struct.error, which took down a starting worker (its registry collects as
+    it registers) or a scrape. Such a file holds no value yet, so leaving it out loses nothing."""
+
+    def collect(self) -> Any:
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getsize(name) >= _FILE_HEADER:
+                    files.append(name)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
+
+_FILE_HEADER = 8  # octets: a worker's file starts with the count of octets it uses
+
+
 class Metrics:
     """Every metric of one gateway, in its own registry (or, `shared`, in the workers' folder)."""
 
@@ -207,7 +226,7 @@ class Metrics:
         # exposes the sum of every worker's files instead.
         r: CollectorRegistry | None = self.registry if shared is None else None
         if shared is not None:
-            MultiProcessCollector(self.registry, str(shared))  # type: ignore[no-untyped-call]
+            _WorkersCollector(self.registry, str(shared))  # type: ignore[no-untyped-call]
         self.decisions = Counter(
             f"{NAMESPACE}_decisions",
             "Decisions per recipient or transaction, by listener role, verdict and reason",

@@ -8,6 +8,9 @@ import os
 import signal
 import smtplib
 import stat
+import subprocess
+import sys
+import textwrap
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -322,3 +325,34 @@ def test_with_two_workers_the_endpoint_counts_the_decisions_of_every_worker(
         code = serving.stop()
     assert code == 0, serving.log
     assert not folder.exists(), "the main process removes the shared counts when it stops"
+
+
+def test_a_starting_workers_empty_file_neither_stops_a_worker_nor_fails_a_scrape() -> None:
+    """prometheus-client creates a worker's file empty and sizes it a moment later: a worker that registered
+    its collector (or a scrape) in between died with struct.error. Such a file holds nothing yet."""
+    script = textwrap.dedent(
+        """
+        from prometheus_client.exposition import generate_latest
+        from gateway import metrics
+
+        folder = metrics.shared_folder()
+        (folder / "counter_424242.db").touch()  # a worker between its file's creation and its sizing
+        try:
+            m = metrics.Metrics(shared=folder)
+            m.decisions.labels("inbound", "reject", "unsigned").inc()
+            text = generate_latest(m.registry).decode()
+            line = 'batv_decisions_total{reason="unsigned",role="inbound",verdict="reject"} 1.0'
+            print("counted" if line in text else text)
+        finally:
+            metrics.remove_shared_folder(folder)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "counted"), run.stderr
