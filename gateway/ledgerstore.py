@@ -25,9 +25,13 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+from .errors import ConfigError
 from .ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .config import Config
 
 T = TypeVar("T")
 
@@ -242,3 +246,16 @@ class SqliteLedgerStore:
 
 def _is_a_ledger_store(store: SqliteLedgerStore) -> LedgerStore:
     return store  # mypy checks here that the class keeps to the protocol
+
+
+async def open_store(config: Config) -> LedgerStore:
+    """The ledger's store for `config`: the one place serve picks one (the SQLite file by default, at
+    `config.ledger_path`). A store that cannot be opened stops start-up with a line naming the file."""
+    path = config.ledger_path
+    try:
+        return await SqliteLedgerStore.open(path)
+    except StoreUnavailable as error:
+        raise ConfigError(
+            f"[ledger] path: cannot open the ledger at {path} ({error}); the gateway's user must be able to "
+            "write that folder (the systemd unit's StateDirectory=), or set [ledger] enabled = false"
+        ) from None
