@@ -240,3 +240,28 @@ def test_a_domain_from_the_file_or_a_flag_is_enough() -> None:
 def test_the_grace_window_is_on_by_default_and_one_key_turns_it_off(tmp_path: Path) -> None:
     assert config.default().policy.bounce_grace is True
     assert config.load(write(tmp_path, "[policy]\nbounce_grace = false\n")).policy.bounce_grace is False
+
+
+def test_the_ledger_table_defaults_and_its_file_next_to_the_keyring() -> None:
+    cfg = config.parse({"gateway": {"keyring": "/etc/batv-gateway/keyring.toml"}}, "<t>")
+    assert cfg.ledger == config.LedgerConfig(enabled=True, days=30, max_replies=20, path=None)
+    assert cfg.ledger_path == Path("/etc/batv-gateway/ledger.sqlite")
+    table = {"enabled": False, "days": 7, "max_replies": 3, "path": "/var/l.db"}
+    cfg = config.parse({"ledger": table}, "<t>")
+    assert cfg.ledger == config.LedgerConfig(False, 7, 3, Path("/var/l.db"))
+    assert cfg.ledger_path == Path("/var/l.db")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"days": 0}, "<t>: [ledger] days: expected a whole number from 1 to 365, got 0"),
+        ({"max_replies": 0}, "<t>: [ledger] max_replies: expected a whole number from 1 to 1000000, got 0"),
+        ({"enabled": "yes"}, "<t>: [ledger] enabled: expected true or false, got 'yes'"),
+        ({"dayz": 3}, '<t>: [ledger] unknown key "dayz"'),
+    ],
+)
+def test_the_ledger_table_is_strict(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse({"ledger": table}, "<t>")
+    assert str(caught.value).startswith(message)
