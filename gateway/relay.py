@@ -403,6 +403,13 @@ class Relay:
     watch: RelayWatch | None = None
     # Told how each message ended (the next hop's reply to the final dot): one log line per message.
     on_transaction: Callable[[TransactionEvent], None] = field(default_factory=TransactionLog)
+    # The ledger records on their way to the store (RelaySession._record).
+    recording: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def records_written(self) -> None:
+        """Until every ledger record asked for so far is written (or has failed): before the store closes."""
+        while self.recording:
+            await asyncio.wait(tuple(self.recording))
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -777,8 +784,10 @@ class RelaySession:
             refused = await self._ledger_decision()
             if refused is not None:
                 # The next hop never gets the final dot for a message the ledger refuses: the connection
-                # is dropped mid-DATA, so nothing partial is delivered (as past the size limit).
-                self.abort()
+                # is dropped mid-DATA, so nothing partial is delivered (as past the size limit). The
+                # transaction itself is cleared by data_end, after its log line.
+                conn.abort()
+                self._conn = None
                 return refused, None
         try:
             final = await conn.end_data()
@@ -798,7 +807,7 @@ class RelaySession:
         self._conn = None
         conn.transactions += 1
         if self._headers is not None and final.positive:
-            await self._record()
+            self._record()
         return client_reply(final), final
 
     # ------------------------------------------------------------------ the ledger
@@ -856,9 +865,10 @@ class RelaySession:
             )
         )
 
-    async def _record(self) -> None:
-        """Record the message the next hop took. An outage is logged and counted; the client's message
-        is never failed for it (an answer to it would be refused later, nothing worse)."""
+    def _record(self) -> None:
+        """Record the message the next hop took, without holding up the client's reply: the store commits
+        what the sessions ask for in groups (ledgerstore.py). An outage is logged and counted; the client's
+        message is never failed for it (an answer to it would be refused later, nothing worse)."""
         headers, self._headers = self._headers, None
         assert headers is not None and self._rules is not None and self._rules.ledger_keys is not None
         settings = self.relay.rules.ledger
@@ -867,16 +877,26 @@ class RelaySession:
         recording = ledger.make_record(
             self._rules.ledger_keys, headers.result(), sender, int(settings.clock()), settings.days
         )
-        outcome = recording.outcome.value
-        store = settings.store
         if recording.outcome is RecordOutcome.RECORDED and recording.key and recording.record:
-            try:
-                if store is None:
-                    raise StoreUnavailable("the ledger store is closed")
-                await store.record(recording.key, recording.record, recording.ttl)
-            except StoreUnavailable as error:
-                outcome = "store-unavailable"
-                log.warning("session %s: message not recorded in the ledger: %s", self.info.session, error)
+            task = asyncio.get_running_loop().create_task(
+                self._store_record(settings.store, recording.key, recording.record, recording.ttl)
+            )
+            self.relay.recording.add(task)  # a strong reference until it is done
+            task.add_done_callback(self.relay.recording.discard)
+        elif self.relay.watch is not None:
+            self.relay.watch.ledger_record(recording.outcome.value)
+
+    async def _store_record(
+        self, store: LedgerStore | None, key: bytes, record: ledger.LedgerRecord, ttl: int
+    ) -> None:
+        outcome = RecordOutcome.RECORDED.value
+        try:
+            if store is None:
+                raise StoreUnavailable("the ledger store is closed")
+            await store.record(key, record, ttl)
+        except StoreUnavailable as error:
+            outcome = "store-unavailable"
+            log.warning("session %s: message not recorded in the ledger: %s", self.info.session, error)
         if self.relay.watch is not None:
             self.relay.watch.ledger_record(outcome)
 

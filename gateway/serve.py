@@ -254,6 +254,8 @@ class Gateway:
             if lst.server is not None:
                 await lst.server.wait_closed()
             await lst.relay.pool.close()
+        for lst in self.listeners:
+            await lst.relay.records_written()
         store, self.ledger.store = self.ledger.store, None
         if store is not None:
             await store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import smtplib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -109,6 +110,18 @@ async def both_roles(folder: Path) -> AsyncIterator[tuple[Served, Served, FakeNe
             await asyncio.to_thread(outbound.stop)
 
 
+async def ledgered(folder: Path, count: int, timeout: float = 5.0) -> None:
+    """Until the ledger holds `count` records: the outbound role writes them in groups, after its 250
+    (gateway/ledgerstore.py, within COMMIT_DELAY), so a test that answers at once waits for it here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(folder / "keys" / "ledger.sqlite")) as db:
+            if db.execute("SELECT count(*) FROM ledger").fetchone()[0] >= count:
+                return
+        assert time.monotonic() < deadline, "the outbound role did not record the message"
+        await asyncio.sleep(0.02)
+
+
 def send(port: int, sender: str, recipient: str, message: str | bytes) -> tuple[int, int, bytes]:
     """(RCPT code, end-of-DATA code, its text); DATA is not sent when RCPT is refused."""
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as client:
@@ -139,6 +152,7 @@ def test_answers_to_a_sent_message_pass_and_others_never_reach_the_next_hop(tmp_
             assert sent == (250, 250, QUEUED)
             tagged = hop.messages[0].mail.split(b"<", 1)[1].split(b">", 1)[0].decode()
             assert tagged.startswith("prvs=") and tagged.endswith("=alice@example.com")
+            await ledgered(tmp_path, 1)
 
             answers = [
                 ("desk@example.com", auto_reply("desk@example.com", SENT_ID)),
@@ -214,6 +228,7 @@ def test_real_generators_answers_pass(tmp_path: Path) -> None:
                 await asyncio.to_thread(send, outbound.port, "alice@example.com", "friend@remote.test", SENT)
             )[1]
             assert code == 250
+            await ledgered(tmp_path, 1)
             sieve = await asyncio.to_thread(
                 generators.sieve_vacation, original, "alice@example.com", "friend@remote.test"
             )

@@ -1119,6 +1119,7 @@ def test_ledger_the_outbound_role_records_what_the_next_hop_took(tmp_path: Any) 
                 await client.cmd("RCPT TO:<friend@remote.test>")
                 assert (await send_message(client, message))[0] == 250
                 await client.close()
+            await gw.listeners[0].relay.records_written()  # the client's 250 does not wait for them
             keys = ledger.LedgerKeys(LEDGER_SECRET)
             (entry,) = (await gw.ledger.store.lookup([keys.message_key(SENT_ID)])).values()
             assert entry.record.addresses == {
@@ -1133,6 +1134,7 @@ def test_ledger_the_outbound_role_records_what_the_next_hop_took(tmp_path: Any) 
             await client.cmd("RCPT TO:<friend@remote.test>")
             assert (await send_message(client, sent.encode()))[0] == 250
             await client.close()
+            await gw.listeners[0].relay.records_written()
             assert len(hop.messages) == 3
         text = metrics.exposition().decode()
         for outcome in ("recorded", "no-message-id", "store-unavailable"):
