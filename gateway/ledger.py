@@ -100,6 +100,7 @@ class RecordOutcome(enum.Enum):
     NO_MESSAGE_ID = "no-message-id"  # not ledgered (counted)
     HEADERS_TOO_BIG = "headers-too-big"  # not ledgered (counted)
     NO_ADDRESS = "no-address"  # nothing an answer could be sent to (counted)
+    STORE_UNAVAILABLE = "store-unavailable"  # made, but the store could not write it (logged, counted)
 
 
 @dataclass(frozen=True)

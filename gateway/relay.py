@@ -889,16 +889,16 @@ class RelaySession:
     async def _store_record(
         self, store: LedgerStore | None, key: bytes, record: ledger.LedgerRecord, ttl: int
     ) -> None:
-        outcome = RecordOutcome.RECORDED.value
+        outcome = RecordOutcome.RECORDED
         try:
             if store is None:
                 raise StoreUnavailable("the ledger store is closed")
             await store.record(key, record, ttl)
         except StoreUnavailable as error:
-            outcome = "store-unavailable"
+            outcome = RecordOutcome.STORE_UNAVAILABLE
             log.warning("session %s: message not recorded in the ledger: %s", self.info.session, error)
         if self.relay.watch is not None:
-            self.relay.watch.ledger_record(outcome)
+            self.relay.watch.ledger_record(outcome.value)
 
     # ------------------------------------------------------------------ the end of a transaction
 
