@@ -514,6 +514,8 @@ def configmap_config() -> config_mod.Config:
 def test_kubernetes_config_loads_strictly() -> None:
     cfg = configmap_config()
     assert cfg.listeners and cfg.listeners[0].observe is True
+    # Pods share no file and the keyring's folder is read-only: no embedded ledger there.
+    assert cfg.ledger.enabled is False
 
 
 # --- Prometheus alert rules ---------------------------------------------------------------------------
