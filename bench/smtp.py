@@ -2,6 +2,7 @@
 
     python3 bench/smtp.py            # the full run (about 5 minutes): writes bench/RESULTS.md
     python3 bench/smtp.py --smoke    # CI: a few hundred messages; checks only that nothing is lost
+    python3 bench/smtp.py --ledger   # the outbound role at 1 KiB with the Message-ID ledger on and off
 
 Everything runs on 127.0.0.1 with bounded message counts. Postfix's `smtp-source` is the load and
 `smtp-sink` the next hop; every system under test gets its own sink, so the sink's message counter is
@@ -547,6 +548,47 @@ def run_case(
     return CaseResult(case, runs, summarise(case, wanted, runs, peaks))
 
 
+LEDGER_CASE = Case("1 KiB, 20 sessions, ledger on/off", 1024, 20, 2000)
+
+
+def ledger_comparison(
+    bench: Bench, rounds: int, scale: float, log: Callable[[str], None]
+) -> tuple[float | None, list[str]]:
+    """The outbound role at 1 KiB with the ledger on (a record per message in the SQLite file next to the
+    keyring) and off ([ledger] enabled = false), in the same rounds and a rotating order: the median of
+    each round's on/off rate ratio, and the problems seen (a lost message, a dead gateway)."""
+    case = dataclasses.replace(LEDGER_CASE, messages=max(1, round(LEDGER_CASE.messages * scale)))
+    off = dataclasses.replace(bench, config_extra=bench.config_extra + "\n[ledger]\nenabled = false\n")
+    problems: list[str] = []
+    ratios: list[float] = []
+    with contextlib.ExitStack() as stack:
+        targets = []
+        for name, which in (("ledger-on", bench), ("ledger-off", off)):
+            sink = Sink(f"{name}-sink", bench.workdir)
+            stack.callback(sink.stop)
+            server = which.gateway(name, "outbound", sink.port)
+            stack.callback(server.stop)
+            sink.wait_ready()
+            server.wait_ready()
+            targets.append(Target(name, server.port, sink, SENDER, RECIPIENT, server))
+        for target in targets:
+            problems += measure(target, case, min(200, max(2, case.messages // 10)), -1).problems
+        for round_no in range(rounds):
+            shift = round_no % 2
+            rates: dict[str, float] = {}
+            for target in targets[shift:] + targets[:shift]:
+                run = measure(target, case, case.messages, round_no)
+                problems += run.problems
+                rates[target.system] = run.rate
+                cpu = f"  {1000 * run.cpu_seconds / run.sent:7.3f} ms CPU/msg" if run.cpu_seconds else ""
+                log(f"  round {round_no + 1}/{rounds} {target.system:10} {run.rate:9.1f}/s{cpu}")
+            ratios.append(rates["ledger-on"] / rates["ledger-off"])
+        on_log = targets[0].server.log.read_text(errors="replace") if targets[0].server else ""
+        if "ledger on:" not in on_log:
+            problems.append("the ledger-on gateway did not say 'ledger on'")
+    return (statistics.median(ratios) if ratios else None), problems
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -950,6 +992,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, configs, sink dumps)"
     )
+    parser.add_argument(
+        "--ledger",
+        action="store_true",
+        help="only the Message-ID ledger's cost: the outbound role at 1 KiB, ledger on against off, same "
+        "rounds (--rounds, --scale, --workers apply); prints the median on/off rate ratio",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.smoke else 5
@@ -983,8 +1031,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bench = Bench(workdir, args.gateway_arg, args.workers, args.config_extra.replace("\\n", "\n"))
         uses_gateway = any(s in GATEWAY_SYSTEMS for s in systems)
-        if uses_gateway:
+        if uses_gateway or args.ledger:
             bench.make_keyring()
+        if args.ledger:
+            log(f"{LEDGER_CASE.name}: {args.rounds} rounds, {args.workers} workers")
+            ratio, problems = ledger_comparison(bench, args.rounds, args.scale, log)
+            for p in problems:
+                log(f"PROBLEM: {p}")
+            log(f"ledger on / off, outbound 1 KiB rate (median of rounds): {fmt(ratio, '.3f')}")
+            return 1 if problems or ratio is None else 0
         results = []
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,18 @@ def _check_tls(config_path: Path, name: str, cert: Path, key: Path) -> None:
         raise ConfigError(f"{where}: tls_cert {cert} and tls_key {key} do not load: {reason}") from None
 
 
+def ledger_line(enabled: bool, has_secret: bool, path: Path) -> str:
+    """What check-config says of the Message-ID ledger (serve says the same at start-up)."""
+    if not enabled:
+        return "ledger off ([ledger] enabled = false): bounces to untagged addresses are refused at RCPT"
+    if not has_secret:
+        return (
+            "ledger off: the keyring has no ledger secret, so bounces to untagged addresses are refused at "
+            "RCPT; run 'batv-gateway keys ledger-secret' to turn it on"
+        )
+    return f"ledger on: {path} (it must be writable by the gateway's user)"
+
+
 def run(args: argparse.Namespace) -> int:
     config, kf = check(args.config, args.keyring)
     for warning in config.warnings:
@@ -96,5 +108,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{keyring_path}: {signing_began_line(kf.keyring.signing_began, config.lifetime_days)}")
         else:
             print(f"{keyring_path}: grace window off ([policy] bounce_grace = false)")
+        print(ledger_line(config.ledger.enabled, kf.keyring.ledger_secret is not None, config.ledger_path))
         sys.stdout.flush()
     return 0

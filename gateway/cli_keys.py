@@ -36,8 +36,10 @@ KEYS = "[--keyring PATH | --config FILE]"
 def register(subparsers: Any) -> None:
     keys = subparsers.add_parser(
         "keys", prog="batv-gateway keys",
-        help="manage the keyring: init, list, add, activate, rotate, retire, prune, export, import",
-        usage="batv-gateway keys {init,list,add,activate,rotate,retire,prune,export,import} ...",
+        help="manage the keyring: init, list, add, activate, rotate, retire, prune, export, import, "
+        "ledger-secret",
+        usage="batv-gateway keys "
+        "{init,list,add,activate,rotate,retire,prune,export,import,ledger-secret} ...",
         description="Manage the keyring file (default keys/keyring.toml; see keys/README.md).",
     )
     keys.set_defaults(help_parser=keys)
@@ -99,6 +101,10 @@ def register(subparsers: Any) -> None:
              "Refuses to replace a newer keyring (higher generation) with an older one.", _import,
              now=False)
     p.add_argument("file", metavar="FILE", help="an export, or - for standard input")
+    verb("ledger-secret", f"{KEYS} [--now TIME]",
+         "Give a keyring made before the Message-ID ledger its secret (docs/ledger.md); the ledger is "
+         "off without one. A keyring that has one keeps it (exit 0): a new secret would forget every "
+         "record. Export and import the keyring afterwards so that every host shares it.", _ledger_secret)
 
 
 def _prune_options(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +176,7 @@ def _init(args: argparse.Namespace) -> int:
             # owner or mode changed.
             print(f"{path}: a keyring already exists; left as it is")
             return EXIT_OK
-        kf = keystore.new_keyring(now_of(args), record_start=True)
+        kf = keystore.new_keyring(now_of(args), record_start=True, ledger=True)
         keystore.save(path, kf)
     print(f"{path}: created with {_describe(kf.keyring.active)}")
     return EXIT_OK
@@ -370,6 +376,17 @@ def _import(args: argparse.Namespace) -> int:
                 )
         keystore.save(path, incoming)
     print(f"{path}: imported generation {incoming.generation}, active {_describe(incoming.keyring.active)}")
+    return EXIT_OK
+
+
+def _ledger_secret(args: argparse.Namespace) -> int:
+    path = _path(args)
+    before, after = _change(args, lambda kf: keystore.add_ledger_secret(kf, now_of(args)))
+    if after is before:
+        print(f"{path}: the keyring has a ledger secret already; left as it is")
+    else:
+        print(f"{path}: added a ledger secret (generation {after.generation}); the Message-ID ledger "
+              "turns on at the next start of serve; export and import this keyring on the other hosts")
     return EXIT_OK
 
 

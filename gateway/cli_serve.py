@@ -248,7 +248,7 @@ def _create_development_keyring(path: Path) -> None:
     with keystore.locked(path):
         if path.exists():
             return
-        keystore.save(path, keystore.new_keyring(datetime.now(UTC)))
+        keystore.save(path, keystore.new_keyring(datetime.now(UTC), ledger=True))
     print(
         f"batv-gateway: created a development keyring at {path} (one active key); "
         "for production see keys/README.md",

@@ -218,6 +218,16 @@ class MilterConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    """[ledger]: the Message-ID ledger (docs/ledger.md). On when the keyring has a ledger secret."""
+
+    enabled: bool = True
+    days: int = 30  # how long a sent message may be answered
+    max_replies: int = 20  # messages one ledgered Message-ID vouches for
+    path: Path | None = None  # None: ledger.sqlite next to the keyring
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     hostname: str
@@ -233,6 +243,7 @@ class Config:
     policyd: PolicydConfig = field(default_factory=PolicydConfig)
     state: StateConfig = field(default_factory=StateConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     # One line each, naming the file and the key: what loads but is probably not what the operator wants.
     # check-config prints them and serve logs them at start-up.
     warnings: tuple[str, ...] = ()
@@ -240,6 +251,11 @@ class Config:
     @property
     def srs_max_age_days(self) -> int:
         return self.policy.srs_options.max_age
+
+    @property
+    def ledger_path(self) -> Path:
+        """The ledger's SQLite file: [ledger] path, else ledger.sqlite in the keyring's folder."""
+        return self.ledger.path or self.keyring_path.parent / "ledger.sqlite"
 
 
 class _Table:
@@ -414,7 +430,7 @@ def unknown_error(origin: str, where: str, kind: str, name: str, allowed: Sequen
 
 _TOP = (
     *("gateway", "batv", "srs", "policy", "limits", "listener", "log", "metrics", "socketmap", "policyd"),
-    *("state", "milter"),
+    *("state", "milter", "ledger"),
 )
 
 
@@ -643,6 +659,15 @@ def parse(
         authenticated_outbound=mi.boolean("authenticated_outbound", True),
     )
     mi.done()
+
+    ld = root.table("ledger")
+    ledger = LedgerConfig(
+        enabled=ld.boolean("enabled", True),
+        days=ld.integer("days", LedgerConfig.days, 1, 365),
+        max_replies=ld.integer("max_replies", LedgerConfig.max_replies, 1, 1_000_000),
+        path=ld.path("path", None),
+    )
+    ld.done()
     root.done()
 
     if settings.srs_options.always_rewrite and alias is None:
@@ -662,6 +687,7 @@ def parse(
         policyd=policyd,
         state=state,
         milter=milter,
+        ledger=ledger,
         warnings=tuple(warnings),
     )
 

@@ -47,6 +47,9 @@ WHY: dict[Reason, str] = {
     Reason.GRACE: "the address carries no tag, but signing began less than a tag's lifetime ago (keys init "
     "records when), so the bounce may answer mail sent before signing: it is accepted and counted ([policy] "
     "bounce_grace = false turns this off)",
+    Reason.LEDGER: "the address carries no tag, but the Message-ID ledger is on: the bounce is sent on at "
+    "RCPT and decided at the end of DATA; it passes when it refers to a message we sent from this address "
+    "(an auto-reply, a read receipt, a DSN to the header From), else 550 5.7.1 (docs/ledger.md)",
     Reason.TAG_INVALID_ACCEPTED: "the tag is invalid, but the sender is not null and [policy] "
     'invalid_tag_with_sender = "accept": the mail is sent on with the tag removed where it could be read',
     Reason.UNSIGNED: "the address carries no tag, so we never used it as a return path: a bounce to it "

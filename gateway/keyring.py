@@ -78,6 +78,9 @@ class Keyring:
     # When this keyring first signed (`keys init`); None in a keyring written before it was recorded.
     # Bounces to mail sent before it carry no tag, so the inbound policy gives them a grace window.
     signing_began: datetime | None = None
+    # The Message-ID ledger's HMAC secret (ledger.LedgerKeys); None in a keyring written before it was
+    # kept, where the ledger is off. repr=False: it must never reach a log.
+    ledger_secret: bytes | None = field(default=None, repr=False)
     # Cached keyed HMAC objects: .copy() of a keyed HMAC is cheaper than hmac.new()/hmac.digest() per use.
     _hmacs: Mapping[int, hmac.HMAC] = field(init=False, repr=False, compare=False)
     # RFC 2104's precomputation per key that verifies: SHA-1 states that have absorbed secret^ipad and

@@ -6,6 +6,7 @@ The file is TOML (format documented in keys/README.md):
     generation = 3                      # +1 on every change; `keys import` refuses to go backwards
     updated = 2024-01-01T12:00:00Z
     signing_began = 2024-01-01T12:00:00Z  # optional: when `keys init` made the first key (grace window)
+    ledger_secret = "base64 of 32 random bytes"  # optional: the Message-ID ledger's key (docs/ledger.md)
 
     [[key]]
     id = 0
@@ -54,9 +55,10 @@ DEFAULT_GRACE_DAYS = 7
 # Hosts of one MX group stop signing with an old key only when they import the keyring that activated the
 # new one, and their clocks differ: one extra day keeps their last old-key tags live until they expire.
 MARGIN_DAYS = 1
+MIN_LEDGER_SECRET = 16  # ledger.MIN_SECRET
 DEFAULT_LOCK_TIMEOUT = 10.0
 
-_TOP_KEYS = {"version", "generation", "updated", "signing_began", "key"}
+_TOP_KEYS = {"version", "generation", "updated", "signing_began", "ledger_secret", "key"}
 _KEY_KEYS = {"id", "state", "created", "changed", "signed_until", "secret"}
 _KEY_REQUIRED = _KEY_KEYS - {"signed_until"}
 
@@ -104,6 +106,10 @@ def parse(text: str, source: str) -> KeyringFile:
     signing_began = None
     if "signing_began" in data:
         signing_began = _parse_time(data["signing_began"], source, "signing_began")
+    # Absent from keyrings written before the ledger: the ledger is then off ('keys ledger-secret').
+    ledger_secret = None
+    if "ledger_secret" in data:
+        ledger_secret = _parse_secret(data["ledger_secret"], f"{source}: ledger_secret", MIN_LEDGER_SECRET)
     entries = data.get("key")
     if not isinstance(entries, list) or not entries:
         raise KeyringError(f"{source}: no [[key]] entries: run 'batv-gateway keys init' to create a keyring")
@@ -121,7 +127,7 @@ def parse(text: str, source: str) -> KeyringFile:
     if len(active) > 1:
         ids = ", ".join(str(i) for i in active)
         raise KeyringError(f"{source}: keys {ids} are all active: exactly one key may be active")
-    return KeyringFile(Keyring(tuple(keys), signing_began), generation, updated)
+    return KeyringFile(Keyring(tuple(keys), signing_began, ledger_secret), generation, updated)
 
 
 def _parse_key(entry: Any, source: str, n: int) -> Key:
@@ -142,25 +148,29 @@ def _parse_key(entry: Any, source: str, n: int) -> Key:
     except ValueError:
         states = ", ".join(s.value for s in KeyState)
         raise KeyringError(f"{where}: state must be one of {states}, not {entry['state']!r}") from None
-    encoded = entry["secret"]
-    if not isinstance(encoded, str):
-        raise KeyringError(f"{where}: secret must be a base64 string")
-    try:
-        secret = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        # The value itself is not repeated: even a broken secret is partly a secret.
-        raise KeyringError(f"{where}: secret is not valid base64") from None
-    if len(secret) < MIN_SECRET_BYTES:
-        raise KeyringError(
-            f"{where}: secret is {len(secret)} bytes; at least {MIN_SECRET_BYTES} random bytes are needed"
-            " (batv-gateway keys add makes one)"
-        )
+    secret = _parse_secret(entry["secret"], f"{where}: secret", MIN_SECRET_BYTES, "keys add")
     created = _parse_time(entry["created"], where, "created")
     changed = _parse_time(entry["changed"], where, "changed")
     signed_until = None
     if "signed_until" in entry:
         signed_until = _parse_time(entry["signed_until"], where, "signed_until")
     return Key(key_id, secret, state, created, changed, signed_until)
+
+
+def _parse_secret(encoded: Any, where: str, minimum: int, verb: str = "keys ledger-secret") -> bytes:
+    if not isinstance(encoded, str):
+        raise KeyringError(f"{where} must be a base64 string")
+    try:
+        secret = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        # The value itself is not repeated: even a broken secret is partly a secret.
+        raise KeyringError(f"{where} is not valid base64") from None
+    if len(secret) < minimum:
+        raise KeyringError(
+            f"{where} is {len(secret)} bytes; at least {minimum} random bytes are needed"
+            f" (batv-gateway {verb} makes one)"
+        )
+    return secret
 
 
 def _parse_time(value: Any, where: str, name: str) -> datetime:
@@ -183,6 +193,8 @@ def dump(kf: KeyringFile) -> str:
     ]
     if kf.keyring.signing_began is not None:
         lines.append(f"signing_began = {_format_time(kf.keyring.signing_began)}")
+    if kf.keyring.ledger_secret is not None:
+        lines.append(f'ledger_secret = "{base64.b64encode(kf.keyring.ledger_secret).decode("ascii")}"')
     for key in sorted(kf.keyring.keys, key=lambda k: k.id):
         lines += [
             "",
@@ -225,13 +237,18 @@ def kubernetes_secret(kf: KeyringFile, name: str, namespace: str | None = None) 
 
 
 def _bump(kf: KeyringFile, keys: tuple[Key, ...], now: datetime) -> KeyringFile:
-    return KeyringFile(Keyring(keys, kf.keyring.signing_began), kf.generation + 1, now)
+    return KeyringFile(replace(kf.keyring, keys=keys), kf.generation + 1, now)
 
 
 def new_keyring(
-    now: datetime, token: Callable[[int], bytes] = secrets.token_bytes, *, record_start: bool = False
+    now: datetime,
+    token: Callable[[int], bytes] = secrets.token_bytes,
+    *,
+    record_start: bool = False,
+    ledger: bool = False,
 ) -> KeyringFile:
-    """A first keyring: key 0, active.
+    """A first keyring: key 0, active; with `ledger`, a ledger secret too (`keys init` and serve's
+    development keyring ask for it; the throwaway keyrings of tests and the demo do not).
 
     `record_start` records `now` as when signing began, which opens the inbound grace window for bounces
     to untagged addresses. `keys init` asks for it; the throwaway keyrings of `serve` and the demo do not,
@@ -239,7 +256,20 @@ def new_keyring(
     """
     now = _now_utc(now)
     key = Key(0, token(NEW_SECRET_BYTES), KeyState.ACTIVE, now, now)
-    return KeyringFile(Keyring((key,), signing_began=now if record_start else None), 1, now)
+    began = now if record_start else None
+    ledger_secret = token(NEW_SECRET_BYTES) if ledger else None
+    return KeyringFile(Keyring((key,), signing_began=began, ledger_secret=ledger_secret), 1, now)
+
+
+def add_ledger_secret(
+    kf: KeyringFile, now: datetime, token: Callable[[int], bytes] = secrets.token_bytes
+) -> KeyringFile:
+    """The keyring with a ledger secret, for one written before the ledger existed. One that has a
+    secret keeps it: a new secret forgets every record, and answers to mail sent before are refused."""
+    if kf.keyring.ledger_secret is not None:
+        return kf
+    keyring = replace(kf.keyring, ledger_secret=token(NEW_SECRET_BYTES))
+    return KeyringFile(keyring, kf.generation + 1, _now_utc(now))
 
 
 def free_key_id(kf: KeyringFile) -> int:

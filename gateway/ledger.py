@@ -29,6 +29,8 @@ from typing import Protocol
 from .errors import GatewayError
 from .messageids import SCAN_LIMIT, FoundReferences, HeaderStatus, SentHeaders, normalise_address
 from .replies import Reply, bounce_refused
+from .replies import ledger_too_big as too_big_reply
+from .replies import ledger_unavailable as unavailable_reply
 
 LEDGER_DAYS = 30  # [ledger] days: how long a sent message can be answered
 MAX_REPLIES = 20  # [ledger] max_replies: how many messages one ledgered Message-ID vouches for
@@ -98,6 +100,7 @@ class RecordOutcome(enum.Enum):
     NO_MESSAGE_ID = "no-message-id"  # not ledgered (counted)
     HEADERS_TOO_BIG = "headers-too-big"  # not ledgered (counted)
     NO_ADDRESS = "no-address"  # nothing an answer could be sent to (counted)
+    STORE_UNAVAILABLE = "store-unavailable"  # made, but the store could not write it (logged, counted)
 
 
 @dataclass(frozen=True)
@@ -176,22 +179,6 @@ def refused_reply(recipient: str, reason: LedgerReason, days: int, cap: int) -> 
     return bounce_refused(recipient, _WHY[reason].format(days=days, cap=cap))
 
 
-def too_big_reply(recipient: str, limit: int) -> Reply:
-    """552 5.3.4: what is too big is the part we read, not the message (RFC 3463 X.3.4 "too big for
-    system"); the sender learns that a smaller answer (headers only, RET=HDRS) would be read."""
-    return Reply(
-        552,
-        "5.3.4",
-        f"<{recipient}>: a null-sender message to an address we never signed must show what it answers "
-        f"within its first {limit // 1024} KiB",
-    )
-
-
-def unavailable_reply(recipient: str) -> Reply:
-    """451 4.3.0: our store could not answer; never a 5xx for our outage."""
-    return Reply(451, "4.3.0", f"<{recipient}>: message ledger unavailable, try again later")
-
-
 @dataclass(frozen=True)
 class LedgerVerdict:
     """The end-of-DATA decision for one recipient. `reply` is None when it passes (the next hop's reply
@@ -203,6 +190,7 @@ class LedgerVerdict:
     key: bytes | None = None  # the ledger entry that vouched (take_reply charges it)
     message_id: str | None = None  # the reference that vouched, for the log line (it is ours)
     observed: bool = False
+    would_reject: Reply | None = None  # observe mode: what enforce mode would have said
 
     def __post_init__(self) -> None:
         # The class of the reply follows the action: a "refuse" with a 4xx cannot be built by mistake.
@@ -220,7 +208,7 @@ class LedgerVerdict:
 
 def _verdict(action: LedgerAction, reason: LedgerReason, reply: Reply, observe: bool) -> LedgerVerdict:
     if observe:
-        return LedgerVerdict(LedgerAction.PASS, reason, None, observed=True)
+        return LedgerVerdict(LedgerAction.PASS, reason, None, observed=True, would_reject=reply)
     return LedgerVerdict(action, reason, reply)
 
 

@@ -252,6 +252,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.ledger_records = Counter(
+            f"{NAMESPACE}_ledger_records",
+            "Outbound messages the next hop took, by what the Message-ID ledger did with them (recorded, "
+            "no-message-id, headers-too-big, no-address, store-unavailable)",
+            ["outcome"],
+            registry=r,
+        )
         histogram = _Histogram if shared is None else _SharedHistogram
         self.transaction_seconds = histogram(
             f"{NAMESPACE}_transaction_seconds",
@@ -367,6 +374,9 @@ class Metrics:
 
     def transaction_done(self, role: object, seconds: float) -> None:
         self.transaction_seconds.observe(_label(role), seconds)
+
+    def ledger_record(self, outcome: str) -> None:
+        self._child(self.ledger_records, outcome).inc()
 
     def srs_rewrite(self, direction: str) -> None:
         self.srs.labels(direction).inc()

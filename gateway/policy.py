@@ -15,6 +15,11 @@ Inbound (the MX side), per RCPT:
   an untagged address in a signed domain is accepted (reason `grace`): it may be the bounce of mail sent
   before signing began. A tag that fails is never covered, and `bounce_grace = false` turns it off. In
   observe mode such a bounce is still reported as a would-reject, since finding them is observing's job.
+- The Message-ID ledger (docs/ledger.md): past the grace window, when the front end can read the message
+  and asks for it (`ledger=True`), such a bounce is deferred (Action.DEFER, reason `ledger`) instead of
+  refused: sent on at RCPT and decided at the end of DATA on what it refers to (`ledger.decide`). A tag
+  that fails is never deferred: the ledger only vouches for untagged addresses. In observe mode it is
+  deferred too, and the end of DATA counts what it would have refused.
 - A non-null sender writing to a tagged address (a reply, a callout) gets the tag stripped; an invalid tag
   there is accepted by default (`invalid_tag_with_sender`).
 
@@ -32,6 +37,7 @@ from . import prvs, replies, srs
 from .addresses import Address, parse_address
 from .errors import GatewayError
 from .keyring import Keyring
+from .ledger import LedgerKeys
 from .replies import Reply
 
 
@@ -39,6 +45,9 @@ class Action(enum.Enum):
     RELAY = "relay"
     REJECT = "reject"
     TEMPFAIL = "tempfail"
+    # Inbound: sent on to the next hop at RCPT, decided at the end of DATA (the Message-ID ledger). Only
+    # a front end that sees the message can ask for it: the policy service, which sees no body, never does.
+    DEFER = "defer"
 
 
 class Reason(enum.Enum):
@@ -50,6 +59,8 @@ class Reason(enum.Enum):
     EXEMPT = "exempt"
     GRACE = "grace"  # a bounce to an untagged address in the days after signing began
     TAG_INVALID_ACCEPTED = "invalid-tag-accepted"  # a non-null sender to an invalid tag, accepted by config
+    # inbound, deferred: a bounce to an untagged address, decided at the end of DATA by the ledger
+    LEDGER = "ledger"
     # inbound, refused (or observed)
     UNSIGNED = "unsigned"
     MALFORMED = "malformed"
@@ -171,11 +182,15 @@ class Policy:
         self.settings = settings
         self.keyring = keyring
         self._srs_secrets = keyring.srs_secrets()
+        # None without a ledger secret in the keyring: the ledger is then off.
+        self.ledger_keys = LedgerKeys(keyring.ledger_secret) if keyring.ledger_secret else None
 
     # --- inbound ------------------------------------------------------------------------------------
     def inbound_rcpt(
-        self, sender: Address | None, rcpt: Address, today: int, observe: bool = False
+        self, sender: Address | None, rcpt: Address, today: int, observe: bool = False, ledger: bool = False
     ) -> RcptVerdict:
+        """`ledger`: the caller reads the message and has the ledger on, so an untagged bounce in a signed
+        domain may be deferred to the end of DATA rather than refused here."""
         s = self.settings
         domain = rcpt.domain.lower().rstrip(".")
         text = str(rcpt)
@@ -226,6 +241,8 @@ class Policy:
                     return RcptVerdict(Action.RELAY, target, Reason.NOT_SIGNED_DOMAIN)
                 if not (observe or domain in s.observe_domains) and self.in_grace(today):
                     return RcptVerdict(Action.RELAY, target, Reason.GRACE)
+                if ledger:
+                    return RcptVerdict(Action.DEFER, target, Reason.LEDGER)
                 failure = Reason.UNSIGNED
             reply = replies.bounce_refused(text, failure.value)
 
@@ -235,6 +252,10 @@ class Policy:
                 Action.RELAY, target, failure, failed_guess=guess, would_reject=reply, key_id=key_id
             )
         return RcptVerdict(Action.REJECT, text, failure, reply, failed_guess=guess, key_id=key_id)
+
+    def observes(self, rcpt: Address, observe: bool = False) -> bool:
+        """Is a refusal for `rcpt` only counted (the listener's `observe`, or [policy] observe_domains)?"""
+        return observe or rcpt.domain.lower().rstrip(".") in self.settings.observe_domains
 
     def in_grace(self, today: int) -> bool:
         """True while a bounce may still answer mail sent before signing began: the window lasts as long

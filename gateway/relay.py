@@ -9,10 +9,16 @@ never told 250 for something the next hop did not say 250 to.
 The next-hop MAIL is sent with the first recipient the rules let through, not at the client's MAIL: a
 bounce whose every recipient is refused (the backscatter this product exists to stop) costs the next hop
 nothing and is never seen by it. A next hop's refusal of the sender is then reported at that RCPT.
+
+The Message-ID ledger (docs/ledger.md): the outbound role reads each message's header block as it streams
+past and records it once the next hop said 2xx to the final dot. The inbound role sends a bounce to an
+untagged address on at RCPT (policy Action.DEFER) and reads a bounded prefix of its message as it streams;
+before the final dot goes to the next hop, the ledger decides: a refused message never gets its dot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import random
@@ -21,8 +27,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import replies
+from . import ledger, replies
+from .ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome, StoreUnavailable
 from .logs import TransactionLog
+from .messageids import FoundReferences, InboundReferences, OutboundHeaders
 from .nexthop import (
     BASELINE,
     Capabilities,
@@ -37,6 +45,8 @@ from .replies import Reply
 from .smtpcore import DATA_FAILURE_REPLIES, DataFailure, MailCommand, Offer, RcptCommand
 
 _TRUSTED_CACHE_SIZE = 4096  # client addresses whose trust verdict is kept (OutboundRules)
+# A scanned prefix larger than this is parsed on a thread: a full 256 KiB takes milliseconds.
+_SCAN_ON_THREAD = 64 * 1024
 
 log = logging.getLogger("gateway.relay")
 
@@ -106,6 +116,23 @@ class RelayWatch(Protocol):
 
     def transaction_done(self, role: object, seconds: float) -> None: ...
 
+    def ledger_record(self, outcome: str) -> None: ...
+
+
+@dataclass
+class LedgerSettings:
+    """The ledger as both roles use it: `store` is set by serve once open (None: the ledger is off)."""
+
+    store: LedgerStore | None = None
+    days: int = ledger.LEDGER_DAYS
+    max_replies: int = ledger.MAX_REPLIES
+    clock: Callable[[], float] = time.time
+
+    def keys(self, policy: Policy) -> LedgerKeys | None:
+        """The keys for a transaction under `policy`, or None when the ledger is off for it (no store, or
+        no ledger secret in the keyring)."""
+        return policy.ledger_keys if self.store is not None else None
+
 
 # ------------------------------------------------------------------------------------------------ roles
 
@@ -122,10 +149,16 @@ class RcptDecision:
     action: object = None  # the policy's own Action, for events; derived from `relay` when None
     # The outbound role rewrites the sender once per transaction, decided at its first recipient.
     sender: str | None = None
+    deferred: bool = False  # relayed now, decided by the ledger at the end of DATA
+    observe: bool = False  # ... where a refusal is only counted
 
 
 class Transaction(Protocol):
     """One client transaction as a role sees it: a decision per recipient."""
+
+    # The ledger's keys when the ledger is on for this transaction (the outbound role records, the
+    # inbound role decides deferred recipients), else None.
+    ledger_keys: LedgerKeys | None
 
     def rcpt(self, rcpt: RcptCommand) -> RcptDecision: ...
 
@@ -134,6 +167,7 @@ class RoleRules(Protocol):
     """What a listener's role decides. The engine (this module) is the same for every role."""
 
     role: str
+    ledger: LedgerSettings
 
     def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction | Reply:
         """At the client's MAIL: the transaction's rules, or the refusal (an untrusted client, ...)."""
@@ -164,13 +198,21 @@ class InboundRules:
 
     role = "inbound"
 
-    def __init__(self, holder: PolicyHolder, observe: bool = False, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        observe: bool = False,
+        clock: Callable[[], float] = time.time,
+        ledger: LedgerSettings | None = None,
+    ):
         self.holder = holder
         self.observe = observe
         self.clock = clock
+        self.ledger = ledger if ledger is not None else LedgerSettings()
 
     def transaction(self, info: SessionInfo, mail: MailCommand) -> Transaction:
-        return _InboundTransaction(self.holder.policy, mail, self.observe, self.clock)
+        policy = self.holder.policy
+        return _InboundTransaction(policy, mail, self.observe, self.clock, self.ledger.keys(policy))
 
     def forwards_client(self, ip: str) -> bool:
         return False  # the internet is the client here: nobody speaks for anyone else
@@ -182,14 +224,45 @@ class _InboundTransaction:
     mail: MailCommand
     observe: bool
     clock: Callable[[], float]
+    ledger_keys: LedgerKeys | None = None
+    deferred: bool | None = None  # the class of the relayed recipients, set by the first of them
 
     def rcpt(self, rcpt: RcptCommand) -> RcptDecision:
+        decision = self._decide(rcpt)
+        if decision.relay:
+            if self.deferred is not None and self.deferred != decision.deferred:
+                # One message gets one reply to its final dot: recipients the ledger decides there never
+                # share it with recipients decided here (the later class waits for its own transaction).
+                return RcptDecision(
+                    relay=False,
+                    address=rcpt.path,
+                    reason=decision.reason,
+                    reply=replies.SEPARATE_TRANSACTION,
+                    action=Action.TEMPFAIL,
+                )
+            self.deferred = decision.deferred
+        return decision
+
+    def _decide(self, rcpt: RcptCommand) -> RcptDecision:
         if rcpt.bare_postmaster:
             # RFC 5321 §4.5.1: always accepted, and our next hop must take it too.
             return RcptDecision(relay=True, address=rcpt.path, reason=Reason.EXEMPT, action=Action.RELAY)
         verdict = self.policy.inbound_rcpt(
-            self.mail.sender, rcpt.recipient, utc_today(self.clock), observe=self.observe
+            self.mail.sender,
+            rcpt.recipient,
+            utc_today(self.clock),
+            observe=self.observe,
+            ledger=self.ledger_keys is not None,
         )
+        if verdict.action is Action.DEFER:
+            return RcptDecision(
+                relay=True,
+                address=verdict.address,
+                reason=verdict.reason,
+                action=Action.DEFER,
+                deferred=True,
+                observe=self.policy.observes(rcpt.recipient, self.observe),
+            )
         relay = verdict.action is Action.RELAY
         reply = verdict.reply
         if not relay and reply is None:  # a policy that says no must say why; never a silent 250
@@ -217,10 +290,12 @@ class OutboundRules:
         holder: PolicyHolder,
         trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
         clock: Callable[[], float] = time.time,
+        ledger: LedgerSettings | None = None,
     ) -> None:
         self.holder = holder
         self.trusted = tuple(trusted)
         self.clock = clock
+        self.ledger = ledger if ledger is not None else LedgerSettings()
         # The verdict per client address: an MTA relays through us from a handful of addresses, and
         # parsing one costs more than the rest of MAIL. Bounded: cleared when it fills.
         self._trusted_ips: dict[str, bool] = {}
@@ -246,7 +321,8 @@ class OutboundRules:
         # Never an open relay: anyone outside the trusted networks is refused at MAIL.
         if not self._trusted(info.client_ip):
             return replies.client_not_trusted(info.client_ip)
-        return _OutboundTransaction(self.holder.policy, mail, self.clock)
+        policy = self.holder.policy
+        return _OutboundTransaction(policy, mail, self.clock, self.ledger.keys(policy))
 
     def forwards_client(self, ip: str) -> bool:
         # The MTA we relay for (Postfix's smtp_send_xforward_command) may name its own client.
@@ -258,6 +334,7 @@ class _OutboundTransaction:
     policy: Policy
     mail: MailCommand
     clock: Callable[[], float]
+    ledger_keys: LedgerKeys | None = None
     exempt: bool | None = None  # decided at the first recipient: is this transaction left alone?
     sender: str | None = None
     sender_reason: object = None
@@ -326,6 +403,13 @@ class Relay:
     watch: RelayWatch | None = None
     # Told how each message ended (the next hop's reply to the final dot): one log line per message.
     on_transaction: Callable[[TransactionEvent], None] = field(default_factory=TransactionLog)
+    # The ledger records on their way to the store (RelaySession._record).
+    recording: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def records_written(self) -> None:
+        """Until every ledger record asked for so far is written (or has failed): before the store closes."""
+        while self.recording:
+            await asyncio.wait(tuple(self.recording))
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -437,6 +521,11 @@ class RelaySession:
         self._accepted = 0  # ... that it accepted
         self._in_data = False
         self._started = time.monotonic()
+        # The ledger: deferred recipients the next hop accepted, and what is read of the message for them
+        # (inbound), or the header block read for the record (outbound).
+        self._deferred: list[tuple[RcptCommand, RcptDecision]] = []
+        self._scan: InboundReferences | None = None
+        self._headers: OutboundHeaders | None = None
 
     # ------------------------------------------------------------------ MAIL
 
@@ -556,6 +645,8 @@ class RelaySession:
 
         async def answer() -> tuple[ReplyLike, bool]:
             reply = await self._rcpt_answer(index)
+            if decision.deferred and 200 <= reply.code < 300:
+                self._deferred.append((rcpt, decision))
             self._event(rcpt, decision, reply, began)
             return reply, False
 
@@ -639,9 +730,20 @@ class RelaySession:
             self._end()
             return refused
         self._in_data = True
+        keys = self._rules.ledger_keys if self._rules is not None else None
+        if keys is not None:
+            if self._deferred:
+                self._scan = InboundReferences()
+            elif isinstance(self._rules, _OutboundTransaction):
+                self._headers = OutboundHeaders()
         return data_reply
 
     async def data_chunk(self, chunk: bytes) -> None:
+        # Read as it streams past, within the feeders' bounds; the message is never held.
+        if self._scan is not None and not self._scan.full:
+            self._scan.feed(chunk)
+        elif self._headers is not None and not self._headers.done:
+            self._headers.feed(chunk)
         if self._failure is not None or self._conn is None:
             return  # keep reading the client's message; it will get our 4xx at the end
         try:
@@ -678,6 +780,15 @@ class RelaySession:
         if conn is None:
             self.abort()
             return replies.LOCAL_ERROR, None
+        if self._deferred:
+            refused = await self._ledger_decision()
+            if refused is not None:
+                # The next hop never gets the final dot for a message the ledger refuses: the connection
+                # is dropped mid-DATA, so nothing partial is delivered (as past the size limit). The
+                # transaction itself is cleared by data_end, after its log line.
+                conn.abort()
+                self._conn = None
+                return refused, None
         try:
             final = await conn.end_data()
         except NextHopError as error:
@@ -695,7 +806,99 @@ class RelaySession:
             self.relay.pool.release(conn)
         self._conn = None
         conn.transactions += 1
+        if self._headers is not None and final.positive:
+            self._record()
         return client_reply(final), final
+
+    # ------------------------------------------------------------------ the ledger
+
+    async def _ledger_decision(self) -> ReplyLike | None:
+        """The ledger's decision on the message, before its final dot: None when every deferred recipient
+        passes, else the first refusal's reply (one message, one reply). A decision line per recipient."""
+        assert self._rules is not None and self._rules.ledger_keys is not None
+        keys = self._rules.ledger_keys
+        settings = self.relay.rules.ledger
+        scan = self._scan if self._scan is not None else InboundReferences()
+        found = await asyncio.to_thread(scan.result) if scan.held > _SCAN_ON_THREAD else scan.result()
+        refusal: LedgerVerdict | None = None
+        for rcpt, decision in self._deferred:
+            began = time.monotonic()
+            if refusal is None:
+                verdict = await self._ledger_check(found, decision, keys, settings)
+                if not verdict.passes:
+                    refusal = verdict
+            else:
+                verdict = refusal  # the message is refused already: so is this recipient
+            self._ledger_event(rcpt, decision, verdict, began)
+        return None if refusal is None else refusal.reply
+
+    async def _ledger_check(
+        self, found: FoundReferences, decision: RcptDecision, keys: LedgerKeys, settings: LedgerSettings
+    ) -> LedgerVerdict:
+        now, cap, observe, days = int(settings.clock()), settings.max_replies, decision.observe, settings.days
+        store = settings.store
+        if store is None:  # closed by a stop since the RCPT: as for any store outage
+            return ledger.decide(found, decision.address, None, keys, now, cap, observe, days)
+        return await ledger.check(store, found, decision.address, keys, now, cap, observe, days)
+
+    def _ledger_event(
+        self, rcpt: RcptCommand, decision: RcptDecision, verdict: LedgerVerdict, began: float
+    ) -> None:
+        if not self.relay.observers:
+            return
+        mail = self._mail
+        self.relay.emit(
+            DecisionEvent(
+                session=self.info.session,
+                client=self.info.client_ip,
+                role=self.info.role,
+                sender=None if mail is None or mail.sender is None else str(mail.sender),
+                recipient=rcpt.path,
+                action=Action.RELAY if verdict.reply is None else verdict_of(verdict.reply),
+                reason=verdict.reason,
+                key_id=None,
+                next_hop_reply=None,
+                duration=time.monotonic() - began,
+                would_reject=verdict.would_reject,
+                address=decision.address,
+                transaction_end=True,
+            )
+        )
+
+    def _record(self) -> None:
+        """Record the message the next hop took, without holding up the client's reply: the store commits
+        what the sessions ask for in groups (ledgerstore.py). An outage is logged and counted; the client's
+        message is never failed for it (an answer to it would be refused later, nothing worse)."""
+        headers, self._headers = self._headers, None
+        assert headers is not None and self._rules is not None and self._rules.ledger_keys is not None
+        settings = self.relay.rules.ledger
+        mail = self._mail
+        sender = None if mail is None or mail.sender is None else str(mail.sender)
+        recording = ledger.make_record(
+            self._rules.ledger_keys, headers.result(), sender, int(settings.clock()), settings.days
+        )
+        if recording.outcome is RecordOutcome.RECORDED and recording.key and recording.record:
+            task = asyncio.get_running_loop().create_task(
+                self._store_record(settings.store, recording.key, recording.record, recording.ttl)
+            )
+            self.relay.recording.add(task)  # a strong reference until it is done
+            task.add_done_callback(self.relay.recording.discard)
+        elif self.relay.watch is not None:
+            self.relay.watch.ledger_record(recording.outcome.value)
+
+    async def _store_record(
+        self, store: LedgerStore | None, key: bytes, record: ledger.LedgerRecord, ttl: int
+    ) -> None:
+        outcome = RecordOutcome.RECORDED
+        try:
+            if store is None:
+                raise StoreUnavailable("the ledger store is closed")
+            await store.record(key, record, ttl)
+        except StoreUnavailable as error:
+            outcome = RecordOutcome.STORE_UNAVAILABLE
+            log.warning("session %s: message not recorded in the ledger: %s", self.info.session, error)
+        if self.relay.watch is not None:
+            self.relay.watch.ledger_record(outcome.value)
 
     # ------------------------------------------------------------------ the end of a transaction
 
@@ -832,6 +1035,7 @@ def _xtext(value: str) -> str:
 __all__ = [
     "DecisionEvent",
     "InboundRules",
+    "LedgerSettings",
     "OutboundRules",
     "PolicyHolder",
     "RcptDecision",

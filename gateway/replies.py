@@ -84,6 +84,22 @@ def bounce_refused(address: str, why: str) -> Reply:
     return Reply(550, "5.7.1", f"<{address}>: bounce to an address we never signed ({why})")
 
 
+def ledger_too_big(recipient: str, limit: int) -> Reply:
+    """552 5.3.4: what is too big is the part the ledger reads, not the message (RFC 3463 X.3.4 "too big
+    for system"); the sender learns that a smaller answer (headers only, RET=HDRS) would be read."""
+    return Reply(
+        552,
+        "5.3.4",
+        f"<{recipient}>: a null-sender message to an address we never signed must show what it answers "
+        f"within its first {limit // 1024} KiB",
+    )
+
+
+def ledger_unavailable(recipient: str) -> Reply:
+    """451 4.3.0: the Message-ID ledger's store could not answer; never a 5xx for our outage."""
+    return Reply(451, "4.3.0", f"<{recipient}>: message ledger unavailable, try again later")
+
+
 def tag_refused(address: str, why: str) -> Reply:
     """A non-null sender writing to an invalid tag, where the operator chose to refuse it."""
     return Reply(550, "5.7.1", f"<{address}>: invalid return-path tag ({why})")

@@ -33,7 +33,15 @@ from .guessbudget import LocalBudget, RateBudget
 from .keyring import Keyring
 from .nexthop import NextHopPool, NextHopTimeouts
 from .policy import Policy
-from .relay import DecisionObserver, InboundRules, OutboundRules, PolicyHolder, Relay, RoleRules
+from .relay import (
+    DecisionObserver,
+    InboundRules,
+    LedgerSettings,
+    OutboundRules,
+    PolicyHolder,
+    Relay,
+    RoleRules,
+)
 from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
 from .state import budget_rules
 
@@ -44,10 +52,12 @@ log = logging.getLogger("gateway.serve")
 STARTUP_PROBE_WAIT = 3.0  # seconds start() waits for the next hops' EHLO before it listens anyway
 
 # Role -> the rules of that role. The outbound role (issue 6) registers itself here; the engine is shared.
-RulesFactory = Callable[[ListenerConfig, PolicyHolder], RoleRules]
+RulesFactory = Callable[[ListenerConfig, PolicyHolder, LedgerSettings], RoleRules]
 ROLE_RULES: dict[Role, RulesFactory] = {
-    Role.INBOUND: lambda listener, holder: InboundRules(holder, observe=listener.observe),
-    Role.OUTBOUND: lambda listener, holder: OutboundRules(holder, listener.trusted),
+    Role.INBOUND: lambda listener, holder, ledger: InboundRules(
+        holder, observe=listener.observe, ledger=ledger
+    ),
+    Role.OUTBOUND: lambda listener, holder, ledger: OutboundRules(holder, listener.trusted, ledger=ledger),
 }
 
 
@@ -128,6 +138,8 @@ class Gateway:
     ) -> None:
         self.config = config
         self.holder = PolicyHolder(Policy(config.policy, keyring))
+        # Both roles share one ledger; its store is opened by start() (the ledger is off until then).
+        self.ledger = LedgerSettings(days=config.ledger.days, max_replies=config.ledger.max_replies)
         self.observers = tuple(observers)
         self._sleep = sleep
         self._clock = guess_clock
@@ -157,7 +169,8 @@ class Gateway:
             next_hop_timeouts(limits),
             max_idle=limits.next_hop_pool_size,
         )
-        relay = Relay(lc.name, factory(lc, self.holder), pool, limits.message_size_limit, self.observers)
+        rules = factory(lc, self.holder, self.ledger)
+        relay = Relay(lc.name, rules, pool, limits.message_size_limit, self.observers)
         tls = tls_context(lc.tls_cert, lc.tls_key) if lc.tls_cert and lc.tls_key else None
         sessions: set[EdgeProtocol] = set()
         context = EdgeContext(
@@ -187,6 +200,7 @@ class Gateway:
         # hop that is down or slow: until it answers, EHLO offers only what any SMTP server can carry,
         # and the probe goes on in the background.
         probes = [lst.relay.pool.probe_soon() for lst in self.listeners]
+        await self._open_ledger()
         if probes:
             await asyncio.wait(probes, timeout=STARTUP_PROBE_WAIT)
         where = "cannot listen"
@@ -206,6 +220,36 @@ class Gateway:
         except OSError as error:
             await self.stop(0)
             raise ConfigError(f"{where}: {bind_failure(error)}") from None
+
+    async def _open_ledger(self) -> None:
+        """The ledger's store, when the config and the keyring turn it on; one line says which."""
+        from . import ledgerstore
+
+        ledger = self.config.ledger
+        if not self.listeners or not ledger.enabled:
+            if self.listeners:
+                log.info("ledger off ([ledger] enabled = false): bounces to untagged addresses are refused")
+            return
+        if self.holder.policy.ledger_keys is None:
+            log.info(
+                "ledger off: the keyring %s has no ledger secret, so bounces to untagged addresses are "
+                "refused at RCPT; run 'batv-gateway keys ledger-secret' and restart to turn it on",
+                self.config.keyring_path,
+            )
+            return
+        if self.stores is not None and self.stores.redis is not None:
+            # On Redis the ledger is the fleet's: an answer to mail that host A sent passes host B.
+            self.ledger.store = self.stores.ledger
+            where = f"{self.stores.backend} ([state])"
+        else:
+            self.ledger.store = await ledgerstore.open_store(self.config)
+            where = str(self.config.ledger_path)
+        log.info(
+            "ledger on: %s, answers accepted for %d days, %d per message",
+            where,
+            ledger.days,
+            ledger.max_replies,
+        )
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish within `deadline` seconds, then cut."""
@@ -236,6 +280,12 @@ class Gateway:
             if lst.server is not None:
                 await lst.server.wait_closed()
             await lst.relay.pool.close()
+        for lst in self.listeners:
+            await lst.relay.records_written()
+        store, self.ledger.store = self.ledger.store, None
+        # The [state] stores are closed by whoever made them (run).
+        if store is not None and (self.stores is None or store is not self.stores.ledger):
+            await store.close()
 
     # ------------------------------------------------------------------ reload
 

@@ -60,6 +60,23 @@ def test_good_config_and_keyring(
     assert f"active key 0 (fingerprint {kf.keyring.active.fingerprint})" in out
     secret = kf.keyring.active.secret
     assert base64.b64encode(secret).decode() not in out and secret.hex() not in out
+    assert "ledger off: the keyring has no ledger secret" in out  # a keyring new_keyring made without one
+
+
+def test_the_ledger_line_says_where_it_is_and_never_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kf = keystore.new_keyring(NOW, ledger=True)
+    keystore.save(tmp_path / "keyring.toml", kf)
+    config = write_config(tmp_path)
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"ledger on: {tmp_path / 'ledger.sqlite'}" in out
+    assert kf.keyring.ledger_secret is not None
+    assert base64.b64encode(kf.keyring.ledger_secret).decode() not in out
+    config.write_text(config.read_text() + "\n[ledger]\nenabled = false\n")
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "ledger off ([ledger] enabled = false)" in capsys.readouterr().out
 
 
 def test_quiet(setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -540,3 +541,24 @@ def test_keys_readme_and_operations_give_one_and_the_same_fleet_push() -> None:
     assert readme == fleet_push(REPO / "docs" / "operations.md")
     export = "batv-gateway keys export --config $CONF"
     assert f'{export} | ssh "$h" batv-gateway keys import --config $CONF -' in readme
+
+
+def test_init_makes_a_ledger_secret_and_ledger_secret_gives_one_to_an_older_keyring(
+    run: Run, tmp_path: Path
+) -> None:
+    run("init", "--now", T0)
+    kf = keystore.load(run.keyring)
+    assert kf.keyring.ledger_secret is not None
+    code, out, _ = run("ledger-secret")
+    assert (code, out) == (0, f"{run.keyring}: the keyring has a ledger secret already; left as it is\n")
+    # A keyring from before the ledger: the verb adds one, says so, and it travels with an export.
+    keystore.save(run.keyring, keystore.KeyringFile(replace(kf.keyring, ledger_secret=None), 1, kf.updated))
+    code, out, _ = run("ledger-secret", "--now", "2024-01-02T00:00:00Z")
+    assert code == 0 and "added a ledger secret (generation 2)" in out
+    secret = keystore.load(run.keyring).keyring.ledger_secret
+    assert secret is not None
+    code, exported, _ = run("export")
+    assert keystore.parse(exported, "x").keyring.ledger_secret == secret
+    _, listed, _ = run("list")
+    _, as_json, _ = run("list", "--json")
+    assert base64.b64encode(secret).decode() not in listed + as_json + out

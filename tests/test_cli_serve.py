@@ -86,6 +86,9 @@ def test_serve_on_the_embedded_default_makes_a_keyring_and_refuses_a_forged_boun
             keyring = tmp_path / "keys" / "keyring.toml"
             assert keyring.stat().st_mode & 0o777 == 0o600
             assert load(keyring).keyring.has_active
+            assert load(keyring).keyring.ledger_secret is not None
+            assert "ledger on: keys/ledger.sqlite" in output
+            assert (tmp_path / "keys" / "ledger.sqlite").stat().st_mode & 0o777 == 0o600
             # The embedded default enforces, and says so before it serves.
             (mode,) = [line for line in lines if "msg=\"inbound listener" in line]
             assert "inbound listener inbound enforces" in mode and "mode=enforce enforce=example.com" in mode
@@ -99,9 +102,13 @@ def test_serve_on_the_embedded_default_makes_a_keyring_and_refuses_a_forged_boun
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
                 client.ehlo("test.example")
                 assert client.mail("<>")[0] == 250
-                code, text = client.rcpt("bob@example.com")
+                code, text = client.rcpt("prvs=0123abcdef=bob@example.com")
                 assert code == 550
-                assert b"5.7.1" in text and b"unsigned" in text
+                assert b"5.7.1" in text and b"bad-hash" in text
+                # The development keyring has a ledger secret: a bounce to an untagged address is sent on
+                # and decided at the end of DATA; this next hop is down, so a 4xx, never a 250.
+                code, _ = client.rcpt("bob@example.com")
+                assert code // 100 == 4
                 code, _ = client.rcpt("postmaster@example.com")
                 assert code // 100 == 4  # exempt, but the next hop refuses connections: a 4xx, never a 250
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from pathlib import Path
@@ -244,7 +245,10 @@ def test_the_grace_window_is_on_by_default_and_one_key_turns_it_off(tmp_path: Pa
 
 def test_state_defaults_to_sqlite_and_a_redis_url_is_read(tmp_path: Path) -> None:
     assert config.default().state == config.StateConfig()
-    assert config.load(EXAMPLE).state == config.StateConfig()  # the example shows the defaults
+    # The example shows the defaults, but for the SQLite file, in the unit's StateDirectory.
+    example = config.load(EXAMPLE).state
+    in_state_directory = Path("/var/lib/batv-gateway/state.sqlite")
+    assert example == dataclasses.replace(config.StateConfig(), path=in_state_directory)
     text = '[state]\nbackend = "redis"\nurl = "rediss://:pw@redis.example.com:6380/2"\nkey_prefix = "mx:"\n'
     state = config.load(write(tmp_path, text)).state
     assert state.backend is config.StateBackend.REDIS and state.url == "rediss://:pw@redis.example.com:6380/2"
@@ -276,3 +280,28 @@ def test_state_mistakes_name_the_key_and_never_the_password(tmp_path: Path, text
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and expected in message
     assert "s3cr3t" not in message and "\n" not in message
+
+
+def test_the_ledger_table_defaults_and_its_file_next_to_the_keyring() -> None:
+    cfg = config.parse({"gateway": {"keyring": "/etc/batv-gateway/keyring.toml"}}, "<t>")
+    assert cfg.ledger == config.LedgerConfig(enabled=True, days=30, max_replies=20, path=None)
+    assert cfg.ledger_path == Path("/etc/batv-gateway/ledger.sqlite")
+    table = {"enabled": False, "days": 7, "max_replies": 3, "path": "/var/l.db"}
+    cfg = config.parse({"ledger": table}, "<t>")
+    assert cfg.ledger == config.LedgerConfig(False, 7, 3, Path("/var/l.db"))
+    assert cfg.ledger_path == Path("/var/l.db")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"days": 0}, "<t>: [ledger] days: expected a whole number from 1 to 365, got 0"),
+        ({"max_replies": 0}, "<t>: [ledger] max_replies: expected a whole number from 1 to 1000000, got 0"),
+        ({"enabled": "yes"}, "<t>: [ledger] enabled: expected true or false, got 'yes'"),
+        ({"dayz": 3}, '<t>: [ledger] unknown key "dayz"'),
+    ],
+)
+def test_the_ledger_table_is_strict(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse({"ledger": table}, "<t>")
+    assert str(caught.value).startswith(message)

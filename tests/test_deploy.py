@@ -91,7 +91,11 @@ def test_systemd_unit_keys() -> None:
     assert one["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
     assert one["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     assert "/etc/batv-gateway" in one["ReadOnlyPaths"].split()
-    assert "ReadWritePaths" not in svc  # nothing is writable, the keyring least of all
+    assert "ReadWritePaths" not in svc  # the keyring and the config are never writable
+    # The one writable folder: the ledger's, where the example config puts it.
+    assert one["StateDirectory"] == "batv-gateway" and one["StateDirectoryMode"] == "0700"
+    example = config_mod.load(DEPLOY / "gateway.example.toml")
+    assert example.ledger_path == Path("/var/lib/batv-gateway/ledger.sqlite")
     assert any("kill -HUP $MAINPID" in v for v in svc["ExecReload"])
     assert any("check-config" in v for v in svc["ExecReload"])
     assert "serve --config" in one["ExecStart"]
@@ -510,6 +514,8 @@ def configmap_config() -> config_mod.Config:
 def test_kubernetes_config_loads_strictly() -> None:
     cfg = configmap_config()
     assert cfg.listeners and cfg.listeners[0].observe is True
+    # Pods share no file and the keyring's folder is read-only: no embedded ledger there.
+    assert cfg.ledger.enabled is False
 
 
 # --- Prometheus alert rules ---------------------------------------------------------------------------

@@ -16,10 +16,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import keystore, prvs, replies
@@ -69,7 +71,7 @@ def fleet_config(folder: Path, keyring: Path, next_hop: int, redis_url: str | No
     ]
     if redis_url is not None:
         changes += [
-            ('backend = "sqlite"\npath = ""', 'backend = "redis"'),
+            ('backend = "sqlite"\npath = "', 'backend = "redis"\n# path = "'),
             ('url = ""', f'url = "{redis_url}"'),
         ]
     for old, new in changes:
@@ -360,3 +362,68 @@ def test_an_outbound_listener_leaves_null_sender_mail_unlimited() -> None:
                 assert [(await null_sender_mail(port))[0] for _ in range(4)] == [250, 250, 450, 450]
 
     run(scenario())
+
+
+def test_an_mdn_to_a_message_host_a_sent_passes_host_b(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The ledger on Redis is the fleet's: host A's outbound role records a message, and a read receipt
+    (RFC 8098, MAIL FROM:<>) to its untagged header From passes host B's inbound role; one to a Message-ID
+    nobody sent is refused at the end of DATA."""
+    keyring = tmp_path / "keyring.toml"
+    keystore.save(keyring, keystore.new_keyring(datetime.now(UTC), ledger=True))
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    message_id = "<fleet-1@example.com>"
+
+    def mdn(refers_to: str) -> str:
+        return (
+            "From: Carol <carol@example.net>\r\nTo: alice@example.com\r\nSubject: Read: hello\r\n"
+            "MIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=disposition-notification; boundary="B"\r\n\r\n'
+            "--B\r\nContent-Type: text/plain\r\n\r\nYour message was displayed.\r\n"
+            "--B\r\nContent-Type: message/disposition-notification\r\n\r\n"
+            f"Final-Recipient: rfc822; carol@example.net\r\nOriginal-Message-ID: {refers_to}\r\n"
+            "Disposition: manual-action/MDN-sent-manually; displayed\r\n\r\n--B--\r\n."
+        )
+
+    async def body(a_outbound: int, b_inbound: int, redis: Any) -> None:
+        client = await RawClient.connect(a_outbound)
+        await client.ehlo()
+        await client.open_data("alice@example.com", "carol@example.net")
+        sent = (
+            f"From: Alice <alice@example.com>\r\nDisposition-Notification-To: alice@example.com\r\n"
+            f"Message-ID: {message_id}\r\nSubject: hello\r\n\r\nhi\r\n."
+        )
+        assert (await client.cmd(sent))[0] == 250
+        await client.close()
+        deadline = time.monotonic() + 10
+        while not [k async for k in redis.scan_iter(match="batv:ledger:*")]:  # written in groups, soon after
+            assert time.monotonic() < deadline, "host A never recorded the message"
+            await asyncio.sleep(0.02)
+        for refers_to, expected in ((message_id, 250), ("<never-sent@example.com>", 550)):
+            client = await RawClient.connect(b_inbound)
+            await client.ehlo()
+            await client.open_data("", "alice@example.com")  # 250 at RCPT: deferred to the end of DATA
+            code, text = await client.cmd(mdn(refers_to))
+            assert code == expected, text
+            await client.close()
+
+    with SmtpSink(dumps) as sink:
+        configs = []
+        for name in ("mx1", "mx2"):
+            path = fleet_config(tmp_path / name, keyring, sink.port, redis_server.url)
+            configs.append(path)
+        with Supervised(tmp_path / "mx1", configs[0]) as a, Supervised(tmp_path / "mx2", configs[1]) as b:
+            a.wait_ready(), b.wait_ready()
+            redis = aioredis.Redis.from_url(redis_server.url)
+
+            async def go() -> None:
+                try:
+                    await body(a.port("relay"), b.port("mx"), redis)
+                finally:
+                    await redis.aclose()
+
+            run(go())
+            for host in (a, b):
+                assert host.stop() == 0, host.log
+                assert "Traceback" not in host.log, host.log
+            assert 'msg="ledger on: redis ([state])' in b.log

@@ -435,3 +435,34 @@ def test_loader_without_a_file_reports_the_error_and_no_keyring(tmp_path: Path) 
     assert result.keyring is None and not result.changed
     assert result.error is not None and "keys init" in str(result.error)
     assert loader.poll() == keystore.Reload(False, None)  # reported once per state of the file
+
+
+# ---------------------------------------------------------------- the ledger secret
+
+
+def test_the_ledger_secret_travels_with_every_change_and_copy_and_is_never_shown(tmp_path: Path) -> None:
+    kf = keystore.new_keyring(T0, ledger=True)
+    secret = kf.keyring.ledger_secret
+    assert secret is not None and len(secret) == keystore.NEW_SECRET_BYTES
+    assert keystore.new_keyring(T0).keyring.ledger_secret is None  # only when asked (keys init, serve)
+    changed, key = keystore.add_key(kf, T0 + DAY, counter_token(7))
+    changed = keystore.activate(changed, key.id, T0 + DAY)
+    copied = keystore.parse(keystore.dump(changed), "export")  # what `keys import` reads
+    assert copied == changed and copied.keyring.ledger_secret == secret
+    assert base64.b64encode(secret).decode() not in repr(copied)
+
+
+def test_a_keyring_without_a_ledger_secret_gets_one_once(tmp_path: Path) -> None:
+    kf = keystore.load(write(tmp_path / "old.toml", keyring_text(entry(0))))
+    assert kf.keyring.ledger_secret is None and "ledger_secret" not in keystore.dump(kf)
+    given = keystore.add_ledger_secret(kf, T0, counter_token(3))
+    assert given.generation == kf.generation + 1 and given.keyring.ledger_secret is not None
+    assert keystore.add_ledger_secret(given, T0) is given  # a second one would forget every record
+
+
+def test_a_short_ledger_secret_is_refused_without_showing_it(tmp_path: Path) -> None:
+    short = base64.b64encode(b"tiny").decode()
+    text = keyring_text(entry(0)).replace("version = 1\n", f'version = 1\nledger_secret = "{short}"\n')
+    with pytest.raises(KeyringError) as caught:
+        keystore.load(write(tmp_path / "short.toml", text))
+    assert "ledger_secret is 4 bytes; at least 16" in str(caught.value) and short not in str(caught.value)

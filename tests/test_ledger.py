@@ -198,8 +198,11 @@ def test_observe_mode_passes_and_keeps_the_reason(
     references: FoundReferences, answers: Mapping[bytes, LedgerEntry] | None, reason: LedgerReason
 ) -> None:
     verdict = decide(references, RECIPIENT, answers, KEYS, NOW, max_replies=20, observe=True)
-    assert verdict == LedgerVerdict(LedgerAction.PASS, reason, None, observed=True)
-    assert decide(references, RECIPIENT, answers, KEYS, NOW, max_replies=20).action is not LedgerAction.PASS
+    enforced = decide(references, RECIPIENT, answers, KEYS, NOW, max_replies=20)
+    assert enforced.action is not LedgerAction.PASS
+    # The reply enforce mode would have given is kept for the would-reject count and the log line.
+    expected = LedgerVerdict(LedgerAction.PASS, reason, None, observed=True, would_reject=enforced.reply)
+    assert verdict == expected
 
 
 def test_a_verdict_reply_must_match_its_action() -> None:

@@ -291,3 +291,32 @@ def test_a_closed_store_is_store_unavailable_and_closes_once(path: Path) -> None
             await store.lookup([key(1)])
 
     run(body())
+
+
+def test_records_asked_for_together_share_one_transaction_and_close_writes_them(path: Path) -> None:
+    async def body() -> None:
+        store = await SqliteLedgerStore.open(path, clock=lambda: float(NOW))
+        transactions: list[int] = []
+        write_group = store._record_group
+
+        def counted(group: list[tuple[bytes, LedgerRecord]]) -> None:
+            transactions.append(len(group))
+            write_group(group)
+
+        store._record_group = counted  # type: ignore[method-assign]
+        records = [store.record(key(n), LedgerRecord(frozenset({A}), NOW + 100), 100) for n in range(40)]
+        # The same Message-ID twice in one group (a resend): one row, both addresses.
+        records.append(store.record(key(0), LedgerRecord(frozenset({B}), NOW + 100), 100))
+        await asyncio.gather(*records)
+        assert transactions == [41]
+        assert (await store.lookup([key(0)]))[key(0)].record.addresses == {A, B}
+        # A record still waiting for its group when the store closes is written before it closes.
+        waiting = asyncio.ensure_future(store.record(key(99), LedgerRecord(frozenset({C}), NOW + 100), 100))
+        await asyncio.sleep(0)
+        await store.close()
+        await waiting
+        with pytest.raises(StoreUnavailable):
+            await store.record(key(100), LedgerRecord(frozenset({C}), NOW + 100), 100)
+
+    run(body())
+    assert rows(path) == 41

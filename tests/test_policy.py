@@ -288,3 +288,66 @@ def test_the_grace_window_changes_nothing_but_untagged_bounces() -> None:
     assert p.inbound_rcpt(NULL, parse_address("postmaster@example.com"), TODAY).reason is Reason.EXEMPT
     valid = p.inbound_rcpt(NULL, parse_address(signed("bob@example.com")), TODAY)
     assert (valid.reason, valid.address) == (Reason.VALID_PRVS, "bob@example.com")
+
+
+# ---------------------------------------------------------------- the Message-ID ledger (deferred to DATA)
+
+
+def test_with_the_ledger_a_bounce_to_an_untagged_address_is_deferred_not_refused() -> None:
+    v = policy().inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY, ledger=True)
+    assert (v.action, v.address, v.reason, v.reply) == (Action.DEFER, "bob@example.com", Reason.LEDGER, None)
+    # A front end that cannot read the message (the policy service) never asks: refused as before.
+    v = policy().inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY)
+    assert (v.action, v.reason) == (Action.REJECT, Reason.UNSIGNED)
+
+
+def test_the_grace_window_comes_before_the_ledger() -> None:
+    v = grace_policy().inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY, ledger=True)
+    assert (v.action, v.reason) == (Action.RELAY, Reason.GRACE)
+
+
+GOOD_TAG = signed("bob@example.com")  # prvs=KDDDHHHHHH=bob@example.com
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        (GOOD_TAG[:14] + ("0" if GOOD_TAG[14] != "0" else "1") + GOOD_TAG[15:], Reason.BAD_HASH),
+        ("prvs=0" + GOOD_TAG[6:], Reason.UNKNOWN_KEY),
+        (signed("bob@example.com", TODAY - 30), Reason.EXPIRED),
+    ],
+)
+def test_the_ledger_never_vouches_for_a_tag_that_fails(address: str, reason: Reason) -> None:
+    v = policy().inbound_rcpt(NULL, parse_address(address), TODAY, ledger=True)
+    assert (v.action, v.reason) == (Action.REJECT, reason)
+
+
+def test_the_ledger_defers_only_bounces_to_signed_domains() -> None:
+    p = policy()
+    assert p.inbound_rcpt(NULL, parse_address("bob@plain.example"), TODAY, ledger=True).reason is (
+        Reason.NOT_SIGNED_DOMAIN
+    )
+    assert (
+        p.inbound_rcpt(SOMEONE, parse_address("bob@example.com"), TODAY, ledger=True).reason
+        is Reason.NOT_BOUNCE
+    )
+    assert (
+        p.inbound_rcpt(NULL, parse_address("postmaster@example.com"), TODAY, ledger=True).reason
+        is Reason.EXEMPT
+    )
+
+
+def test_in_observe_mode_the_ledger_still_defers_and_observes_says_so() -> None:
+    p = policy(observe_domains=frozenset({"example.com"}))
+    v = p.inbound_rcpt(NULL, parse_address("bob@example.com"), TODAY, ledger=True)
+    assert v.action is Action.DEFER
+    assert p.observes(parse_address("bob@example.com")) and not policy().observes(
+        parse_address("bob@example.com")
+    )
+    assert policy().observes(parse_address("bob@example.com"), observe=True)
+
+
+def test_the_ledger_keys_come_from_the_keyring() -> None:
+    assert policy().ledger_keys is None
+    with_secret = Policy(SETTINGS, Keyring((OLD, NEW), ledger_secret=b"l" * 32))
+    assert with_secret.ledger_keys is not None

@@ -876,3 +876,268 @@ def test_a_connection_whose_next_hop_tempfailed_the_sender_is_not_used_again() -
             assert hop.connections == 2
 
     run(body())
+
+
+# ------------------------------------------------------------------------------------------------ the ledger
+
+LEDGER_SECRET = b"ledger-secret-for-tests-0123456789"
+SENT_ID = "<sent-1@mta.example.com>"
+
+
+def ledger_keyring() -> Keyring:
+    return Keyring((Key(1, SECRET),), ledger_secret=LEDGER_SECRET)
+
+
+def ledger_config(hop_port: int, folder: Any, max_replies: int = 20, **kwargs: Any) -> Any:
+    from dataclasses import replace
+
+    from gateway.config import LedgerConfig
+
+    cfg = gateway_config(hop_port, **kwargs)
+    return replace(cfg, ledger=LedgerConfig(max_replies=max_replies, path=folder / "ledger.sqlite"))
+
+
+async def ledger_record(gw: Any, message_id: str, *addresses: str) -> None:
+    """What the outbound role records for a message with this Message-ID sent from `addresses`."""
+    from gateway import ledger
+    from gateway.messageids import HeaderStatus, SentHeaders
+
+    headers = SentHeaders(HeaderStatus.OK, message_id, tuple(addresses), (), ())
+    recording = ledger.make_record(ledger.LedgerKeys(LEDGER_SECRET), headers, None, int(time.time()))
+    assert recording.key is not None and recording.record is not None
+    await gw.ledger.store.record(recording.key, recording.record, recording.ttl)
+
+
+def answer_to(message_id: str) -> bytes:
+    """An RFC 3834 auto-reply to `message_id`."""
+    return (
+        f"From: friend@remote.test\r\nSubject: Auto: hi\r\nAuto-Submitted: auto-replied\r\n"
+        f"In-Reply-To: {message_id}\r\n\r\nAway.\r\n"
+    ).encode()
+
+
+async def bounce(port: int, rcpts: list[str], message: bytes | None) -> list[tuple[int, str]]:
+    """MAIL FROM:<>, the RCPTs, and (when `message`) DATA: every reply after MAIL's."""
+    client = await RawClient.connect(port)
+    await client.ehlo()
+    assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+    got = [await client.cmd(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
+    if message is not None:
+        got.append(await send_message(client, message))
+    await client.cmd("QUIT")
+    await client.close()
+    return got
+
+
+def test_ledger_a_bounce_to_an_untagged_address_passes_when_it_answers_a_message_sent_from_it(
+    tmp_path: Any,
+) -> None:
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(
+                ledger_config(hop.port, tmp_path), ledger_keyring(), observers=[events.append]
+            ) as gw,
+        ):
+            await ledger_record(gw, SENT_ID, "bob@example.com")
+            got = await bounce(gateway_port(gw), ["bob@example.com"], answer_to(SENT_ID))
+            assert got == [(250, "2.1.5 Ok"), (250, "2.0.0 Ok: queued as FAKE")]
+            (message,) = hop.messages
+            assert message.rcpts == [b"RCPT TO:<bob@example.com>"]
+            assert [(e.action, e.reason.value) for e in events] == [
+                (Action.DEFER, "ledger"),
+                (Action.RELAY, "vouched"),
+            ]
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("message", "reply", "reason"),
+    [
+        (b"Subject: no reference\r\n\r\nx\r\n", "550 5.7.1 <bob@example.com>: bounce to an address we never "
+         "signed (it refers to no message we sent)", "no-reference"),
+        (answer_to("<other@mta.example.com>"), "550 5.7.1 <bob@example.com>: bounce to an address we never "
+         "signed (it refers to no message we sent in the last 30 days)", "unknown-message-id"),
+        (answer_to("<to-carol@mta.example.com>"), "550 5.7.1 <bob@example.com>: bounce to an address we "
+         "never signed (the message it refers to was not from this address)", "recipient-not-recorded"),
+        (b"Subject: big\r\n\r\n" + (b"z" * 900 + b"\r\n") * 330,
+         "552 5.3.4 <bob@example.com>: a null-sender message to an address we never signed must show what "
+         "it answers within its first 256 KiB", "too-big"),
+    ],
+)  # fmt: skip
+def test_ledger_a_refused_bounce_never_gets_its_final_dot_to_the_next_hop(
+    tmp_path: Any, message: bytes, reply: str, reason: str
+) -> None:
+
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(
+                ledger_config(hop.port, tmp_path), ledger_keyring(), observers=[events.append]
+            ) as gw,
+        ):
+            await ledger_record(gw, "<to-carol@mta.example.com>", "carol@example.com")
+            got = await bounce(gateway_port(gw), ["bob@example.com"], message)
+            assert [f"{code} {text}" for code, text in got] == ["250 2.1.5 Ok", reply]
+            # The next hop got the RCPT and DATA, then the connection dropped before the final dot.
+            assert "DATA" in hop.commands
+            assert hop.messages == []
+            assert [e.reason.value for e in events][-1] == reason
+
+    run(body())
+
+
+def test_ledger_the_replay_cap_refuses_the_answer_past_max_replies(tmp_path: Any) -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(ledger_config(hop.port, tmp_path, max_replies=2), ledger_keyring()) as gw,
+        ):
+            await ledger_record(gw, SENT_ID, "bob@example.com")
+            codes = [
+                (await bounce(gateway_port(gw), ["bob@example.com"], answer_to(SENT_ID)))[-1]
+                for _ in range(3)
+            ]
+            assert [code for code, _ in codes] == [250, 250, 550]
+            assert "has been answered 2 times already" in codes[2][1]
+            assert len(hop.messages) == 2
+
+    run(body())
+
+
+def test_ledger_deferred_and_rcpt_decided_recipients_never_share_a_transaction(tmp_path: Any) -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(ledger_config(hop.port, tmp_path), ledger_keyring()) as gw,
+        ):
+            await ledger_record(gw, SENT_ID, "bob@example.com")
+            separate = (452, "4.5.3 Send this recipient in a separate transaction")
+            got = await bounce(
+                gateway_port(gw), ["bob@example.com", tag("carol@example.com")], answer_to(SENT_ID)
+            )
+            assert got == [(250, "2.1.5 Ok"), separate, (250, "2.0.0 Ok: queued as FAKE")]
+            got = await bounce(
+                gateway_port(gw), ["postmaster@example.com", "bob@example.com"], answer_to(SENT_ID)
+            )
+            assert got == [(250, "2.1.5 Ok"), separate, (250, "2.0.0 Ok: queued as FAKE")]
+            assert [m.rcpts for m in hop.messages] == [
+                [b"RCPT TO:<bob@example.com>"],
+                [b"RCPT TO:<postmaster@example.com>"],
+            ]
+
+    run(body())
+
+
+def test_ledger_a_callout_gets_250_at_rcpt(tmp_path: Any) -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(ledger_config(hop.port, tmp_path), ledger_keyring()) as gw,
+        ):
+            assert await bounce(gateway_port(gw), ["bob@example.com"], None) == [(250, "2.1.5 Ok")]
+            assert hop.messages == []
+
+    run(body())
+
+
+def test_ledger_a_store_outage_is_451_for_deferred_decisions_and_changes_nothing_else(tmp_path: Any) -> None:
+    async def body() -> None:
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(ledger_config(hop.port, tmp_path), ledger_keyring()) as gw,
+        ):
+            await ledger_record(gw, SENT_ID, "bob@example.com")
+            for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+                (tmp_path / name).unlink(missing_ok=True)
+            port = gateway_port(gw)
+            got = await bounce(port, ["bob@example.com"], answer_to(SENT_ID))
+            assert got[-1] == (451, "4.3.0 <bob@example.com>: message ledger unavailable, try again later")
+            # What needs no store is decided as before: no reference is a 550, a tag passes at RCPT.
+            assert (await bounce(port, ["bob@example.com"], b"Subject: x\r\n\r\nx\r\n"))[-1][0] == 550
+            assert (await bounce(port, [tag("bob@example.com")], b"Subject: x\r\n\r\nx\r\n"))[-1][0] == 250
+            assert (await bounce(port, [forged("bob@example.com")], None))[0][0] == 550
+            assert [m.rcpts for m in hop.messages] == [[b"RCPT TO:<bob@example.com>"]]
+
+    run(body())
+
+
+def test_ledger_observe_mode_passes_and_counts_what_it_would_refuse(tmp_path: Any) -> None:
+    async def body() -> None:
+        events: list[DecisionEvent] = []
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(
+                ledger_config(hop.port, tmp_path, observe=True), ledger_keyring(), observers=[events.append]
+            ) as gw,
+        ):
+            got = await bounce(gateway_port(gw), ["bob@example.com"], answer_to(SENT_ID))
+            assert got[-1] == (250, "2.0.0 Ok: queued as FAKE")
+            assert len(hop.messages) == 1
+            last = events[-1]
+            assert (last.action, last.reason.value) == (Action.RELAY, "unknown-message-id")
+            assert last.would_reject is not None and last.would_reject.code == 550
+
+    run(body())
+
+
+def test_ledger_without_a_secret_in_the_keyring_refuses_at_rcpt_as_before(tmp_path: Any) -> None:
+    async def body() -> None:
+        async with FakeNextHop() as hop, running_gateway(ledger_config(hop.port, tmp_path)) as gw:
+            ((code, text),) = await bounce(gateway_port(gw), ["bob@example.com"], None)
+            assert code == 550 and "(unsigned)" in text
+            assert not (tmp_path / "ledger.sqlite").exists()
+
+    run(body())
+
+
+def test_ledger_the_outbound_role_records_what_the_next_hop_took(tmp_path: Any) -> None:
+    from gateway import ledger
+    from gateway.metrics import Metrics
+
+    async def body() -> None:
+        metrics = Metrics()
+        async with (
+            FakeNextHop() as hop,
+            running_gateway(
+                ledger_config(hop.port, tmp_path, listener={"role": "outbound"}), ledger_keyring()
+            ) as gw,
+        ):
+            gw.listeners[0].relay.watch = metrics
+            port = gateway_port(gw)
+            sent = (
+                f"From: Bob <bob@example.com>\r\nReply-To: desk@example.com\r\nMessage-ID: {SENT_ID}\r\n"
+                "\r\nhi\r\n"
+            )
+            for message in (sent.encode(), b"Subject: no id\r\n\r\nhi\r\n"):
+                client = await RawClient.connect(port)
+                await client.ehlo()
+                await client.cmd("MAIL FROM:<bob@example.com>")
+                await client.cmd("RCPT TO:<friend@remote.test>")
+                assert (await send_message(client, message))[0] == 250
+                await client.close()
+            await gw.listeners[0].relay.records_written()  # the client's 250 does not wait for them
+            keys = ledger.LedgerKeys(LEDGER_SECRET)
+            (entry,) = (await gw.ledger.store.lookup([keys.message_key(SENT_ID)])).values()
+            assert entry.record.addresses == {
+                keys.address_key("bob@example.com"),
+                keys.address_key("desk@example.com"),
+            }
+            # The store gone: the message is relayed all the same, the lost record counted.
+            (tmp_path / "ledger.sqlite").unlink()
+            client = await RawClient.connect(port)
+            await client.ehlo()
+            await client.cmd("MAIL FROM:<bob@example.com>")
+            await client.cmd("RCPT TO:<friend@remote.test>")
+            assert (await send_message(client, sent.encode()))[0] == 250
+            await client.close()
+            await gw.listeners[0].relay.records_written()
+            assert len(hop.messages) == 3
+        text = metrics.exposition().decode()
+        for outcome in ("recorded", "no-message-id", "store-unavailable"):
+            assert f'batv_ledger_records_total{{outcome="{outcome}"}} 1.0' in text
+
+    run(body())

@@ -176,6 +176,8 @@ def example_config(folder: Path, inbound: int, outbound: int, next_hop: int) -> 
         ('keyring = "keys/keyring.toml"', f'keyring = "{folder}/keyring.toml"'),
         ('listen = "127.0.0.1:9425"', 'listen = ""'),
         ("shutdown_deadline = 30 ", "shutdown_deadline = 10 "),
+        ('path = "/var/lib/batv-gateway/ledger.sqlite"', f'path = "{folder}/ledger.sqlite"'),
+        ('path = "/var/lib/batv-gateway/state.sqlite"', f'path = "{folder}/state.sqlite"'),
     ]:
         assert old in text, f"the example config changed: {old!r} is gone; update this test"
         text = text.replace(old, new)

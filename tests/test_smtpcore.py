@@ -543,6 +543,8 @@ EDGE_REPLIES = {
     "bounce_refused": "policy",
     "tag_refused": "policy",
     "bad_address": "policy",
+    "ledger_too_big": "ledger: the end-of-DATA decision (relay)",
+    "ledger_unavailable": "ledger: the end-of-DATA decision (relay)",
 }
 
 
