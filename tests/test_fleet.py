@@ -10,8 +10,10 @@ import asyncio
 import dataclasses
 import io
 import math
+import os
 import re
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -367,9 +369,11 @@ def test_an_outbound_listener_leaves_null_sender_mail_unlimited() -> None:
 def test_an_mdn_to_a_message_host_a_sent_passes_host_b(tmp_path: Path, redis_server: RedisServer) -> None:
     """The ledger on Redis is the fleet's: host A's outbound role records a message, and a read receipt
     (RFC 8098, MAIL FROM:<>) to its untagged header From passes host B's inbound role; one to a Message-ID
-    nobody sent is refused at the end of DATA."""
+    nobody sent is refused at the end of DATA. Redis away: the deferred decision is 451 4.3.0, never a 5xx,
+    while a valid tag still passes; Redis back: the same receipt passes again, no restart."""
     keyring = tmp_path / "keyring.toml"
-    keystore.save(keyring, keystore.new_keyring(datetime.now(UTC), ledger=True))
+    kf = keystore.new_keyring(datetime.now(UTC), ledger=True)
+    keystore.save(keyring, kf)
     dumps = tmp_path / "dumps"
     dumps.mkdir()
     message_id = "<fleet-1@example.com>"
@@ -399,13 +403,30 @@ def test_an_mdn_to_a_message_host_a_sent_passes_host_b(tmp_path: Path, redis_ser
         while not [k async for k in redis.scan_iter(match="batv:ledger:*")]:  # written in groups, soon after
             assert time.monotonic() < deadline, "host A never recorded the message"
             await asyncio.sleep(0.02)
-        for refers_to, expected in ((message_id, 250), ("<never-sent@example.com>", 550)):
+        async def receipt(refers_to: str) -> tuple[int, str]:
             client = await RawClient.connect(b_inbound)
-            await client.ehlo()
-            await client.open_data("", "alice@example.com")  # 250 at RCPT: deferred to the end of DATA
-            code, text = await client.cmd(mdn(refers_to))
-            assert code == expected, text
-            await client.close()
+            try:
+                await client.ehlo()
+                await client.open_data("", "alice@example.com")  # 250 at RCPT: deferred to the end of DATA
+                return await client.cmd(mdn(refers_to))
+            finally:
+                await client.close()
+
+        assert (await receipt(message_id))[0] == 250
+        assert (await receipt("<never-sent@example.com>"))[0] == 550
+        # Away: stopped, not killed, so that what it holds is there when it answers again.
+        os.kill(redis_server.pid, signal.SIGSTOP)
+        try:
+            unavailable = "4.3.0 <alice@example.com>: message ledger unavailable, try again later"
+            assert await receipt(message_id) == (451, unavailable)
+            tag = prvs.sign("alice@example.com", kf.keyring, int(time.time()) // 86400)
+            await mail_passes(b_inbound, "", tag)
+        finally:
+            os.kill(redis_server.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while (code := (await receipt(message_id))[0]) != 250:
+            assert code == 451 and time.monotonic() < deadline, code
+            await asyncio.sleep(0.1)
 
     with SmtpSink(dumps) as sink:
         configs = []
