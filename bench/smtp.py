@@ -1180,21 +1180,10 @@ def command_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def write_results(
-    path: Path,
-    results: list[CaseResult],
-    tags: dict[str, float] | None,
-    latency: list[Latency],
-    args: argparse.Namespace,
-    started: float,
-) -> None:
-    lines = [
-        "# Benchmark results (issues 5 and 14)",
-        "",
-        f"Written by `{shlex.join(['python3', 'bench/smtp.py', *command_flags(sys.argv[1:])])}`"
-        + (" with the notes below" if args.note else "")
-        + "; do not edit by hand.",
-        "",
+def header_lines(args: argparse.Namespace, started: float) -> list[str]:
+    """What the run was: the command, when, where, with what. Kept in --json for --render."""
+    return [
+        f"Written by `{shlex.join(['python3', 'bench/smtp.py', *command_flags(sys.argv[1:])])}`",
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; "
         f"the run took {time.monotonic() - started:.0f} s",
         f"- machine: {machine()}",
@@ -1211,6 +1200,23 @@ def write_results(
         f"extra config: {args.config_extra or 'none'}. "
         "Postfix (a private instance, postsrsd as sender_canonical_maps) queues: its time runs until its "
         "sink counted the last message, and its CPU is its master's and postsrsd's process trees.",
+    ]
+
+
+def write_results(
+    path: Path,
+    results: list[CaseResult],
+    tags: dict[str, float] | None,
+    latency: list[Latency],
+    args: argparse.Namespace,
+    header: list[str],
+) -> None:
+    lines = [
+        "# Benchmark results (issues 5 and 14)",
+        "",
+        header[0] + (" with the notes below" if args.note else "") + "; do not edit by hand.",
+        "",
+        *header[1:],
         "",
         *table(results),
         "",
@@ -1234,8 +1240,8 @@ def write_results(
             "## Latency: the final dot to the reply",
             "",
             "The bench's paced client (asyncio, 20 connections, several transactions each, 1 KiB), every "
-            "system at the same offered rate, half the gateway's median 1 KiB, 20-session rate above "
-            f"(the lower of its two roles); {args.latency_rounds} rotating runs of "
+            "system at the same offered rate (unless --latency-rate), half the gateway's median 1 KiB, "
+            f"20-session rate above (the lower of its two roles); {args.latency_rounds} rotating runs of "
             f"{args.latency_seconds:g} s each, pooled. limit: smtp-sink direct.",
             "",
             *latency_table(latency),
@@ -1306,6 +1312,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     parser.add_argument(
+        "--render",
+        type=Path,
+        help="no run: write the results of an earlier run's --json again (with this command's --note)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         help="run py-spy on each relay in round 1 and write top entries to this directory",
@@ -1327,6 +1338,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(args: argparse.Namespace) -> int:
+    """The Markdown of an earlier run, from its --json: notes that explain its figures, written after it."""
+    data = json.loads(args.render.read_text())
+    results = []
+    for c in data["cases"]:
+        case = Case(**c)
+        runs = [Run(**r) for r in data["runs"] if r["case"] == case.name]
+        summaries = [
+            SystemSummary(**{k: v for k, v in s.items() if k != "case"})
+            for s in data["summaries"]
+            if s["case"] == case.name
+        ]
+        results.append(CaseResult(case, runs, summaries))
+    latency = [Latency(**row) for row in data["latency"]]
+    args.latency_rounds, args.latency_seconds = data["latency_method"]
+    write_results(args.results, results, data["tags"], latency, args, data["header"])
+    print(f"wrote {args.results}")
+    return 0
+
+
 def workers_arg(text: str) -> int:
     if text == "cpus":
         return len(os.sched_getaffinity(0))
@@ -1341,6 +1372,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     args.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.monotonic()
@@ -1406,8 +1439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("")
             for what, met, value in targets(results, tags):
                 log(f"{'–' if met is None else ('met    ' if met else 'NOT MET')}  {what}: {value}")
+        header = header_lines(args, started)
         if args.results:
-            write_results(args.results, results, tags, latency, args, started)
+            write_results(args.results, results, tags, latency, args, header)
             log(f"\nwrote {args.results}")
         if args.json:
             args.json.write_text(
@@ -1422,6 +1456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "problems": problems,
                         "tags": tags,
                         "latency": [dataclasses.asdict(row) for row in latency],
+                        "cases": [dataclasses.asdict(r.case) for r in results],
+                        "header": header,
+                        "latency_method": [args.latency_rounds, args.latency_seconds],
                     },
                     indent=1,
                 )
