@@ -1,6 +1,6 @@
 """The side-by-side SMTP benchmark of issue 5: the limit, the naive relay and batv-gateway, in one run.
 
-    python3 bench/smtp.py            # the full run (about 5 minutes): writes bench/RESULTS.md
+    python3 bench/smtp.py            # the full run (12-14 minutes): writes bench/RESULTS.md
     python3 bench/smtp.py --smoke    # CI: a few hundred messages; checks only that nothing is lost
 
 Everything runs on 127.0.0.1 with bounded message counts. Postfix's `smtp-source` is the load and
@@ -332,8 +332,7 @@ class PostfixRelay:
 
     def __init__(self, name: str, workdir: Path, next_hop: int):
         # tests/postfix_instance.py knows how to run a private instance as root on this machine.
-        from tests.postfix_instance import PostfixInstance, become_subreaper
-        from tests.postfix_instance import free_port as pf_free_port
+        from tests.postfix_instance import PostfixInstance, become_subreaper, wait_for_port
 
         self.name = name
         self.log = workdir / f"{name}-postsrsd.log"
@@ -342,7 +341,7 @@ class PostfixRelay:
         secret.write_text(os.urandom(18).hex() + "\n")
         secret.chmod(0o600)
         become_subreaper()  # postsrsd's per-connection children and Postfix's daemons are reaped by us
-        forward, reverse = pf_free_port(), pf_free_port()
+        forward, reverse = free_port(), free_port()
         self.postsrsd = subprocess.Popen(
             ["postsrsd", f"-s{secret}", f"-d{SRS_ALIAS}", "-l127.0.0.1", "-4", f"-f{forward}", f"-r{reverse}",
              "-unobody"],
@@ -365,10 +364,12 @@ class PostfixRelay:
                 "in_flow_delay": "1s",
             },
         )
-        from tests.postfix_instance import wait_for_port
-
-        wait_for_port(forward)
-        self.instance.start()
+        try:
+            wait_for_port(forward)
+            self.instance.start()
+        except BaseException:
+            self.stop()  # not yet on the caller's stack: postsrsd must not outlive a failed start
+            raise
         self.port = self.instance.smtp_port
 
     def _roots(self) -> list[int]:
