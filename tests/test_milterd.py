@@ -109,6 +109,9 @@ class Hook:
     reply: Reply | None = None
     seen: list[FinishedMessage] = field(default_factory=list)
 
+    def reads(self, policy: Policy) -> bool:
+        return False  # the policy refuses unsigned bounces at RCPT, as without a ledger
+
     def holds(self, verdict: RcptVerdict) -> bool:
         return verdict.reason.value == "unsigned"
 
