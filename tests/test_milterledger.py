@@ -92,7 +92,8 @@ def auto_reply(
     headers: list[tuple[str, str]], body: bytes = b"out of office\r\n", rcpt: str = "rt@example.org"
 ) -> Exchange:
     async def exchange(mta: MtaSide) -> tuple[tuple[bytes, bytes], list[tuple[bytes, bytes]]]:
-        await mta.negotiate()
+        _, _, steps = await mta.negotiate()
+        assert not steps & 0x10  # SMFIP_NOBODY: the body was asked for
         await mta.connect("192.0.2.1")
         await mta.mail("")
         held = await mta.rcpt(rcpt)
