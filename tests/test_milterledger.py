@@ -5,6 +5,7 @@ test_milterd."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -237,3 +238,67 @@ def test_the_stream_given_to_the_feeders_is_dot_stuffed_and_bounded() -> None:
     stream = wire_stream((("Subject", "a"), ("X-Folded", "one\n\ttwo")), b".\r\n.hidden\r\nbody\r\n", 1000)
     assert stream == b"Subject: a\r\nX-Folded: one\n\ttwo\r\n\r\n..\r\n..hidden\r\nbody\r\n"
     assert len(wire_stream((("S", "a"),), b"z" * 100, 10)) == 10
+
+
+# ------------------------------------------------------------------------------------------ at start
+
+
+def ledger_config(tmp_path: Path, **tables: dict[str, Any]) -> Any:
+    from gateway import config
+
+    return config.parse({"gateway": {"keyring": str(tmp_path / "keyring.toml")}, **tables})
+
+
+def test_the_ledger_is_off_when_disabled_or_without_a_secret_and_one_line_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.state import open_ledger
+
+    with caplog.at_level(logging.INFO, logger="gateway.state"):
+        assert run(open_ledger(ledger_config(tmp_path, ledger={"enabled": False}), True)) is None
+        assert run(open_ledger(ledger_config(tmp_path), False)) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("ledger off ([ledger] enabled = false)")
+    assert lines[1].startswith("ledger off: the keyring ") and "no ledger secret" in lines[1]
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_the_ledger_on_sqlite_is_opened_at_its_path_and_closed_with_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.state import open_ledger
+
+    async def go() -> None:
+        opened = await open_ledger(ledger_config(tmp_path), True)
+        assert opened is not None and opened.where == str(tmp_path / "ledger.sqlite")
+        assert await opened.store.lookup([KEYS.message_key(SENT)]) == {}
+        await opened.close()
+        with pytest.raises(ledger.StoreUnavailable):
+            await opened.store.lookup([KEYS.message_key(SENT)])
+
+    with caplog.at_level(logging.INFO, logger="gateway.state"):
+        run(go())
+    assert caplog.records[-1].getMessage() == (
+        f"ledger on: {tmp_path / 'ledger.sqlite'}, answers accepted for 30 days, 20 per message"
+    )
+
+
+def test_the_ledger_on_redis_is_the_fleet_s_store(tmp_path: Path) -> None:
+    """The [state] stores' own when the front end made them (and left to it to close), else made here."""
+    from gateway.state import make_stores, open_ledger
+
+    cfg = ledger_config(tmp_path, state={"backend": "redis", "url": "redis://127.0.0.1:1/0"})
+
+    async def go() -> None:
+        stores = await make_stores(cfg)
+        try:
+            shared = await open_ledger(cfg, True, stores)
+            assert shared is not None and shared.store is stores.ledger and shared.where == "redis ([state])"
+            await shared.close()  # not its to close
+            own = await open_ledger(cfg, True)
+            assert own is not None and own.store is not stores.ledger and own.where == "redis ([state])"
+            await own.close()
+        finally:
+            await stores.close()
+
+    run(go())
