@@ -9,6 +9,9 @@ up alone. The `[milter]` rules that tell outbound from inbound are read at start
 
 One process: each MTA connection is one SMTP session, and its state (the client, the macros, the
 transaction) lives in that connection, so nothing is shared, but `[gateway] workers` is not used here.
+
+The Message-ID ledger (milterledger.py) runs at end of message when `[ledger] enabled` and the keyring
+has a ledger secret: its store is opened as serve's is (state.open_ledger) and closed at shutdown.
 """
 
 from __future__ import annotations
@@ -47,14 +50,24 @@ async def _start_milter(config: Config, holder: PolicyHolder, bound: Bound, metr
     import asyncio
 
     from .milterd import MilterService, MilterSettings
+    from .milterledger import LedgerHook
+    from .state import open_ledger
 
     mc = config.milter
     settings = MilterSettings(frozenset(mc.outbound_daemons), mc.trusted, mc.authenticated_outbound)
-    # The Message-ID ledger plugs in here (milterd.EndOfMessageHook) once its config and secret exist.
-    service = MilterService(holder, settings, hook=None)
+    # The ledger is on when [ledger] enabled and the keyring has its secret at start (as for serve).
+    opened = await open_ledger(config, holder.policy.ledger_keys is not None)
+    hook = None
+    if opened is not None:
+        hook = LedgerHook(holder, opened.store, config.ledger.days, config.ledger.max_replies)
+    service = MilterService(holder, settings, hook=hook)
     servers = [await asyncio.start_server(service.handle, sock=sock) for _, sock in bound]
 
     async def close() -> None:
         await service.close_connections()
+        if hook is not None:
+            await hook.records_written()
+        if opened is not None:
+            await opened.close()
 
     return servers, close

@@ -375,8 +375,9 @@ class Negotiated:
         return True  # OptNeg, EndOfMessage
 
 
-def negotiate(offer: OptNeg, headers: bool = False) -> Negotiated | ProtocolError:
-    """Our answer to the MTA's offer. `headers`: whether the end-of-message hook wants the headers."""
+def negotiate(offer: OptNeg, headers: bool = False, body: bool = False) -> Negotiated | ProtocolError:
+    """Our answer to the MTA's offer. `headers`, `body`: whether the end-of-message hook wants them (the
+    ledger reads a bounded prefix of the body; chunks are never answered when the MTA can skip the wait)."""
     if offer.version != VERSION:
         # Postfix's milter_protocol and Sendmail 8.14+ default to 6; an older protocol lacks CHGFROM.
         return ProtocolError(
@@ -388,8 +389,10 @@ def negotiate(offer: OptNeg, headers: bool = False) -> Negotiated | ProtocolErro
         return ProtocolError(f"the MTA does not offer {names}; Postfix 2.6 or later, Sendmail 8.14 or later")
     actions = REQUIRED_ACTIONS | (OPTIONAL_ACTIONS & offer.actions)
     unwanted = _UNWANTED if headers else _UNWANTED | Step.NOHDRS | Step.NOEOH
+    if body:
+        unwanted &= ~Step.NOBODY
     # A NO* step is something the MTA offers to leave out: ask only for those offered.
-    steps = (unwanted | _NO_REPLY) & offer.steps
+    steps = (unwanted | _NO_REPLY | (Step.NR_BODY if body else Step(0))) & offer.steps
     reply = OptNegReply(VERSION, actions, steps)
     return Negotiated(reply, actions, steps)
 

@@ -26,10 +26,13 @@ policy.outbound_sender's prvs or SRS address, keeping MAIL FROM's RET and ENVID,
 recipient is remote (not in `[gateway] local_domains`) and not exempt; mail only to our own domains is
 left alone. No active key: the message is deferred (451 4.3.5).
 
-The ledger's seam: `EndOfMessageHook`. Given one, the session also asks the MTA for the headers (the
-ledger reads Message-ID, In-Reply-To, References), lets the hook keep a refused inbound recipient for
-a decision at end of message (`holds`), and asks it at end of message (`end_of_message`); a reply from it
-refuses or defers the message, and nothing else is changed. `batv-gateway milter` passes none yet.
+The ledger's seam: `EndOfMessageHook` (the Message-ID ledger's is milterledger.LedgerHook). Given one, the
+session also asks the MTA for the headers and the body (neither answered when the MTA can skip the wait),
+asks the policy to defer an untagged bounce rather than refuse it while the hook `reads` under the
+current policy, lets the hook keep such a recipient for a decision at end of message (`holds`), and asks
+it at end of message (`end_of_message`); a reply from it refuses or defers the message, and nothing else
+is changed. Of the body only the first MAX_BODY octets are kept, and only in a transaction that has a
+held recipient (the ledger's inbound scan reads no further: messageids.SCAN_LIMIT).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from . import milter, replies
 from .addresses import Address, parse_path
 from .errors import GatewayError
 from .logs import log_fields
-from .policy import Action, RcptVerdict, Reason
+from .messageids import SCAN_LIMIT
+from .policy import Action, Policy, RcptVerdict, Reason
 from .replies import Reply
 from .socketmap import PolicySource
 
@@ -58,6 +62,7 @@ log = logging.getLogger("gateway.milter")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Postfix keeps the connection for the SMTP session (smtpd_timeout is 300 s)
 MAX_HEADERS = 1000  # headers kept for the hook; past it the rest are not kept (Postfix caps a header block)
+MAX_BODY = SCAN_LIMIT + 1  # body octets kept for the hook: the ledger's scan bound, and one to see it crossed
 
 
 class Direction(enum.Enum):
@@ -93,10 +98,15 @@ class FinishedMessage:
     sender: Address | None
     recipients: tuple[Recipient, ...]
     headers: tuple[tuple[str, str], ...]
+    body: bytes = b""  # the first MAX_BODY octets, kept only when a recipient is held
 
 
 class EndOfMessageHook(Protocol):
     """Where the Message-ID ledger plugs in (docs/ledger.md)."""
+
+    def reads(self, policy: Policy) -> bool:
+        """True: the hook decides deferred bounces under `policy` (the ledger: its keyring has the secret)."""
+        ...
 
     def holds(self, verdict: RcptVerdict) -> bool:
         """True: accept this refused inbound recipient at RCPT and decide at end of message."""
@@ -127,6 +137,7 @@ class _Transaction:
     parsed: bool  # False: a sender we could not parse; the transaction is left alone
     recipients: list[Recipient] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
 
 
 class MilterSession:
@@ -160,7 +171,8 @@ class MilterSession:
         if isinstance(message, milter.OptNeg):
             if self.negotiated is not None:
                 return milter.ProtocolError("a second option negotiation")
-            negotiated = milter.negotiate(message, headers=self.hook is not None)
+            hooked = self.hook is not None
+            negotiated = milter.negotiate(message, headers=hooked, body=hooked)
             if isinstance(negotiated, milter.ProtocolError):
                 return negotiated
             self.negotiated = negotiated
@@ -187,6 +199,10 @@ class MilterSession:
                 t = self.transaction
                 if t is not None and self.hook is not None and len(t.headers) < MAX_HEADERS:
                     t.headers.append((name, value))
+            case milter.Body(chunk):
+                t = self.transaction
+                if t is not None and len(t.body) < MAX_BODY and any(r.held for r in t.recipients):
+                    t.body += chunk[: MAX_BODY - len(t.body)]
             case milter.EndOfMessage():
                 responses = await self._end_of_message()
                 self._end_transaction()
@@ -226,7 +242,9 @@ class MilterSession:
         if address is None or not t.parsed or t.direction is Direction.OUTBOUND:
             t.recipients.append(Recipient(rcpt.address, rcpt.args, address))
             return [milter.Continue()]
-        verdict = self.source.policy.inbound_rcpt(t.sender, address, self.today())
+        policy = self.source.policy
+        deferrable = self.hook is not None and self.hook.reads(policy)
+        verdict = policy.inbound_rcpt(t.sender, address, self.today(), ledger=deferrable)
         self._log_rcpt(t, verdict)
         refused = verdict.action is not Action.RELAY and verdict.reason is not Reason.RELAY_DENIED
         if refused and self.hook is not None and self.hook.holds(verdict):
@@ -259,6 +277,7 @@ class MilterSession:
                 t.sender,
                 tuple(t.recipients),
                 tuple(t.headers),
+                bytes(t.body),
             )
             reply = await self.hook.end_of_message(finished)
             if reply is not None:

@@ -11,6 +11,7 @@ and to every error text before either reaches a log line or an error message.
 
 from __future__ import annotations
 
+import logging
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING
 from .guard import GuardSettings
 from .guessbudget import BudgetRule, FallbackBudget, SqliteBudget
 from .ledger import LedgerStore, StoreUnavailable
-from .ledgerstore import SqliteLedgerStore
+from .ledgerstore import SqliteLedgerStore, open_store
 
 if TYPE_CHECKING:
     from .config import Config, StateConfig
     from .redisstore import RedisState
+
+log = logging.getLogger("gateway.state")
 
 SCHEMES = ("redis", "rediss", "unix")
 STATE_FILE = "state.sqlite"
@@ -166,3 +169,52 @@ async def make_stores(config: Config) -> Stores:
         FallbackBudget(SqliteBudget(guess, path), backend, state.retry_after),
         FallbackBudget(SqliteBudget(null_sender, path), backend, state.retry_after),
     )
+
+
+@dataclass
+class LedgerOpened:
+    """The ledger's store as a front end opened it (`open_ledger`); `close` closes only what it made."""
+
+    store: LedgerStore
+    where: str  # for the start-up line: the SQLite file, or the [state] backend
+    _owned: Stores | LedgerStore | None = None
+
+    async def close(self) -> None:
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            await owned.close()
+
+
+async def open_ledger(config: Config, ledger_on: bool, stores: Stores | None = None) -> LedgerOpened | None:
+    """The ledger's store for a front end, or None when it is off; one start-up line says which.
+
+    `ledger_on`: the keyring has a ledger secret. On Redis the ledger is the fleet's (an answer to mail
+    that host A sent passes host B): `stores`' own when the front end made them, else [state]'s, made here
+    and closed with it. Otherwise the SQLite file at [ledger] path (ledgerstore.open_store).
+    """
+    settings = config.ledger
+    if not settings.enabled:
+        log.info("ledger off ([ledger] enabled = false): bounces to untagged addresses are refused")
+        return None
+    if not ledger_on:
+        log.info(
+            "ledger off: the keyring %s has no ledger secret, so bounces to untagged addresses are "
+            "refused at RCPT; run 'batv-gateway keys ledger-secret' and restart to turn it on",
+            config.keyring_path,
+        )
+        return None
+    if config.state.backend.value == "redis":
+        owned = stores is None
+        if stores is None:
+            stores = await make_stores(config)
+        opened = LedgerOpened(stores.ledger, f"{stores.backend} ([state])", stores if owned else None)
+    else:
+        store = await open_store(config)
+        opened = LedgerOpened(store, str(config.ledger_path), store)
+    log.info(
+        "ledger on: %s, answers accepted for %d days, %d per message",
+        opened.where,
+        settings.days,
+        settings.max_replies,
+    )
+    return opened

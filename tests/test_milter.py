@@ -186,6 +186,13 @@ def test_negotiation_asks_for_the_headers_when_the_hook_wants_them() -> None:
     assert not done.steps & (Step.NOHDRS | Step.NOEOH) and done.steps & Step.NR_HDR
 
 
+def test_negotiation_asks_for_the_body_unanswered_when_the_hook_wants_it() -> None:
+    done = milter.negotiate(POSTFIX_OFFER, headers=True, body=True)
+    assert isinstance(done, milter.Negotiated)
+    assert not done.steps & Step.NOBODY and done.steps & Step.NR_BODY
+    assert not done.expects_reply(milter.Body(b"x"))
+
+
 def test_negotiation_asks_only_for_what_is_offered() -> None:
     offer = milter.OptNeg(6, Act(0x4C), Step.NOHELO | Step.NOBODY)  # an MTA without ADDRCPT_PAR or NR_*
     done = milter.negotiate(offer)

@@ -12,6 +12,7 @@ import smtplib
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,8 +23,9 @@ import pytest
 from postfix_instance import PostfixInstance, SmtpSink, free_port, load_snippet, private_root
 from test_socketmap import ALIAS, Command, socket_config, spool_socket, today, write_keyring
 
-from gateway import keystore, prvs, replies, srs
+from gateway import keystore, ledger, prvs, replies, srs
 from gateway.keyring import Keyring
+from gateway.ledgerstore import SqliteLedgerStore
 from gateway.logs import FIELDS_ATTR
 from gateway.milterd import MAX_HEADERS, FinishedMessage, MilterService, MilterSettings
 from gateway.policy import Action, Policy, PolicySettings, RcptVerdict
@@ -108,6 +110,9 @@ class Hook:
 
     reply: Reply | None = None
     seen: list[FinishedMessage] = field(default_factory=list)
+
+    def reads(self, policy: Policy) -> bool:
+        return False  # the policy refuses unsigned bounces at RCPT, as without a ledger
 
     def holds(self, verdict: RcptVerdict) -> bool:
         return verdict.reason.value == "unsigned"
@@ -422,10 +427,14 @@ def postfix_with_milter(root: Path, sink_port: int, submission_port: int) -> Pos
     return pf
 
 
-def swaks(port: int, sender: str, rcpt: str, header: str = "Subject: t") -> subprocess.CompletedProcess[str]:
+def swaks(
+    port: int, sender: str, rcpt: str, header: str = "Subject: t", data: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`data`: the whole message (header block, empty line, body) instead of swaks' own with `header`."""
+    message = ["--data", data] if data is not None else ["--header", header]
     return subprocess.run(
         ["swaks", "--server", "127.0.0.1", "--port", str(port), "--from", sender, "--to", rcpt,
-         "--helo", "client.test", "--timeout", "20", "--header", header],
+         "--helo", "client.test", "--timeout", "20", *message],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -483,6 +492,79 @@ def test_postfix_with_the_milter_signs_outbound_and_refuses_forged_bounces(root:
     assert "warning" not in log, log
     for key in kf.keyring.keys:
         assert key.secret.hex() not in gateway_log
+
+
+def wait_for_record(path: Path, key: bytes, timeout: float = 20) -> ledger.LedgerEntry:
+    """The ledger entry under `key` once the milter has written it (it writes after its reply)."""
+
+    async def poll() -> ledger.LedgerEntry:
+        store = await SqliteLedgerStore.open(path)
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                found = await store.lookup([key])
+                if key in found:
+                    return found[key]
+                assert time.monotonic() < end, f"no ledger record in {path}"
+                await asyncio.sleep(0.05)
+        finally:
+            await store.close()
+
+    return run(poll())
+
+
+def test_postfix_with_the_milter_and_the_ledger_lets_in_an_auto_reply_to_a_sent_message(root: Path) -> None:
+    """The ledger at end of message: a message sent through the submission port is recorded; an RFC 3834
+    auto-reply to its untagged From through the MX port passes to the sink, one to an unknown Message-ID is
+    refused at end of DATA."""
+    kf = keystore.new_keyring(datetime.now(UTC), ledger=True)
+    keystore.save(root / "keyring.toml", kf)
+    assert kf.keyring.ledger_secret is not None
+    keys = ledger.LedgerKeys(kf.keyring.ledger_secret)
+    config = socket_config(root, "milter", spool_socket(root, "milter"), extra="")
+    config.write_text(config.read_text() + "trusted = []\n")
+    cmd = Command("milter", "--config", str(config))
+    submission = free_port()
+    sent_id = "<ledgered-1@example.org>"
+
+    def auto_reply(subject_: str, refers_to: str) -> str:
+        return (
+            f"From: friend@remote.test\nTo: writer@example.org\nSubject: {subject_}\n"
+            f"In-Reply-To: {refers_to}\nReferences: {refers_to}\nAuto-Submitted: auto-replied\n\n"
+            "I am away.\n"
+        )
+
+    try:
+        cmd.wait_listening(1)
+        with SmtpSink(root / "sink") as sink:
+            pf = postfix_with_milter(root, sink.port, submission)
+            with pf:
+                sent = swaks(
+                    submission, "user@example.org", "friend@remote.test",
+                    data=f"From: Writer <writer@example.org>\nMessage-ID: {sent_id}\nSubject: out\n\nhello\n",
+                )  # fmt: skip
+                entry = wait_for_record(root / "ledger.sqlite", keys.message_key(sent_id))
+                vouched = swaks(pf.smtp_port, "<>", "writer@example.org", data=auto_reply("away", sent_id))
+                unknown = swaks(
+                    pf.smtp_port, "<>", "writer@example.org", data=auto_reply("stray", "<never@example.org>")
+                )
+                got = {subject(m.data): m for m in sink.wait_for_messages(2)}
+            log = pf.log_text()
+    finally:
+        code, gateway_log = cmd.stop()
+    assert code == 0, gateway_log
+    assert "ledger on: " in gateway_log, gateway_log
+    assert sent.returncode == 0 and vouched.returncode == 0, sent.stdout + vouched.stdout + gateway_log
+    assert keys.address_key("writer@example.org") in entry.record.addresses
+    assert keys.address_key("user@example.org") in entry.record.addresses  # the sender before signing
+    assert got["away"].mail_from == "" and got["away"].rcpts == ("writer@example.org",)
+    assert "stray" not in got and unknown.returncode != 0
+    refusal = ledger.refused_reply(
+        "writer@example.org", ledger.LedgerReason.UNKNOWN_MESSAGE_ID, ledger.LEDGER_DAYS, ledger.MAX_REPLIES
+    )
+    assert f"<** {refusal}" in unknown.stdout, unknown.stdout
+    assert "milter-reject: END-OF-MESSAGE" in log, log
+    assert kf.keyring.ledger_secret.hex() not in gateway_log
 
 
 def test_postfix_that_cannot_reach_the_milter_defers(root: Path) -> None:
