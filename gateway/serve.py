@@ -46,7 +46,7 @@ from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
 from .state import budget_rules
 
 if TYPE_CHECKING:
-    from .state import Stores
+    from .state import LedgerOpened, Stores
 
 log = logging.getLogger("gateway.serve")
 STARTUP_PROBE_WAIT = 3.0  # seconds start() waits for the next hops' EHLO before it listens anyway
@@ -147,6 +147,7 @@ class Gateway:
         # across every worker and host. Without them (a Gateway made alone: the demo, tests), the
         # process's own, across all its sessions and ports.
         self.stores = stores
+        self._ledger_opened: LedgerOpened | None = None
         self.guesses: RateBudget
         self.null_senders: RateBudget
         if stores is not None:
@@ -223,33 +224,15 @@ class Gateway:
 
     async def _open_ledger(self) -> None:
         """The ledger's store, when the config and the keyring turn it on; one line says which."""
-        from . import ledgerstore
+        from .state import open_ledger
 
-        ledger = self.config.ledger
-        if not self.listeners or not ledger.enabled:
-            if self.listeners:
-                log.info("ledger off ([ledger] enabled = false): bounces to untagged addresses are refused")
+        if not self.listeners:
             return
-        if self.holder.policy.ledger_keys is None:
-            log.info(
-                "ledger off: the keyring %s has no ledger secret, so bounces to untagged addresses are "
-                "refused at RCPT; run 'batv-gateway keys ledger-secret' and restart to turn it on",
-                self.config.keyring_path,
-            )
-            return
-        if self.stores is not None and self.stores.redis is not None:
-            # On Redis the ledger is the fleet's: an answer to mail that host A sent passes host B.
-            self.ledger.store = self.stores.ledger
-            where = f"{self.stores.backend} ([state])"
-        else:
-            self.ledger.store = await ledgerstore.open_store(self.config)
-            where = str(self.config.ledger_path)
-        log.info(
-            "ledger on: %s, answers accepted for %d days, %d per message",
-            where,
-            ledger.days,
-            ledger.max_replies,
+        self._ledger_opened = await open_ledger(
+            self.config, self.holder.policy.ledger_keys is not None, self.stores
         )
+        if self._ledger_opened is not None:
+            self.ledger.store = self._ledger_opened.store
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish within `deadline` seconds, then cut."""
@@ -282,10 +265,11 @@ class Gateway:
             await lst.relay.pool.close()
         for lst in self.listeners:
             await lst.relay.records_written()
-        store, self.ledger.store = self.ledger.store, None
-        # The [state] stores are closed by whoever made them (run).
-        if store is not None and (self.stores is None or store is not self.stores.ledger):
-            await store.close()
+        self.ledger.store = None
+        # Closes only what open_ledger made: the [state] stores are closed by whoever made them (run).
+        opened, self._ledger_opened = self._ledger_opened, None
+        if opened is not None:
+            await opened.close()
 
     # ------------------------------------------------------------------ reload
 
