@@ -550,8 +550,9 @@ def server_side(sock: socket.socket, workers_now: list[int]) -> int:
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        local, remote = fields[1], fields[2]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+        local, remote, state = fields[1], fields[2], fields[3]
+        ours = int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port
+        if ours and state == "01":  # ESTABLISHED: not an earlier connection's TIME_WAIT on the same ports
             inode = fields[9]
     assert inode is not None, (client_port, server_port)
     for pid in workers_now:
