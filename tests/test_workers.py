@@ -361,6 +361,45 @@ def test_with_more_workers_than_the_respawn_limit_that_many_deaths_are_replaced(
     assert live_children(os.getpid()) == []
 
 
+def test_a_replacement_takes_the_dead_workers_slot_once_it_is_cleared(
+    tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """The slot is where a worker counts its sessions (sessiontable.py): the supervisor clears a dead
+    worker's slot, and hands that slot, and only that one, to its replacement."""
+    said = tmp_path / "slots"
+
+    def dies_at_once(say_ready: Callable[[], None]) -> int:
+        fd = os.open(said, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{os.getpid()} {workers.worker_slot()}\n".encode())
+        os.close(fd)
+        return 3
+
+    gone: list[int] = []
+    cleared: list[int] = []
+    code = workers.supervise(
+        2,
+        dies_at_once,
+        notifier=Notifier(socket_name=""),
+        on_exit=gone.append,
+        clear_slot=cleared.append,
+        respawn_limit=4,
+    )
+    assert code == 1
+    slots = dict(tuple(map(int, line.split())) for line in said.read_text().splitlines())
+    assert sorted(slots) == sorted(gone) and len(gone) >= 5, (slots, gone)
+    # Each death cleared the dead worker's own slot, right after it was reaped.
+    assert cleared == [slots[pid] for pid in gone]
+    assert set(slots.values()) == {0, 1}
+    # Every replacement (named in its predecessor's "worker died" line) is in the dead worker's slot.
+    died = r'msg="worker died" pid=(\d+) status="exit 3" replaced_by=(\d+)'
+    replaced = re.findall(died, log_stream.getvalue())
+    assert len(replaced) == 4, log_stream.getvalue()
+    assert all(slots[int(dead)] == slots[int(new)] for dead, new in replaced), (replaced, slots)
+    assert live_children(os.getpid()) == []
+    with pytest.raises(RuntimeError, match="not a supervised worker"):
+        workers.worker_slot()
+
+
 def bounce_reply(port: int) -> int:
     """The reply to RCPT of a bounce to an address we never signed (550 enforced, 250 observed)."""
     with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
