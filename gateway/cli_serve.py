@@ -8,8 +8,8 @@ supervises them (workers.supervise): it passes SIGTERM and SIGHUP on, says READY
 serves, and replaces a worker that dies. It binds the metrics endpoint, which every worker serves with the
 sums of all the workers' counts (metrics.py). The failed-guess budget and the null-sender rate are the
 [state] store's, made in each worker after the fork (serve.run): counted across every worker (and, on
-Redis, every host). Each process keeps its own session limits, so a client may get up to N times
-`max_sessions_per_client`: keep workers = 1 where that limit must be exact.
+Redis, every host). The session limits (`max_sessions`, `max_sessions_per_client`) are this host's: a table
+in shared memory made here before the fork (sessiontable.py), in which each worker counts in its slot.
 uvloop (a dependency) runs the loop; stdlib asyncio stands in where it cannot be imported.
 """
 
@@ -31,6 +31,7 @@ from .errors import GatewayError
 if TYPE_CHECKING:
     from . import keystore
     from .config import Config, MetricsConfig
+    from .smtpd import Gate
 
 log = logging.getLogger("gateway.serve")
 ROLES = ("inbound", "outbound")  # config.Role's values; config is imported only when serve runs
@@ -149,6 +150,12 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
                 f"listener {lc.name}: cannot listen on {lc.listen}: {bind_failure(error)}"
             ) from None
     metrics_socket = ops.bind_metrics(config)
+    from .sessiontable import ListenerLimits, SessionTable
+
+    limits = [lc.limits for lc in config.listeners]
+    table = SessionTable(
+        config.workers, [ListenerLimits(lim.max_sessions, lim.max_sessions_per_client) for lim in limits]
+    )
     # Shared counts cost each count a write to a file (a few microseconds): only when someone can read them.
     shared = metrics.shared_folder() if metrics_socket is not None else None
 
@@ -159,6 +166,7 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
             config,
             kf,
             sockets=own,
+            gates=table.gates(workers.worker_slot()),
             say_ready=say_ready,
             shared_metrics=shared,
             metrics_socket=metrics_socket,
@@ -173,10 +181,12 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
             worker,
             notifier=Notifier(),
             on_exit=functools.partial(metrics.process_gone, shared) if shared else lambda pid: None,
+            clear_slot=table.clear,
             # The workers drain within the same deadline.
             stop_timeout=config.limits.shutdown_deadline + 10.0,
         )
     finally:
+        table.close()
         for sock in reserved:
             sock.close()
         if metrics_socket is not None:
@@ -191,6 +201,7 @@ async def _serve(
     kf: keystore.KeyringFile,
     *,
     sockets: Sequence[socket.socket] | None = None,
+    gates: Sequence[Gate] | None = None,
     say_ready: Callable[[], None] | None = None,
     shared_metrics: Path | None = None,
     metrics_socket: socket.socket | None = None,
@@ -233,6 +244,7 @@ async def _serve(
             ready=ready,
             stopping=ops.stopping,
             sockets=sockets,
+            gates=gates,
         )
     finally:
         await ops.close()

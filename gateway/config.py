@@ -492,6 +492,28 @@ def _state(table: _Table) -> StateConfig:
     return state
 
 
+MAX_WORKERS = 64
+
+
+def cpus() -> int:
+    """`workers = "auto"`: the CPUs this process may run on, at least 1. Its affinity rather than every CPU
+    of the machine (os.cpu_count), so that a cpuset or systemd's CPUAffinity= narrows it; a cgroup CPU
+    quota (a container's CPU limit) is not seen, so a container sets a number."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _workers(gw: _Table) -> int:
+    if gw.has("workers") and isinstance(gw.data["workers"], str):
+        if gw.string("workers", "") != "auto":
+            expected = f'a whole number from 1 to {MAX_WORKERS} or "auto"'
+            raise gw.error("workers", f"expected {expected}, got {gw.data['workers']!r}")
+        return min(MAX_WORKERS, cpus())
+    return gw.integer("workers", 1, 1, MAX_WORKERS)
+
+
 def qualified(hostname: str) -> bool:
     """A name other mail servers can check: it has a dot and is not localhost (RFC 5321 4.1.1.1, 4.1.3)."""
     name = hostname.lower().rstrip(".")
@@ -525,7 +547,7 @@ def parse(
     keyring_path = gw.path("keyring", DEFAULT_KEYRING) or DEFAULT_KEYRING
     local = gw.strings("local_domains")
     signed = gw.strings("signed_domains", local) if gw.has("signed_domains") else local
-    workers = gw.integer("workers", 1, 1, 64)
+    workers = _workers(gw)
     gw.done()
 
     batv = root.table("batv")

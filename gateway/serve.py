@@ -42,7 +42,7 @@ from .relay import (
     Relay,
     RoleRules,
 )
-from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, SessionGate
+from .smtpd import EdgeContext, EdgeLimits, EdgeProtocol, Gate, SessionGate
 from .state import budget_rules
 
 if TYPE_CHECKING:
@@ -135,6 +135,7 @@ class Gateway:
         guess_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         stores: Stores | None = None,
+        gates: Sequence[Gate] | None = None,
     ) -> None:
         self.config = config
         self.holder = PolicyHolder(Policy(config.policy, keyring))
@@ -148,6 +149,8 @@ class Gateway:
         # process's own, across all its sessions and ports.
         self.stores = stores
         self._ledger_opened: LedgerOpened | None = None
+        # Several workers: each listener's session limits counted across them (sessiontable.py).
+        self._gates = gates
         self.guesses: RateBudget
         self.null_senders: RateBudget
         if stores is not None:
@@ -155,10 +158,10 @@ class Gateway:
         else:
             guess, null_sender = budget_rules(config)
             self.guesses, self.null_senders = LocalBudget(guess), LocalBudget(null_sender)
-        self.listeners: list[Listener] = [self._listener(lc) for lc in config.listeners]
+        self.listeners: list[Listener] = [self._listener(lc, i) for i, lc in enumerate(config.listeners)]
         self._stopping = False
 
-    def _listener(self, lc: ListenerConfig) -> Listener:
+    def _listener(self, lc: ListenerConfig, index: int) -> Listener:
         factory = ROLE_RULES.get(lc.role)
         if factory is None:
             raise ConfigError(f"listener {lc.name}: role {lc.role.value} is not available in this version")
@@ -179,7 +182,11 @@ class Gateway:
             limits=edge_limits(limits),
             guard=guard_settings(limits),
             guesses=self.guesses,
-            gate=SessionGate(limits.max_sessions, limits.max_sessions_per_client),
+            gate=(
+                SessionGate(limits.max_sessions, limits.max_sessions_per_client)
+                if self._gates is None
+                else self._gates[index]
+            ),
             new_relay=relay.session,
             offer=lambda: relay.offer(tls is not None),
             tls_context=tls,
@@ -309,11 +316,13 @@ async def run(
     ready: Callable[[Gateway], None] | None = None,
     stopping: Callable[[Gateway], None] | None = None,
     sockets: Sequence[socket.socket] | None = None,
+    gates: Sequence[Gate] | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT. `on_reload(gateway)` builds the SIGHUP handler (the reload seam);
     `ready(gateway)` is called once every listener is up (sd_notify READY=1, tests); `stopping(gateway)`
     when the drain begins (sd_notify STOPPING=1). `sockets`: listening sockets bound already (a worker's:
-    workers.py). The [state] stores, when the budgets need them (state.budgets_shared), are made here, in
+    workers.py) and `gates`, one per listener in order, counting sessions across them (sessiontable.py).
+    The [state] stores, when the budgets need them (state.budgets_shared), are made here, in
     the process and loop that use them (a Redis client belongs to its loop; a worker makes its own after
     the fork), and closed once the gateway has stopped."""
     from . import workers
@@ -321,7 +330,7 @@ async def run(
 
     stores = await make_stores(config) if budgets_shared(config, config.workers) else None
     try:
-        gateway = Gateway(config, keyring, observers, stores=stores)
+        gateway = Gateway(config, keyring, observers, stores=stores, gates=gates)
         await gateway.start(sockets)
     except BaseException:
         if stores is not None:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import replies
 from .deadlines import Deadline
@@ -107,8 +107,17 @@ class EdgeLimits:
         )
 
 
+class Gate(Protocol):
+    """Admits a client's session or names the 421 that refuses it: a SessionGate, or with several workers
+    a sessiontable.SharedGate, which counts across them."""
+
+    def admit(self, ip: str) -> Reply | None: ...
+
+    def leave(self, ip: str) -> None: ...
+
+
 class SessionGate:
-    """Counts open sessions, overall and per client IP, for one listener (or a whole process)."""
+    """Counts open sessions, overall and per client IP, for one listener of one process."""
 
     def __init__(self, max_sessions: int, max_per_client: int) -> None:
         self.max_sessions = max_sessions
@@ -146,7 +155,7 @@ class EdgeContext:
     # The failed-guess budget: every session of the process charges it, and with a [state] store every
     # worker and host too (guessbudget.py). Charged at the reply to a failed tag check, not before.
     guesses: RateBudget
-    gate: SessionGate
+    gate: Gate
     # A RelaySession for a new client connection: (client ip, port) -> session
     new_relay: Callable[[str, int], RelaySession]
     offer: Callable[[], Offer]

@@ -24,12 +24,13 @@ Two shapes share this module:
   `respawn_limit` deaths in `respawn_window` seconds the main process stops everything and exits 1, so that
   systemd (Restart=on-failure) starts the whole service again, and says so in one line.
 
-What each worker keeps for itself, in memory: its SessionGate per listener (`max_sessions`,
-`max_sessions_per_client`). The kernel spreads one client's connections over every worker, so with N
-workers a client can hold up to N times those (docs/operations.md, "Several workers"); per-session limits
-(error counts, sizes, timeouts) are exact, since a session lives in one worker. The failed-guess budget and
-the null-sender rate are shared through the [state] store (state.py: SQLite on one host, Redis for a
-fleet), and the metrics through metrics.py. `workers` defaults to 1 while the session limits are not shared.
+Each supervised worker has a slot, 0 .. N - 1 (`worker_slot`), and a replacement takes the dead worker's:
+the session limits (`max_sessions`, `max_sessions_per_client`) are counted per slot in a table in shared
+memory (sessiontable.py), and `clear_slot(slot)` zeroes a dead worker's counts before its replacement
+starts, so a worker killed with sessions open leaks none. Per-session limits (error counts, sizes,
+timeouts) are exact, since a session lives in one worker. The failed-guess budget and the null-sender rate
+are shared through the [state] store (state.py: SQLite on one host, Redis for a fleet), and the metrics
+through metrics.py.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ _log = logging.getLogger("gateway.workers")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _early_signals: list[int] = []
+_worker_slot: int | None = None  # set in a supervised worker by the fork that made it
+
+
+def worker_slot() -> int:
+    """This supervised worker's slot (0 .. N - 1): its own, or the one of the dead worker it replaces."""
+    if _worker_slot is None:
+        raise RuntimeError("not a supervised worker")
+    return _worker_slot
 
 
 def _remember(signum: int, frame: object) -> None:
@@ -181,8 +190,10 @@ def fork(count: int, worker: Callable[[Callable[[], None]], int]) -> Workers:
     return workers
 
 
-def _spawn(worker: Callable[[Callable[[], None]], int], close_in_child: Sequence[int]) -> tuple[int, int]:
-    """Fork one worker: its pid, and the read end of its ready pipe."""
+def _spawn(
+    worker: Callable[[Callable[[], None]], int], close_in_child: Sequence[int], slot: int | None = None
+) -> tuple[int, int]:
+    """Fork one worker (in `slot`, when supervised): its pid, and the read end of its ready pipe."""
     read_fd, write_fd = os.pipe()
     # Blocked across the fork: a signal for the new worker must not run the main process's handler in it
     # (the supervisor's would write into the supervisor's wake-up pipe); it waits, and is remembered below.
@@ -193,6 +204,8 @@ def _spawn(worker: Callable[[Callable[[], None]], int], close_in_child: Sequence
         os.close(write_fd)
         return pid, read_fd
     code = 1
+    global _worker_slot
+    _worker_slot = slot
     try:
         os.close(read_fd)
         for fd in close_in_child:
@@ -261,6 +274,7 @@ class _Supervisor:
         worker: Callable[[Callable[[], None]], int],
         notifier: Notifier,
         on_exit: Callable[[int], None],
+        clear_slot: Callable[[int], None],
         respawn_limit: int,
         respawn_window: float,
         stop_timeout: float,
@@ -270,11 +284,13 @@ class _Supervisor:
         self.worker = worker
         self.notifier = notifier
         self.on_exit = on_exit
+        self.clear_slot = clear_slot
         self.respawn_limit = respawn_limit
         self.respawn_window = respawn_window
         self.stop_timeout = stop_timeout
         self.wake_fd = wake_fd
         self.pids: list[int] = []
+        self.slots: dict[int, int] = {}  # pid -> its slot
         self.ready: set[int] = set()
         self.ready_fds: dict[int, int] = {}  # read end of a ready pipe -> the worker's pid
         self.deaths: collections.deque[float] = collections.deque()
@@ -283,9 +299,10 @@ class _Supervisor:
         self.kill_at: float | None = None
         self.code = 0
 
-    def spawn(self) -> int:
-        pid, read_fd = _spawn(self.worker, close_in_child=[self.wake_fd, *self.ready_fds])
+    def spawn(self, slot: int) -> int:
+        pid, read_fd = _spawn(self.worker, close_in_child=[self.wake_fd, *self.ready_fds], slot=slot)
         self.pids.append(pid)
+        self.slots[pid] = slot
         self.ready_fds[read_fd] = pid
         return pid
 
@@ -345,6 +362,9 @@ class _Supervisor:
                     os.close(fd)
                     del self.ready_fds[fd]
             self.on_exit(pid)
+            # Dead and reaped: nothing writes its slot any more, and the replacement has not begun to.
+            slot = self.slots.pop(pid)
+            self.clear_slot(slot)
             if self.stopping:
                 continue
             now = time.monotonic()
@@ -364,7 +384,7 @@ class _Supervisor:
                 )
                 self.stop(1)
                 continue
-            new = self.spawn()
+            new = self.spawn(slot)
             # The replacement starts from the config and keyring the main process read at start-up;
             # a reload (remembered by the child and replayed once its loop is up) brings it to the files
             # as they are now, where SIGHUP and the keyring watch brought the others.
@@ -383,8 +403,8 @@ class _Supervisor:
         self.reap()
 
     def run(self, pending: list[int]) -> int:
-        for _ in range(self.count):
-            self.spawn()
+        for slot in range(self.count):
+            self.spawn(slot)
         while self.pids or not self.stopping:
             # A second's timeout: a lost wake-up costs at most that long (waitpid finds the dead anyway).
             timeout = 0.0 if pending else 1.0  # signals remembered before the wake-up pipe was set
@@ -419,12 +439,14 @@ def supervise(
     *,
     notifier: Notifier,
     on_exit: Callable[[int], None] = lambda pid: None,
+    clear_slot: Callable[[int], None] = lambda slot: None,
     respawn_limit: int | None = None,
     respawn_window: float = RESPAWN_WINDOW,
     stop_timeout: float = 30.0,
 ) -> int:
     """Run `count` workers (each `worker(say_ready)`, as `fork`) until SIGTERM or SIGINT, replacing any
-    that dies (the replacement is sent SIGHUP: a reload); `on_exit(pid)` is told of each worker gone.
+    that dies (the replacement is sent SIGHUP: a reload, and takes the dead worker's slot, `worker_slot`);
+    `on_exit(pid)` is told of each worker gone, and `clear_slot(slot)` of its slot, before a replacement.
     `notifier` (sdnotify.Notifier) hears READY once every worker is up and STOPPING with the first
     SIGTERM. 0 after a clean stop, 1 past `respawn_limit` deaths (max(RESPAWN_LIMIT, count) by default) in
     `respawn_window` seconds (see the module docstring)."""
@@ -445,7 +467,7 @@ def supervise(
     if respawn_limit is None:
         respawn_limit = max(RESPAWN_LIMIT, count)
     supervisor = _Supervisor(
-        count, worker, notifier, on_exit, respawn_limit, respawn_window, stop_timeout, wake_r
+        count, worker, notifier, on_exit, clear_slot, respawn_limit, respawn_window, stop_timeout, wake_r
     )
     try:
         return supervisor.run(pending)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 
@@ -305,3 +306,15 @@ def test_the_ledger_table_is_strict(table: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as caught:
         config.parse({"ledger": table}, "<t>")
     assert str(caught.value).startswith(message)
+
+
+def test_workers_auto_is_one_per_cpu_this_process_may_use(tmp_path: Path) -> None:
+    assert config.default().workers == 1
+    auto = config.load(write(tmp_path, '[gateway]\nworkers = "auto"\n')).workers
+    assert auto == min(config.MAX_WORKERS, len(os.sched_getaffinity(0))) >= 1
+    assert config.load(write(tmp_path, "[gateway]\nworkers = 3\n")).workers == 3
+    for wrong in ['"all"', "0", "65"]:
+        with pytest.raises(ConfigError, match=r"\[gateway\] workers: expected a whole number from 1 to 64"):
+            config.load(write(tmp_path, f"[gateway]\nworkers = {wrong}\n"))
+    with pytest.raises(ConfigError, match=r'or "auto", got \'all\''):
+        config.load(write(tmp_path, '[gateway]\nworkers = "all"\n'))

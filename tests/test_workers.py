@@ -361,6 +361,45 @@ def test_with_more_workers_than_the_respawn_limit_that_many_deaths_are_replaced(
     assert live_children(os.getpid()) == []
 
 
+def test_a_replacement_takes_the_dead_workers_slot_once_it_is_cleared(
+    tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """The slot is where a worker counts its sessions (sessiontable.py): the supervisor clears a dead
+    worker's slot, and hands that slot, and only that one, to its replacement."""
+    said = tmp_path / "slots"
+
+    def dies_at_once(say_ready: Callable[[], None]) -> int:
+        fd = os.open(said, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{os.getpid()} {workers.worker_slot()}\n".encode())
+        os.close(fd)
+        return 3
+
+    gone: list[int] = []
+    cleared: list[int] = []
+    code = workers.supervise(
+        2,
+        dies_at_once,
+        notifier=Notifier(socket_name=""),
+        on_exit=gone.append,
+        clear_slot=cleared.append,
+        respawn_limit=4,
+    )
+    assert code == 1
+    slots = dict(tuple(map(int, line.split())) for line in said.read_text().splitlines())
+    assert sorted(slots) == sorted(gone) and len(gone) >= 5, (slots, gone)
+    # Each death cleared the dead worker's own slot, right after it was reaped.
+    assert cleared == [slots[pid] for pid in gone]
+    assert set(slots.values()) == {0, 1}
+    # Every replacement (named in its predecessor's "worker died" line) is in the dead worker's slot.
+    died = r'msg="worker died" pid=(\d+) status="exit 3" replaced_by=(\d+)'
+    replaced = re.findall(died, log_stream.getvalue())
+    assert len(replaced) == 4, log_stream.getvalue()
+    assert all(slots[int(dead)] == slots[int(new)] for dead, new in replaced), (replaced, slots)
+    assert live_children(os.getpid()) == []
+    with pytest.raises(RuntimeError, match="not a supervised worker"):
+        workers.worker_slot()
+
+
 def bounce_reply(port: int) -> int:
     """The reply to RCPT of a bounce to an address we never signed (550 enforced, 250 observed)."""
     with smtplib.SMTP(LOCALHOST, port, timeout=20) as client:
@@ -511,3 +550,104 @@ def test_a_sigterm_once_stopping_is_ignored_until_the_loop_is_closed() -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
     )
     assert (run.returncode, run.stdout) == (0, "alive, stop handler called: False\nafter the loop: True\n")
+
+
+PER_CLIENT = 3
+
+
+def greeted(port: int) -> tuple[socket.socket, bytes]:
+    """A connection and the first line the gateway sent on it (a 220, or the 421 that refuses it)."""
+    sock = socket.create_connection((LOCALHOST, port), timeout=20)
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        line += chunk
+    return sock, line
+
+
+def admitted(port: int, tries: int) -> tuple[list[socket.socket], int]:
+    """`tries` connections: the admitted ones, held open, and how many were refused (a refusal must be the
+    per-client 421)."""
+    held, refused = [], 0
+    for _ in range(tries):
+        sock, line = greeted(port)
+        if line.startswith(b"220 "):
+            held.append(sock)
+            continue
+        assert line.startswith(b"421 4.7.0 Too many connections from your address"), line
+        refused += 1
+        sock.close()
+    return held, refused
+
+
+def server_side(sock: socket.socket, workers_now: list[int]) -> int:
+    """The worker that holds the other end of this client connection (its socket's inode in /proc)."""
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        ours = int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port
+        if ours and state == "01":  # ESTABLISHED: not an earlier connection's TIME_WAIT on the same ports
+            inode = fields[9]
+    assert inode is not None, (client_port, server_port)
+    for pid in workers_now:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError(f"no worker holds socket {inode}")
+
+
+def test_a_clients_session_limit_holds_across_the_workers_and_a_killed_workers_share_is_freed(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    """sessiontable.py. The kernel spreads the client's connections over both workers (each worker counting
+    alone would admit up to twice the limit: all ten landing on one worker is a 1 in 512 chance)."""
+    config = workers_config(tmp_path, 2, next_hop=free_port())
+    text = config.read_text()
+    assert "max_sessions_per_client = 50 " in text, "the example config changed; update this test"
+    limit = f"max_sessions_per_client = {PER_CLIENT} "
+    config.write_text(text.replace("max_sessions_per_client = 50 ", limit))
+    with Supervised(tmp_path, config) as serving:
+        serving.wait_ready()
+        port = serving.port("mx")
+        held, refused = admitted(port, PER_CLIENT + 7)
+        assert (len(held), refused) == (PER_CLIENT, 7), serving.log
+        # Closing one admits one more (once its worker has seen the close), and only one.
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:
+            more, _ = admitted(port, 1)
+            if more:
+                break
+            assert time.monotonic() < deadline, "a closed session's place was never given back"
+            time.sleep(0.02)
+        held += more
+        assert admitted(port, 3) == ([], 3)
+
+        # A worker killed with sessions open cleans nothing up: the main process clears its share.
+        owners = {sock: server_side(sock, serving.workers()) for sock in held}
+        first = serving.workers()
+        victim = max(first, key=lambda pid: list(owners.values()).count(pid))
+        survivors = [sock for sock, pid in owners.items() if pid != victim]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        new: list[int] = []
+        while not new:
+            assert time.monotonic() < deadline, serving.log
+            new = [pid for pid in serving.workers() if pid not in first]
+            time.sleep(0.01)
+        serving.wait_for_log(rf'msg="worker ready" event=start pid={new[0]}\b')
+        for sock in held:
+            if sock not in survivors:
+                sock.close()
+        again, refused = admitted(port, PER_CLIENT + 2)
+        assert (len(again), refused) == (PER_CLIENT - len(survivors), 2 + len(survivors)), serving.log
+        for sock in survivors + again:
+            sock.close()
+        assert serving.stop() == 0, serving.log
