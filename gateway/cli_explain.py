@@ -21,6 +21,7 @@ from .errors import AddressError, GatewayError, UsageError
 
 if TYPE_CHECKING:
     from .config import Config
+    from .policy import Policy
 
 # A message is read up to this much: its header and a DSN's report come first, and an operator's
 # FILE.eml must not be able to fill the memory.
@@ -67,6 +68,8 @@ exit status:
   0 every inbound verdict lets the mail through (observe mode counts as through), 1 one refuses it,
   2 a usage error, or a message, config or keyring that cannot be read. An ADDRESS without --sender
   has two inbound verdicts, so an unsigned address in a signed domain exits 1: its bounces are refused.
+  With the Message-ID ledger on such a bounce is accepted at RCPT and decided at the end of DATA, which
+  explain cannot see: that counts as through.
   The outbound verdict never counts.
 
 examples:
@@ -114,6 +117,7 @@ def handle(args: argparse.Namespace) -> int:
     config = _config(args)
     policy = Policy(config.policy, keystore.load(config.keyring_path).keyring)
     observe, mode = _inbound_mode(config)
+    ledger = _ledger_on(config, policy)
     today = keystore.utc_day(now_of(args))
     context = (("today", explain.date_words(today)), ("inbound", mode))
     if message is not None:
@@ -125,10 +129,13 @@ def handle(args: argparse.Namespace) -> int:
             source=source,
             given_sender=given_sender,
             observe=observe,
+            ledger=ledger,
         )
     else:
         senders = given_sender if given_sender is not None else (None, explain.ANY_SENDER)
-        explanation = explain.explain_address(subject, policy, today, senders=senders, observe=observe)
+        explanation = explain.explain_address(
+            subject, policy, today, senders=senders, observe=observe, ledger=ledger
+        )
     explanation = replace(explanation, facts=context + explanation.facts)
 
     if args.json:
@@ -192,3 +199,12 @@ def _inbound_mode(config: Config) -> tuple[bool, str]:
     else:
         observe, whose = config.policyd.observe, "as the Postfix policy service ([policyd]) answers"
     return observe, f"{whose}, in {'observe' if observe else 'enforce'} mode"
+
+
+def _ledger_on(config: Config, policy: Policy) -> bool:
+    """Does the inbound verdict defer an untagged bounce to the ledger, as `serve` would? Only a listener
+    reads the message ([policyd] never does), with [ledger] enabled and a ledger secret in the keyring."""
+    from .config import Role
+
+    inbound = any(lc.role is Role.INBOUND for lc in config.listeners)
+    return inbound and config.ledger.enabled and policy.ledger_keys is not None

@@ -149,12 +149,14 @@ def explain_address(
     *,
     senders: Sequence[Address | None] = (None, ANY_SENDER),
     observe: bool = False,
+    ledger: bool = False,
     outbound: bool = True,
     facts: Sequence[tuple[str, str]] = (),
 ) -> Explanation:
     """What the inbound role does with `text` as a recipient (once per sender in `senders`, None being the
     null sender) and, with `outbound`, what the outbound role does with it as the envelope sender.
-    `observe`: the inbound listener is in observe mode. `facts`: lines to put first (where it came from)."""
+    `observe`: the inbound listener is in observe mode. `ledger`: the inbound listener has the Message-ID
+    ledger on (it defers an untagged bounce to the end of DATA). `facts`: lines to put first."""
     found = list(facts)
     try:
         address = parse_path(text)
@@ -185,7 +187,8 @@ def explain_address(
     found += _domain_facts(address, policy)
     found += _tag_facts(address, policy, today)
     verdicts = [
-        _inbound(sender, policy.inbound_rcpt(sender, address, today, observe=observe)) for sender in senders
+        _inbound(sender, policy.inbound_rcpt(sender, address, today, observe=observe, ledger=ledger))
+        for sender in senders
     ]
     if outbound:
         exemption = policy.rewrite_exemption(address, None)
@@ -308,6 +311,15 @@ def _inbound(sender: Address | None, verdict: RcptVerdict) -> Verdict:
     if verdict.key_id is not None and verdict.reason is Reason.VALID_PRVS:
         why += f" (key {verdict.key_id})"
     action, reason = verdict.action.value, verdict.reason.value
+    if verdict.action is Action.DEFER:
+        # Not refused at RCPT: the verdict is the ledger's, on the message and the store, neither of which
+        # explain has. Counted as through, as observe mode is: nothing is refused here.
+        outcome = (
+            f"accept the RCPT and relay to {verdict.address}; the message is decided at the end of DATA by "
+            "the Message-ID ledger, which explain cannot see: it passes only if it refers to a message we "
+            "sent from this address, else 550 5.7.1"
+        )
+        return Verdict(role, True, action, reason, outcome, why)
     if verdict.action is Action.RELAY:
         if verdict.would_reject is not None:
             outcome = (
@@ -430,6 +442,7 @@ def explain_message(
     source: str,
     given_sender: tuple[Address | None] | None = None,
     observe: bool = False,
+    ledger: bool = False,
 ) -> Explanation:
     """The inbound verdict for the message's envelope. `given_sender`: (the sender,) to use instead of the
     Return-Path (None in it is the null sender). `source`: what the message was read from, for the words.
@@ -459,7 +472,14 @@ def explain_message(
     facts += envelope.dsn
     facts.append(("recipient", f"{envelope.recipient} (from {envelope.recipient_from})"))
     return explain_address(
-        envelope.recipient, policy, today, senders=senders, observe=observe, outbound=False, facts=facts
+        envelope.recipient,
+        policy,
+        today,
+        senders=senders,
+        observe=observe,
+        ledger=ledger,
+        outbound=False,
+        facts=facts,
     )
 
 

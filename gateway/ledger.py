@@ -69,7 +69,11 @@ class LedgerKeys:
     def address_key(self, address: str) -> bytes | None:
         """16 octets for an address, compared as messageids.normalise_address does, or None."""
         normal = normalise_address(address)
-        return None if normal is None else self._digest(b"address", normal)[:ADDRESS_KEY_SIZE]
+        return None if normal is None else self.normal_address_key(normal)
+
+    def normal_address_key(self, normal: str) -> bytes:
+        """`address_key` of an address already normalised (messageids.normalise_address's result)."""
+        return self._digest(b"address", normal)[:ADDRESS_KEY_SIZE]
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,11 @@ def make_record(
     if headers.message_id is None:
         too_big = headers.status is HeaderStatus.HEADERS_TOO_BIG
         return Recording(RecordOutcome.HEADERS_TOO_BIG if too_big else RecordOutcome.NO_MESSAGE_ID)
-    candidates = ((envelope_sender,) if envelope_sender else ()) + headers.addresses
-    addresses = frozenset(
-        key for key in (keys.address_key(address) for address in candidates) if key is not None
-    )
+    # The header's addresses are normalised already; the envelope sender is most often the From too: one
+    # HMAC per distinct address.
+    sender = normalise_address(envelope_sender) if envelope_sender else None
+    normals = dict.fromkeys(((sender,) if sender else ()) + headers.addresses)
+    addresses = frozenset(map(keys.normal_address_key, normals))
     if not addresses:
         return Recording(RecordOutcome.NO_ADDRESS)
     ttl = days * _DAY

@@ -46,6 +46,7 @@ _MESSAGE_ID_LIMIT = 998  # RFC 5322 §2.1.1: a line's limit; a longer "id" is no
 
 _MSGID = re.compile(r"<\s*([^<>\s]+(?:\s+[^<>\s]+)*)\s*>")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+_NOT_IN_ADDRESS = re.compile("[\r\n\0]")
 
 
 def normalise_message_id(text: str) -> str | None:
@@ -85,7 +86,7 @@ def normalise_address(addr_spec: str) -> str | None:
     """
     addr = addr_spec.strip()
     local, at, domain = addr.rpartition("@")
-    if not at or not local or not domain or len(addr) > 320 or any(c in "\r\n\0" for c in addr):
+    if not at or not local or not domain or len(addr) > 320 or _NOT_IN_ADDRESS.search(addr):
         return None
     return addr.lower()
 
@@ -125,9 +126,15 @@ class _Lines:
                 self.over = True
             return []
         self._carry = data[last + 1 :]
-        # Past `room` octets nothing can be taken: split no more than that (one octet over, so that the
-        # line that crosses the bound is seen and sets `over`).
-        return self._take(data[: min(last + 1, room + 1)].splitlines(keepends=True))
+        # Past `room` octets nothing can be taken: split not much more than that, but enough that the
+        # line crossing the bound is seen and sets `over`. Undoing the dot-stuffing takes at most one
+        # octet in three ("..\n" is the shortest such line), so twice `room`, plus one, is enough.
+        return self._take(data[: min(last + 1, 2 * room + 2)].splitlines(keepends=True))
+
+    @property
+    def started(self) -> bool:
+        """Something was fed: a line taken, or the start of one held."""
+        return bool(self.taken or self._carry)
 
     def finish(self) -> list[bytes]:
         """The unfinished last line, if any (a stream that ended without CRLF)."""
@@ -207,9 +214,30 @@ class OutboundHeaders:
     def feed(self, chunk: bytes) -> None:
         if self.done:
             return
+        if not self._lines.started and self._whole_block(chunk):
+            return
         self._block.extend(self._lines.feed(chunk))
         if self._lines.ended or self._lines.over or self._lines.blank:
             self.done = True
+
+    def _whole_block(self, chunk: bytes) -> bool:
+        """The common case, the whole header block in the first chunk: taken with a few scans, not line
+        by line. Only when `_Lines` would take the same octets: no line to un-dot-stuff, no bare CR (which
+        `splitlines` would end a line at), within the limit. False: nothing taken, `_Lines` reads it."""
+        end = _blank_line_end(chunk)
+        if (
+            end < 0
+            or end > self._lines.limit
+            or chunk[:1] == b"."
+            or chunk.find(b"\n.", 0, end) >= 0
+            or chunk.count(b"\r", 0, end) != chunk.count(b"\r\n", 0, end)
+        ):
+            return False
+        self._block.append(chunk[:end])
+        self._lines.taken = end
+        self._lines.blank = True
+        self.done = True
+        return True
 
     def result(self) -> SentHeaders:
         """What the header block says (also when the stream ended inside it: a message with no body)."""

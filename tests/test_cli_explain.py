@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,33 @@ def test_observe_mode_passes_and_says_what_enforce_mode_would_reply(explain: Exp
         "verdict: relay to bob@example.com in observe mode; enforce mode would reply "
         "550 5.7.1 <bob@example.com>: bounce to an address we never signed (unsigned)"
     ) in out
+
+
+def test_an_untagged_bounce_with_the_ledger_on_is_decided_at_the_end_of_data(explain: Explain) -> None:
+    kf = keystore.load(explain.keyring)
+    keyring = replace(kf.keyring, ledger_secret=b"L" * 32)
+    keystore.save(explain.keyring, replace(kf, keyring=keyring))
+    code, out, _ = explain("--sender", "<>", "bob@example.com")
+    assert code == 0  # accepted at RCPT; explain cannot see the ledger's end-of-DATA decision
+    assert (
+        "  verdict: accept the RCPT and relay to bob@example.com; the message is decided at the end of DATA "
+        "by the Message-ID ledger, which explain cannot see: it passes only if it refers to a message we "
+        "sent from this address, else 550 5.7.1"
+    ) in out.splitlines()
+    assert "never signed" not in out
+    bounce = explain.message(BOUNCE)
+    code, out, _ = explain(str(bounce))
+    assert code == 0 and "decided at the end of DATA by the Message-ID ledger" in out
+    # [ledger] enabled = false: refused at RCPT as before.
+    config = explain.folder / "gateway.toml"
+    config.write_text(
+        '[gateway]\nlocal_domains = ["example.com"]\n'
+        '[[listener]]\nname = "mx"\nrole = "inbound"\nlisten = "127.0.0.1:2525"\n'
+        'next_hop = "127.0.0.1:2526"\n[ledger]\nenabled = false\n'
+    )
+    code, out, _ = explain("--config", str(config), "--sender", "<>", "bob@example.com")
+    assert code == 1
+    assert "bounce to an address we never signed (unsigned)" in out
 
 
 def test_json(explain: Explain) -> None:

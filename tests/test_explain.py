@@ -103,3 +103,16 @@ def test_an_untagged_bounce_in_the_grace_window_is_explained_as_grace() -> None:
     assert "signing began less than a tag's lifetime ago" in bounce.why
     (later, _, _) = explain.explain_address("bob@example.com", policy, TODAY + 30).verdicts
     assert (later.reason, later.passes) == ("unsigned", False)
+
+
+def test_an_untagged_bounce_with_the_ledger_on_is_explained_as_decided_at_the_end_of_data() -> None:
+    (bounce, other, _) = explain.explain_address("bob@example.com", POLICY, TODAY, ledger=True).verdicts
+    assert (bounce.action, bounce.reason, bounce.passes, bounce.reply) == ("defer", "ledger", True, None)
+    assert bounce.outcome.startswith("accept the RCPT and relay to bob@example.com; the message is decided")
+    assert "explain cannot see" in bounce.outcome
+    assert "Message-ID ledger is on" in bounce.why
+    assert other.reason == "not-bounce"
+    # A failed tag is never the ledger's to decide.
+    forged = "prvs=0804000000=bob@example.com"
+    (refused, _, _) = explain.explain_address(forged, POLICY, TODAY, ledger=True).verdicts
+    assert (refused.action, refused.passes) == ("reject", False)

@@ -87,6 +87,16 @@ def test_make_record_covers_the_envelope_sender_and_the_header_addresses() -> No
     assert rec.record.addresses == {KEYS.address_key(a) for a in wanted}
 
 
+def test_make_record_keys_each_address_once_as_address_key_does() -> None:
+    # The envelope sender is most often the From, in another case: one address, keyed as address_key.
+    sent = SentHeaders(HeaderStatus.OK, "<m@x>", ("bob@signed.example",), (), ())
+    rec = make_record(KEYS, sent, "Bob@Signed.Example", NOW)
+    assert rec.record is not None and rec.record.addresses == {KEYS.address_key("bob@signed.example")}
+    assert KEYS.normal_address_key("bob@signed.example") == KEYS.address_key("BOB@signed.example")
+    nobody = SentHeaders(HeaderStatus.OK, "<m@x>", (), (), ())
+    assert make_record(KEYS, nobody, "no-at-sign", NOW).outcome is RecordOutcome.NO_ADDRESS
+
+
 def test_make_record_counts_what_it_cannot_ledger() -> None:
     none = SentHeaders(HeaderStatus.NO_MESSAGE_ID, None, ("a@x",), (), ())
     assert make_record(KEYS, none, "a@x", NOW).outcome is RecordOutcome.NO_MESSAGE_ID

@@ -137,6 +137,28 @@ def test_outbound_every_split_point_gives_the_same_result() -> None:
         assert sent_headers([SENT[:cut], SENT[cut : cut + 13], SENT[cut + 13 :]]) == EXPECTED_SENT, cut
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        SENT,
+        b"Message-ID: <m@x>\r\n..From: a@signed.example\r\nFrom: b@signed.example\r\n\r\nbody\r\n",
+        b".From: a@signed.example\r\nMessage-ID: <m@x>\r\n\r\n",
+        b"Message-ID: <m@x>\r\nFrom: a@signed.example\r\n.\r\nFrom: b@signed.example\r\n\r\n",
+        b"Message-ID: <m@x>\rFrom: a@signed.example\r\n\r\nbody\r\n",  # a bare CR ends a line
+        b"Message-ID: <m@x>\r\nX: y\r\r\nFrom: a@signed.example\r\n\r\n",  # ... and "\r\r\n" a block
+        b"Message-ID: <m@x>\nFrom: a@signed.example\n\nFrom: b@signed.example\n",  # bare LF
+        b"Message-ID: <m@x>\r\nFrom: a@signed.example\r\n\r\nFrom: b@signed.example\r\n",
+        b"Message-ID: <m@x>\r\nFrom: a@signed.example\r\n" + b"X: " + b"y" * 40 + b"\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("limit", [HEADER_LIMIT, 64, 90, 91, 92])
+def test_outbound_a_whole_header_block_in_one_chunk_reads_as_line_by_line(message: bytes, limit: int) -> None:
+    # One chunk holding the header block is taken with a few scans (OutboundHeaders._whole_block); fed
+    # an octet at a time it goes line by line. Both read the same, at and around the bound too.
+    octets = sent_headers([message[i : i + 1] for i in range(len(message))], limit)
+    assert sent_headers([message], limit) == octets
+
+
 def test_outbound_stops_at_the_end_of_the_header_block() -> None:
     reader = OutboundHeaders()
     reader.feed(SENT)
