@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from gateway import keystore, srs
-from gateway.cli import main
-from gateway.keyring import Key, Keyring, KeyState
+from gateway.cli.main import main
+from gateway.core import srs
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.ops import keystore
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS = REPO / "tests" / "vectors"

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from gateway import srs
-from gateway.addresses import Address, parse_address
-from gateway.errors import SrsError
-from gateway.srs import SrsOptions, SrsVerdict
+from gateway.core import srs
+from gateway.core.addresses import Address, parse_address
+from gateway.core.errors import SrsError
+from gateway.core.srs import SrsOptions, SrsVerdict
 
 SECRET = b"srs-secret-0123456789abcdef012345"
 OLD = b"srs-secret-old-56789abcdef0123456"
