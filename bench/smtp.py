@@ -55,7 +55,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python3 bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.prvs.
+# `python3 bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.core.prvs.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"

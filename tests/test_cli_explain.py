@@ -46,7 +46,7 @@ SECRETS = (ACTIVE, VERIFY, RETIRED)
 
 
 def exim_style(key_id: int, secret: bytes, expiry_day: int, address: str) -> str:
-    """A prvs tag as Exim's ${prvs} makes it, computed here without gateway.prvs."""
+    """A prvs tag as Exim's ${prvs} makes it, computed here without gateway.core.prvs."""
     stamp = f"{key_id}{expiry_day % 1000:03d}"
     digest = hmac.digest(secret, f"{stamp}{address}".encode(), "sha1")[:3].hex()
     return f"prvs={stamp}{digest}={address}"

@@ -340,7 +340,7 @@ def test_a_next_hop_down_at_start_does_not_hold_it_and_is_learnt_when_it_comes(
 ) -> None:
     import gateway.ops.serve
 
-    monkeypatch.setattr(gateway.serve, "STARTUP_PROBE_WAIT", 0.2)
+    monkeypatch.setattr(gateway.ops.serve, "STARTUP_PROBE_WAIT", 0.2)
 
     async def body() -> None:
         slow = FakeNextHop(Script(delays={"GREETING": 30}))

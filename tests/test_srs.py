@@ -26,7 +26,7 @@ DEFAULT = SrsOptions()
 
 
 def reference_hash(secret: bytes, *fields: str, length: int = 4) -> str:
-    """The Mail::SRS/libsrs2 hash, computed independently of gateway.srs."""
+    """The Mail::SRS/libsrs2 hash, computed independently of gateway.core.srs."""
     message = b"".join(f.encode().lower() for f in fields)
     return base64.b64encode(hmac.digest(secret, message, "sha1")).decode()[:length]
 

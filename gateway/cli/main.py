@@ -93,7 +93,7 @@ class Settings:
 
 
 def settings_from_config(path: Path | None) -> Settings:
-    """The one place the CLI reads the config file (gateway.config, raising ConfigError)."""
+    """The one place the CLI reads the config file (gateway.ops.config, raising ConfigError)."""
     if path is None:
         return Settings()
     # Imported here so that commands which never see a config do not pay for (or depend on) it.

@@ -1,6 +1,6 @@
 """`batv-gateway demo`: the whole story in a few seconds, on loopback, with nothing to set up.
 
-It runs the real gateway (gateway.serve.Gateway: both listeners, the relay engine, the one policy) with a
+It runs the real gateway (gateway.ops.serve.Gateway: both listeners, the relay engine, the one policy) with a
 throwaway keyring in a temporary folder, between two in-process SMTP sinks that stand for "the internet"
 (the outbound listener's next hop) and "your mail server" (the inbound listener's next hop). A scripted
 client plays Alice's MTA, Bob's MTA and a spammer's victim:
