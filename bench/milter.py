@@ -42,7 +42,7 @@ from postfix_instance import (  # noqa: E402
     wait_for_port,
 )
 
-from gateway import keystore  # noqa: E402
+from gateway.ops import keystore  # noqa: E402
 
 SENDER = "user@example.org"
 RECIPIENT = "friend@remote.test"

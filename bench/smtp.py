@@ -55,7 +55,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python3 bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.prvs.
+# `python3 bench/smtp.py` puts bench/ on sys.path, not the checkout: the harness signs with gateway.core.prvs.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 NAIVE_RELAY = ROOT / "bench" / "naive_relay.py"
@@ -443,12 +443,12 @@ class Bench:
         )
 
     def keyring(self):  # type: ignore[no-untyped-def]
-        from gateway import keystore
+        from gateway.ops import keystore
 
         return keystore.load(self.keyring_path).keyring
 
     def signed_recipient(self) -> str:
-        from gateway import prvs
+        from gateway.core import prvs
 
         return prvs.sign(BOUNCE_TO, self.keyring(), int(time.time()) // 86400)
 
@@ -999,7 +999,8 @@ def summarise_profile(collapsed: str, top: int) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        # Frames look like "handle (gateway/relay.py:120)"; drop the line number so a function is one row.
+        # Frames look like "handle (gateway/edge/relay.py:120)"; drop the line number so a function is one
+        # row.
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if not f.startswith("process ")]
         if not frames:
             continue
@@ -1024,7 +1025,7 @@ def summarise_profile(collapsed: str, top: int) -> str:
 def check_dumps(bench: Bench, results: list[CaseResult]) -> list[str]:
     """The relays did their real work: outbound senders carry a valid tag (Postfix's an SRS address of
     postsrsd's domain), inbound tags were stripped."""
-    from gateway import prvs
+    from gateway.core import prvs
 
     keyring, today = bench.keyring(), int(time.time()) // 86400
     problems = []
@@ -1071,7 +1072,7 @@ def tag_ops(bench: Bench, rounds: int = 9, number: int = 20000) -> dict[str, flo
     The three are timed in turn in every round and each keeps its best round: the least disturbed by
     other work on a shared machine, as timeit's documentation recommends.
     """
-    from gateway import prvs
+    from gateway.core import prvs
 
     keyring = bench.keyring()
     today = int(time.time()) // 86400

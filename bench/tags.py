@@ -28,8 +28,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import prvs, srs
-from gateway.keyring import Keyring
+from gateway.core import prvs, srs
+from gateway.core.keyring import Keyring
 
 SECRET = b"bench-secret-0123456789abcdef0123"
 TODAY = 20000

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway import logs
+from gateway.core import logs
 from tests.redis_server import RedisServer, running_redis
 
 

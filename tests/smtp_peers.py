@@ -444,7 +444,7 @@ SECRET = b"s3cret-for-tests-only-0123456789abcdef"
 
 
 def make_keyring() -> Any:
-    from gateway.keyring import Key, Keyring
+    from gateway.core.keyring import Key, Keyring
 
     return Keyring((Key(1, SECRET),))
 
@@ -460,7 +460,7 @@ def gateway_config(
     srs_alias: str | None = None,
 ) -> Any:
     """A Config as the loader builds it from TOML: one inbound listener on 127.0.0.1 port 0."""
-    from gateway import config
+    from gateway.ops import config
 
     data: dict[str, Any] = {
         "gateway": {"hostname": "gw.test", "keyring": "unused.toml", "local_domains": list(domains)},
@@ -485,8 +485,8 @@ def gateway_config(
 
 @contextlib.asynccontextmanager
 async def running_gateway(cfg: Any, keyring: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
-    """A started gateway.serve.Gateway; stopped (and every session and port closed) on the way out."""
-    from gateway.serve import Gateway
+    """A started gateway.ops.serve.Gateway; stopped (and every session and port closed) on the way out."""
+    from gateway.ops.serve import Gateway
 
     gw = Gateway(cfg, keyring if keyring is not None else make_keyring(), **kwargs)
     await gw.start()

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import addresses
-from gateway.addresses import Address, parse_address, parse_domain, parse_path, quote_local
-from gateway.errors import AddressError, GatewayError
+from gateway.core import addresses
+from gateway.core.addresses import Address, parse_address, parse_domain, parse_path, quote_local
+from gateway.core.errors import AddressError, GatewayError
 
 
 def test_null_sender_is_none() -> None:

@@ -1,4 +1,4 @@
-"""gateway/cli_check.py: `batv-gateway check-config` validates without starting anything."""
+"""gateway/cli/check.py: `batv-gateway check-config` validates without starting anything."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config as config_mod
-from gateway import keystore
-from gateway.cli import main
+from gateway.cli.main import main
+from gateway.ops import config as config_mod
+from gateway.ops import keystore
 from tests.smtp_peers import make_cert
 
 NOW = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)

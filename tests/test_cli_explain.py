@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from gateway import keystore, srs
-from gateway.cli import main
-from gateway.keyring import Key, Keyring, KeyState
+from gateway.cli.main import main
+from gateway.core import srs
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.ops import keystore
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS = REPO / "tests" / "vectors"
@@ -46,7 +47,7 @@ SECRETS = (ACTIVE, VERIFY, RETIRED)
 
 
 def exim_style(key_id: int, secret: bytes, expiry_day: int, address: str) -> str:
-    """A prvs tag as Exim's ${prvs} makes it, computed here without gateway.prvs."""
+    """A prvs tag as Exim's ${prvs} makes it, computed here without gateway.core.prvs."""
     stamp = f"{key_id}{expiry_day % 1000:03d}"
     digest = hmac.digest(secret, f"{stamp}{address}".encode(), "sha1")[:3].hex()
     return f"prvs={stamp}{digest}={address}"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keystore
-from gateway.cli import main
-from gateway.keyring import KeyState
+from gateway.cli.main import main
+from gateway.core.keyring import KeyState
+from gateway.ops import keystore
 
 T0 = "2024-01-01T12:00:00Z"
 REPO = Path(__file__).resolve().parent.parent

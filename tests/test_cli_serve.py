@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli_serve, config, keystore
-from gateway.cli import build_parser
-from gateway.config import HostPort, Role
-from gateway.errors import ConfigError
-from gateway.keystore import load
+from gateway.cli import serve as cli_serve
+from gateway.cli.main import build_parser
+from gateway.core.errors import ConfigError
+from gateway.ops import config, keystore
+from gateway.ops.config import HostPort, Role
+from gateway.ops.keystore import load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -199,8 +200,8 @@ def test_start_up_warns_of_an_unqualified_hostname_and_says_it_observes(tmp_path
         '[[listener]]\nname = "mx"\nlisten = "127.0.0.1:0"\nnext_hop = "127.0.0.1:1"\nobserve = true\n'
     )
     script = (
-        "import sys; import gateway.config; gateway.config.host_fqdn = lambda: 'localhost'; "
-        "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
+        "import sys; import gateway.ops.config; gateway.ops.config.host_fqdn = lambda: 'localhost'; "
+        "from gateway.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "serve", "--config", str(path)],

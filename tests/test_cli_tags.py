@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from gateway import keystore
-from gateway.cli import main
+from gateway.cli.main import main
+from gateway.ops import keystore
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
-from gateway.config import HostPort, Role
-from gateway.errors import ConfigError
-from gateway.policy import InvalidTagAction
+from gateway.core.errors import ConfigError
+from gateway.ops import config
+from gateway.ops.config import HostPort, Role
+from gateway.policy.policy import InvalidTagAction
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.example.toml"
 

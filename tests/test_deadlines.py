@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.deadlines import Deadline
+from gateway.edge.deadlines import Deadline
 
 
 def expiries(script: object) -> list[float]:

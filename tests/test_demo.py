@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import demo
-from gateway.cli import main
+from gateway.cli.main import main
+from gateway.ops import demo
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = re.compile(r"prvs=(\d)(\d{3})([0-9a-f]{6})=alice@example\.com")

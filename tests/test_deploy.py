@@ -25,11 +25,11 @@ import yaml
 from packaging.requirements import Requirement
 from test_policyd import policy_with_metrics, scrape
 
-from gateway import config as config_mod
-from gateway import keystore
-from gateway.errors import KeyringError
-from gateway.metrics import Metrics
-from gateway.reload import Outcome, Reloader
+from gateway.core.errors import KeyringError
+from gateway.ops import config as config_mod
+from gateway.ops import keystore
+from gateway.ops.metrics import Metrics
+from gateway.ops.reload import Outcome, Reloader
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -171,9 +171,9 @@ SOCKET_FOLDER = "/var/spool/postfix/batv"
 
 
 def test_postfix_unit_keys() -> None:
-    from gateway import cli_postfix
-    from gateway.cli import build_parser
-    from gateway.config import UnixPath
+    from gateway.cli import postfix as cli_postfix
+    from gateway.cli.main import build_parser
+    from gateway.ops.config import UnixPath
 
     unit = parse_unit((SYSTEMD / POSTFIX_UNIT).read_text())
     assert set(unit) == {"Unit", "Service", "Install"}
@@ -675,7 +675,7 @@ def third_party_imports(folder: Path) -> set[str]:
     """Top-level modules imported by the files in folder, importlib.import_module("x") included, minus
     the standard library and the project's own packages."""
     found: set[str] = set()
-    for path in folder.glob("*.py"):
+    for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found |= {alias.name.split(".")[0] for alias in node.names}

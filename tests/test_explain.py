@@ -1,4 +1,4 @@
-"""gateway/explain.py: the words for every verdict, and the envelope taken from a saved message."""
+"""gateway/policy/explain.py: the words for every verdict, and the envelope taken from a saved message."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import datetime as dt
 
 import pytest
 
-from gateway import explain
-from gateway.errors import UsageError
-from gateway.keyring import Keyring
-from gateway.policy import Policy, PolicySettings, Reason
+from gateway.core.errors import UsageError
+from gateway.core.keyring import Keyring
+from gateway.policy import explain
+from gateway.policy.policy import Policy, PolicySettings, Reason
 
 TODAY = 19723  # 2024-01-01
 POLICY = Policy(

@@ -26,11 +26,12 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import keystore, prvs, replies
-from gateway.config import Role, StateBackend
-from gateway.guard import Penalty
-from gateway.guessbudget import BudgetRule
-from gateway.state import make_stores
+from gateway.core import prvs, replies
+from gateway.ops import keystore
+from gateway.ops.config import Role, StateBackend
+from gateway.ops.state import make_stores
+from gateway.policy.guard import Penalty
+from gateway.policy.guessbudget import BudgetRule
 from tests.redis_server import RedisServer
 from tests.smtp_peers import (
     FakeNextHop,

@@ -6,10 +6,17 @@ import time
 
 import pytest
 
-from gateway import prvs, replies
-from gateway.guard import ErrorTally, GuardSettings, GuessLimiter, Penalty, client_error, client_network
-from gateway.guessbudget import BudgetRule, LocalBudget
-from gateway.nexthop import NextHopReply
+from gateway.core import prvs, replies
+from gateway.edge.nexthop import NextHopReply
+from gateway.policy.guard import (
+    ErrorTally,
+    GuardSettings,
+    GuessLimiter,
+    Penalty,
+    client_error,
+    client_network,
+)
+from gateway.policy.guessbudget import BudgetRule, LocalBudget
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,

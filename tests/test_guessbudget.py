@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.guard import NO_PENALTY, Penalty
-from gateway.guessbudget import (
+from gateway.ops.redisstore import RedisBudget, RedisState
+from gateway.policy.guard import NO_PENALTY, Penalty
+from gateway.policy.guessbudget import (
     BudgetRule,
     FallbackBudget,
     LocalBudget,
@@ -25,8 +26,7 @@ from gateway.guessbudget import (
     client_block,
     schedule,
 )
-from gateway.ledger import StoreUnavailable
-from gateway.redisstore import RedisBudget, RedisState
+from gateway.policy.ledger import StoreUnavailable
 from tests.redis_server import RedisServer
 from tests.smtp_peers import run
 
@@ -256,8 +256,8 @@ CHARGER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from gateway.guessbudget import BudgetRule, SqliteBudget
-    from gateway.redisstore import RedisBudget, RedisState
+    from gateway.policy.guessbudget import BudgetRule, SqliteBudget
+    from gateway.ops.redisstore import RedisBudget, RedisState
 
     async def main(kind, where, count):
         rule = BudgetRule("guess-budget", 1.0, 3, max_delay=1e6, network_factor=0)

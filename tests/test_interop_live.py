@@ -8,7 +8,7 @@ domain, started and stopped by each test. We speak its Postfix tcp_table(5) prot
 
 Exim is not installed here, so its rules come in as an independent oracle: `exim_prvscheck` below is
 written from tests/vectors/README.md (Exim 4.96 src/expand.c, EITEM_PRVSCHECK) and shares no code with
-gateway/prvs.py. The oracle is first held against every `check` case Exim itself produced, so it cannot
+gateway/core/prvs.py. The oracle is first held against every `check` case Exim itself produced, so it cannot
 drift from Exim silently; then every tag the gateway writes must pass it on each day of its life, and
 every tag Exim wrote must be accepted by the inbound policy on the day Exim wrote it.
 
@@ -37,10 +37,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway import srs
-from gateway.addresses import parse_address
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.policy import Action, Policy, PolicySettings, Reason
+from gateway.core import srs
+from gateway.core.addresses import parse_address
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.policy.policy import Action, Policy, PolicySettings, Reason
 from tests.postfix_instance import POSTSRSD, become_subreaper, children, free_port, reap, wait_for_port
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -268,7 +268,7 @@ _EXIM_PRVS = re.compile(r"^prvs=([0-9])([0-9]{3})([A-F0-9]{6})=(.+)@(.+)$", re.I
 
 def exim_prvscheck(address: str, secret_for: Callable[[int], bytes], today: int) -> str:
     """Exim's ${prvscheck}, re-implemented from tests/vectors/README.md: 'valid', 'hash_mismatch',
-    'expired' or 'not_prvs'. Independent of gateway/prvs.py on purpose."""
+    'expired' or 'not_prvs'. Independent of gateway/core/prvs.py on purpose."""
     match = _EXIM_PRVS.match(address)
     if match is None:
         return "not_prvs"

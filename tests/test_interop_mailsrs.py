@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gateway import srs
+from gateway.core import srs
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keystore
-from gateway.errors import KeyringError
-from gateway.keyring import Key, KeyState
+from gateway.core.errors import KeyringError
+from gateway.core.keyring import Key, KeyState
+from gateway.ops import keystore
 
 T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -273,7 +273,7 @@ def test_a_process_killed_between_write_and_rename_leaves_the_old_keyring_loadin
         import os, sys
         from datetime import datetime, timezone
         from pathlib import Path
-        from gateway import keystore
+        from gateway.ops import keystore
         path = Path({str(saved)!r})
         new, _ = keystore.add_key(keystore.load(path), datetime(2024, 1, 2, tzinfo=timezone.utc))
         keystore.os.replace = lambda src, dst: os._exit(9)   # die hard: no cleanup, no finally

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import ledger
-from gateway.ledger import (
+from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.policy import ledger
+from gateway.policy.ledger import (
     LedgerAction,
     LedgerEntry,
     LedgerKeys,
@@ -23,8 +24,7 @@ from gateway.ledger import (
     lookup_keys,
     make_record,
 )
-from gateway.ledgerstore import SqliteLedgerStore
-from gateway.messageids import (
+from gateway.policy.messageids import (
     FoundReferences,
     HeaderStatus,
     InboundReferences,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import LedgerEntry, LedgerRecord, StoreUnavailable
-from gateway.ledgerstore import SqliteLedgerStore
+from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.policy.ledger import LedgerEntry, LedgerRecord, StoreUnavailable
 from tests.smtp_peers import run
 
 NOW = 1_796_450_000
@@ -106,8 +106,8 @@ WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from gateway.ledger import LedgerRecord
-    from gateway.ledgerstore import SqliteLedgerStore
+    from gateway.policy.ledger import LedgerRecord
+    from gateway.ops.ledgerstore import SqliteLedgerStore
 
     async def main(path, first, count):
         store = await SqliteLedgerStore.open(Path(path), busy_timeout=10.0)

@@ -1,4 +1,4 @@
-"""gateway/logs.py: one grep-able line per decision, and no way for a client to forge a line."""
+"""gateway/core/logs.py: one grep-able line per decision, and no way for a client to forge a line."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import logs
-from gateway.logs import LogFormat, StructuredFormatter
+from gateway.core import logs
+from gateway.core.logs import LogFormat, StructuredFormatter
 
 
 class FakeRole(enum.Enum):

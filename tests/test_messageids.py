@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.messageids import (
+from gateway.policy.messageids import (
     ADDRESS_FIELD_LIMIT,
     HEADER_LIMIT,
     MAX_REFERENCES,

@@ -1,4 +1,4 @@
-"""gateway/metrics.py: counters by role/verdict/reason, keyring gauges, and the HTTP endpoint."""
+"""gateway/ops/metrics.py: counters by role/verdict/reason, keyring gauges, and the HTTP endpoint."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import keystore, prvs
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.metrics import REPLY_BUCKETS, Metrics, MetricsServer
-from gateway.replies import bounce_refused
+from gateway.core import prvs
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.core.replies import bounce_refused
+from gateway.ops import keystore
+from gateway.ops.metrics import REPLY_BUCKETS, Metrics, MetricsServer
 from tests.smtp_peers import LOCALHOST, SmtpSink
 from tests.test_serve import keyring_file  # noqa: F401  (a fixture)
 from tests.test_workers import Supervised, workers_config
@@ -333,7 +334,7 @@ def test_a_starting_workers_empty_file_neither_stops_a_worker_nor_fails_a_scrape
     script = textwrap.dedent(
         """
         from prometheus_client.exposition import generate_latest
-        from gateway import metrics
+        from gateway.ops import metrics
 
         folder = metrics.shared_folder()
         (folder / "counter_424242.db").touch()  # a worker between its file's creation and its sizing

@@ -1,5 +1,5 @@
-"""The milter codec (gateway/milter.py), byte by byte: every message we accept, split at every boundary,
-oversize and garbage, option negotiation, and every reply's bytes.
+"""The milter codec (gateway/postfix/milter.py), byte by byte: every message we accept, split at every
+boundary, oversize and garbage, option negotiation, and every reply's bytes.
 
 The packets here are built by hand from the protocol's description (a 4-octet length, a command octet,
 the data), not with the codec, so a mistake in the codec cannot hide behind the same mistake here."""
@@ -10,9 +10,10 @@ import struct
 
 import pytest
 
-from gateway import milter, replies
-from gateway.milter import Act, Step
-from gateway.replies import Reply
+from gateway.core import replies
+from gateway.core.replies import Reply
+from gateway.postfix import milter
+from gateway.postfix.milter import Act, Step
 
 
 def packet(command: bytes, data: bytes = b"") -> bytes:

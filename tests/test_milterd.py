@@ -1,5 +1,5 @@
-"""The milter front end (gateway/milterd.py): sessions over a real socket, driven by a hand-written MTA
-side; `batv-gateway milter` inside a private Postfix driven by swaks; OpenDKIM's miltertest as an
+"""The milter front end (gateway/postfix/milterd.py): sessions over a real socket, driven by a hand-written
+MTA side; `batv-gateway milter` inside a private Postfix driven by swaks; OpenDKIM's miltertest as an
 independent MTA side (tests/milter/*.lua)."""
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import pytest
 from postfix_instance import PostfixInstance, SmtpSink, free_port, load_snippet, private_root
 from test_socketmap import ALIAS, Command, socket_config, spool_socket, today, write_keyring
 
-from gateway import keystore, ledger, prvs, replies, srs
-from gateway.keyring import Keyring
-from gateway.ledgerstore import SqliteLedgerStore
-from gateway.logs import FIELDS_ATTR
-from gateway.milterd import MAX_HEADERS, FinishedMessage, MilterService, MilterSettings
-from gateway.policy import Action, Policy, PolicySettings, RcptVerdict
-from gateway.relay import PolicyHolder
-from gateway.replies import Reply
+from gateway.core import prvs, replies, srs
+from gateway.core.keyring import Keyring
+from gateway.core.logs import FIELDS_ATTR
+from gateway.core.replies import Reply
+from gateway.edge.relay import PolicyHolder
+from gateway.ops import keystore
+from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.policy import ledger
+from gateway.policy.policy import Action, Policy, PolicySettings, RcptVerdict
+from gateway.postfix.milterd import MAX_HEADERS, FinishedMessage, MilterService, MilterSettings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_POSTFIX = REPO / "deploy" / "postfix"
@@ -270,7 +272,7 @@ def test_the_submission_daemon_name_or_an_authenticated_client_makes_mail_outbou
 
 
 def test_without_an_active_key_outbound_mail_is_deferred() -> None:
-    from gateway.keyring import KeyState
+    from gateway.core.keyring import KeyState
 
     key = KEYRING.keys[0]
     retired = Keyring([type(key)(key.id, key.secret, KeyState.VERIFY, key.created, key.changed)])
@@ -626,7 +628,7 @@ def test_postfix_check_accepts_the_snippet(root: Path) -> None:
 def test_the_milter_table_loads_with_its_defaults_and_the_example_file() -> None:
     import ipaddress
 
-    from gateway import config as gateway_config
+    from gateway.ops import config as gateway_config
 
     default = gateway_config.default().milter
     assert str(default.listen) == "127.0.0.1:10032" and default.outbound_daemons == ("ORIGINATING",)
@@ -649,8 +651,8 @@ def test_the_milter_table_loads_with_its_defaults_and_the_example_file() -> None
     ],
 )
 def test_the_milter_table_is_strict(table: dict[str, Any], message: str) -> None:
-    from gateway import config as gateway_config
-    from gateway.errors import ConfigError
+    from gateway.core.errors import ConfigError
+    from gateway.ops import config as gateway_config
 
     with pytest.raises(ConfigError, match=message) as caught:
         gateway_config.parse({"milter": table}, "gw.toml")

@@ -1,5 +1,5 @@
-"""The Message-ID ledger at the milter's end of message (gateway/milterledger.py): a real MilterService
-over a socket with the hook and a real SQLite store, driven by the hand-written MTA side of
+"""The Message-ID ledger at the milter's end of message (gateway/postfix/milterledger.py): a real
+MilterService over a socket with the hook and a real SQLite store, driven by the hand-written MTA side of
 test_milterd."""
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import pytest
 from test_milterd import MtaSide, strings
 from test_socketmap import ALIAS
 
-from gateway import keystore, ledger, replies
-from gateway.ledger import LedgerKeys
-from gateway.ledgerstore import SqliteLedgerStore
-from gateway.messageids import SCAN_LIMIT
-from gateway.milterd import MilterService, MilterSettings
-from gateway.milterledger import LedgerHook, wire_stream
-from gateway.policy import Policy, PolicySettings
-from gateway.relay import PolicyHolder
+from gateway.core import replies
+from gateway.edge.relay import PolicyHolder
+from gateway.ops import keystore
+from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.policy import ledger
+from gateway.policy.ledger import LedgerKeys
+from gateway.policy.messageids import SCAN_LIMIT
+from gateway.policy.policy import Policy, PolicySettings
+from gateway.postfix.milterd import MilterService, MilterSettings
+from gateway.postfix.milterledger import LedgerHook, wire_stream
 
 KEYRING = keystore.new_keyring(datetime.now(UTC), ledger=True).keyring
 assert KEYRING.ledger_secret is not None
@@ -244,7 +246,7 @@ def test_the_stream_given_to_the_feeders_is_dot_stuffed_and_bounded() -> None:
 
 
 def ledger_config(tmp_path: Path, **tables: dict[str, Any]) -> Any:
-    from gateway import config
+    from gateway.ops import config
 
     return config.parse({"gateway": {"keyring": str(tmp_path / "keyring.toml")}, **tables})
 
@@ -252,7 +254,7 @@ def ledger_config(tmp_path: Path, **tables: dict[str, Any]) -> Any:
 def test_the_ledger_is_off_when_disabled_or_without_a_secret_and_one_line_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway.state import open_ledger
+    from gateway.ops.state import open_ledger
 
     with caplog.at_level(logging.INFO, logger="gateway.state"):
         assert run(open_ledger(ledger_config(tmp_path, ledger={"enabled": False}), True)) is None
@@ -266,7 +268,7 @@ def test_the_ledger_is_off_when_disabled_or_without_a_secret_and_one_line_says_s
 def test_the_ledger_on_sqlite_is_opened_at_its_path_and_closed_with_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway.state import open_ledger
+    from gateway.ops.state import open_ledger
 
     async def go() -> None:
         opened = await open_ledger(ledger_config(tmp_path), True)
@@ -285,7 +287,7 @@ def test_the_ledger_on_sqlite_is_opened_at_its_path_and_closed_with_it(
 
 def test_the_ledger_on_redis_is_the_fleet_s_store(tmp_path: Path) -> None:
     """The [state] stores' own when the front end made them (and left to it to close), else made here."""
-    from gateway.state import make_stores, open_ledger
+    from gateway.ops.state import make_stores, open_ledger
 
     cfg = ledger_config(tmp_path, state={"backend": "redis", "url": "redis://127.0.0.1:1/0"})
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway import replies
-from gateway.nexthop import (
+from gateway.core import replies
+from gateway.edge.nexthop import (
     Capabilities,
     NextHopConnection,
     NextHopError,

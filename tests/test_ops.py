@@ -1,4 +1,5 @@
-"""gateway/ops.py with a real gateway: metrics scraped while bounces pass, SIGHUP, a keyring change, logs.
+"""gateway/ops/operations.py with a real gateway: metrics scraped while bounces pass, SIGHUP, a keyring
+change, logs.
 
 Each test runs `serve.run` (the code `batv-gateway serve` runs) on 127.0.0.1 port 0 in front of a fake next
 hop, with the metrics endpoint on another port 0, and stops it with SIGTERM, which the running gateway
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import config as config_mod
-from gateway import keystore, prvs, serve
-from gateway.ops import Operations
+from gateway.core import prvs
+from gateway.ops import config as config_mod
+from gateway.ops import keystore, serve
+from gateway.ops.operations import Operations
 from tests.smtp_peers import FakeNextHop, RawClient
 
 NOW = datetime.now(UTC)
@@ -506,7 +508,7 @@ def test_outbound_counters_and_srs_forward(tmp_path: Path, log_stream: io.String
 
 
 def announced(log_stream: io.StringIO, data: dict[str, object]) -> list[str]:
-    from gateway.ops import announce
+    from gateway.ops.operations import announce
 
     announce(config_mod.parse(data, "gateway.toml", fqdn=lambda: "mx.test"))
     return log_stream.getvalue().splitlines()
@@ -552,7 +554,7 @@ def test_start_up_says_when_an_inbound_listener_has_nothing_to_check(log_stream:
 
 
 def test_start_up_warns_of_what_the_config_warns_of(log_stream: io.StringIO) -> None:
-    from gateway.ops import announce
+    from gateway.ops.operations import announce
 
     cfg = config_mod.parse({"gateway": DOMAINS}, "gateway.toml", fqdn=lambda: "localhost")
     announce(cfg)
@@ -563,7 +565,7 @@ def test_start_up_warns_of_what_the_config_warns_of(log_stream: io.StringIO) -> 
 def test_a_taken_metrics_port_names_the_address(tmp_path: Path) -> None:
     import socket
 
-    from gateway.errors import GatewayError
+    from gateway.core.errors import GatewayError
 
     async def body() -> None:
         with socket.socket() as taken:

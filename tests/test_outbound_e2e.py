@@ -1,7 +1,7 @@
 """The outbound role end to end, over real sockets on 127.0.0.1: what the next hop really receives.
 
-Each test runs the real gateway (gateway.serve.Gateway from a config the strict loader built) in front of a
-recording next hop (tests/smtp_peers.FakeNextHop), and talks SMTP to it line by line. The tags the next hop
+Each test runs the real gateway (gateway.ops.serve.Gateway from a config the strict loader built) in front of
+a recording next hop (tests/smtp_peers.FakeNextHop), and talks SMTP to it line by line. The tags the next hop
 sees are checked against oracles that share no code with the gateway: Exim's prvscheck rules
 (tests/test_interop_live.exim_prvscheck) and the SRS hash formula of tests/vectors/README.md, written out
 here with hmac and base64.
@@ -36,7 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway import config, keystore, prvs, srs
+from gateway.core import prvs, srs
+from gateway.ops import config, keystore
 from tests.smtp_peers import (
     SECRET,
     FakeNextHop,
@@ -186,7 +187,7 @@ def test_a_signed_domain_sender_is_rewritten_to_prvs_and_nothing_else_changes() 
         tag = sender_of(got)
         assert re.fullmatch(rf"prvs=1{(day + 7) % 1000:03d}[0-9a-f]{{6}}={re.escape(sender)}", tag), tag
         assert got.mail == f"MAIL FROM:<{tag}> BODY=8BITMIME ENVID=q1".encode()
-        # Exim would accept this tag (an oracle independent of gateway/prvs.py), and so do we.
+        # Exim would accept this tag (an oracle independent of gateway/core/prvs.py), and so do we.
         assert exim_prvscheck(tag, lambda _key: SECRET, day) == "valid"
         checked = prvs.verify(tag, make_keyring(), day)
         assert (checked.verdict, checked.address) == (prvs.PrvsVerdict.VALID, sender)

@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway import prvs, srs
-from gateway.addresses import parse_address
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.policy import Action, InvalidTagAction, Policy, PolicySettings, Reason
+from gateway.core import prvs, srs
+from gateway.core.addresses import parse_address
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.policy.policy import Action, InvalidTagAction, Policy, PolicySettings, Reason
 
 TODAY = 20_000
 OLD = Key(1, b"o" * 32, KeyState.VERIFY)

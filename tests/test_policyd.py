@@ -30,13 +30,16 @@ from postfix_instance import (
 from prometheus_client import CollectorRegistry
 from test_socketmap import Command, assert_stopped_last, socket_config, spool_socket, today, write_keyring
 
-from gateway import config as config_module
-from gateway import prvs
-from gateway.guard import Penalty
-from gateway.guessbudget import BudgetRule, LocalBudget
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.policy import Action, Policy, PolicySettings, Reason
-from gateway.policyd import (
+from gateway.core import prvs
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.edge.relay import PolicyHolder
+from gateway.ops import config as config_module
+from gateway.ops.redisstore import RedisBudget, RedisState
+from gateway.ops.state import budget_rules
+from gateway.policy.guard import Penalty
+from gateway.policy.guessbudget import BudgetRule, LocalBudget
+from gateway.policy.policy import Action, Policy, PolicySettings, Reason
+from gateway.postfix.policyd import (
     DUNNO,
     PolicyAnswer,
     PolicyCounters,
@@ -48,9 +51,6 @@ from gateway.policyd import (
     decide,
     start_policyd,
 )
-from gateway.redisstore import RedisBudget, RedisState
-from gateway.relay import PolicyHolder
-from gateway.state import budget_rules
 from tests.redis_server import RedisServer
 from tests.smtp_peers import run
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from postfix_instance import DEPLOY_POSTFIX, PostfixInstance, SmtpSink, free_port, load_snippet, private_root
 
-from gateway import keystore, prvs
+from gateway.core import prvs
+from gateway.ops import keystore
 
 REPO = Path(__file__).resolve().parent.parent
 OUTBOUND = DEPLOY_POSTFIX / "gateway-outbound-master.cf"

@@ -5,7 +5,7 @@ The cast, all on 127.0.0.1, all started and stopped by the test:
   the internal MTA: mail for remote.test goes through the gateway's outbound listener (transport_maps).
   On its second port it is the remote side that accepts that mail, queues it and then fails to deliver it:
   `-o content_filter` sends whatever arrives there to a next hop that refuses the recipient;
-- the gateway (gateway.serve.Gateway), in-process, with an outbound listener whose next hop is Postfix's
+- the gateway (gateway.ops.serve.Gateway), in-process, with an outbound listener whose next hop is Postfix's
   second port, and an inbound listener (the MX of example.com) whose next hop is the final sink;
 - two recording next hops (tests/smtp_peers.FakeNextHop): "remote", which refuses bob@remote.test with 550,
   and "mailbox", the final sink behind the inbound listener.
@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from gateway import config, prvs
+from gateway.core import prvs
+from gateway.ops import config
 from tests.postfix_instance import PostfixInstance, free_port, private_root, zombie_children
 from tests.smtp_peers import (
     FakeNextHop,

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway import prvs
-from gateway.addresses import Address, parse_address
-from gateway.errors import PrvsError
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.prvs import PrvsVerdict
+from gateway.core import prvs
+from gateway.core.addresses import Address, parse_address
+from gateway.core.errors import PrvsError
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.core.prvs import PrvsVerdict
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 TODAY = 19723  # 2024-01-01

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
-from gateway.guessbudget import BudgetRule
-from gateway.ledger import (
+from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.ops.redisstore import RedisBudget, RedisLedgerStore, RedisState
+from gateway.policy.guessbudget import BudgetRule
+from gateway.policy.ledger import (
     MAX_RECORD_ADDRESSES,
     LedgerAction,
     LedgerEntry,
@@ -26,9 +28,7 @@ from gateway.ledger import (
     StoreUnavailable,
     check,
 )
-from gateway.ledgerstore import SqliteLedgerStore
-from gateway.messageids import FoundReferences, MessageKind, Reference, ReferenceSource
-from gateway.redisstore import RedisBudget, RedisLedgerStore, RedisState
+from gateway.policy.messageids import FoundReferences, MessageKind, Reference, ReferenceSource
 from tests.redis_server import RedisServer
 from tests.smtp_peers import run
 

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import logs, prvs, replies
-from gateway.keyring import Key, Keyring
-from gateway.policy import Action, Reason
-from gateway.relay import DecisionEvent, OutboundRules, _xtext
+from gateway.core import logs, prvs, replies
+from gateway.core.keyring import Key, Keyring
+from gateway.edge.relay import DecisionEvent, OutboundRules, _xtext
+from gateway.policy.policy import Action, Reason
 from tests.smtp_peers import (
     SECRET,
     AiosmtpdSink,
@@ -891,7 +891,7 @@ def ledger_keyring() -> Keyring:
 def ledger_config(hop_port: int, folder: Any, max_replies: int = 20, **kwargs: Any) -> Any:
     from dataclasses import replace
 
-    from gateway.config import LedgerConfig
+    from gateway.ops.config import LedgerConfig
 
     cfg = gateway_config(hop_port, **kwargs)
     return replace(cfg, ledger=LedgerConfig(max_replies=max_replies, path=folder / "ledger.sqlite"))
@@ -899,8 +899,8 @@ def ledger_config(hop_port: int, folder: Any, max_replies: int = 20, **kwargs: A
 
 async def ledger_record(gw: Any, message_id: str, *addresses: str) -> None:
     """What the outbound role records for a message with this Message-ID sent from `addresses`."""
-    from gateway import ledger
-    from gateway.messageids import HeaderStatus, SentHeaders
+    from gateway.policy import ledger
+    from gateway.policy.messageids import HeaderStatus, SentHeaders
 
     headers = SentHeaders(HeaderStatus.OK, message_id, tuple(addresses), (), ())
     recording = ledger.make_record(ledger.LedgerKeys(LEDGER_SECRET), headers, None, int(time.time()))
@@ -1095,8 +1095,8 @@ def test_ledger_without_a_secret_in_the_keyring_refuses_at_rcpt_as_before(tmp_pa
 
 
 def test_ledger_the_outbound_role_records_what_the_next_hop_took(tmp_path: Any) -> None:
-    from gateway import ledger
-    from gateway.metrics import Metrics
+    from gateway.ops.metrics import Metrics
+    from gateway.policy import ledger
 
     async def body() -> None:
         metrics = Metrics()

@@ -1,4 +1,4 @@
-"""gateway/reload.py: SIGHUP and keyring-file reloads apply only files that load in full."""
+"""gateway/ops/reload.py: SIGHUP and keyring-file reloads apply only files that load in full."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config as config_mod
-from gateway import keystore
-from gateway.config import Config
-from gateway.keyring import Keyring
-from gateway.metrics import Metrics
-from gateway.reload import Outcome, Reloader, Trigger, restart_needed
-from gateway.sdnotify import Notifier
+from gateway.core.keyring import Keyring
+from gateway.ops import config as config_mod
+from gateway.ops import keystore
+from gateway.ops.config import Config
+from gateway.ops.metrics import Metrics
+from gateway.ops.reload import Outcome, Reloader, Trigger, restart_needed
+from gateway.ops.sdnotify import Notifier
 
 NOW = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -185,7 +185,7 @@ def test_sighup_after_the_poller_saw_nothing_then_poller_stays_quiet(tmp_path: P
 
 
 def test_apply_may_refuse(tmp_path: Path) -> None:
-    from gateway.errors import ConfigError
+    from gateway.core.errors import ConfigError
 
     w = World(tmp_path)
 

@@ -1,4 +1,4 @@
-"""gateway/sdnotify.py: READY, RELOADING (with MONOTONIC_USEC) and STOPPING reach $NOTIFY_SOCKET."""
+"""gateway/ops/sdnotify.py: READY, RELOADING (with MONOTONIC_USEC) and STOPPING reach $NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sdnotify import Notifier
+from gateway.ops.sdnotify import Notifier
 
 
 @pytest.fixture

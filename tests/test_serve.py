@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keystore, prvs, replies
+from gateway.core import prvs, replies
+from gateway.ops import keystore
 from tests.smtp_peers import (
     LOCALHOST,
     SMTP_SINK,
@@ -126,7 +127,7 @@ def test_past_the_deadline_a_transaction_is_cut_and_nothing_is_delivered() -> No
 
 def test_reload_swaps_the_policy_for_new_transactions() -> None:
     async def body() -> None:
-        from gateway.keyring import Key, Keyring
+        from gateway.core.keyring import Key, Keyring
 
         async with FakeNextHop() as hop:
             cfg = gateway_config(hop.port)
@@ -148,7 +149,7 @@ def test_reload_swaps_the_policy_for_new_transactions() -> None:
 
 def test_a_port_in_use_is_a_clear_error() -> None:
     async def body() -> None:
-        from gateway.errors import ConfigError
+        from gateway.core.errors import ConfigError
 
         async with FakeNextHop() as hop:
             taken = gateway_config(hop.port, listener={"listen": f"{LOCALHOST}:{hop.port}"})
@@ -337,9 +338,9 @@ def test_serve_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
 def test_a_next_hop_down_at_start_does_not_hold_it_and_is_learnt_when_it_comes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import gateway.serve
+    import gateway.ops.serve
 
-    monkeypatch.setattr(gateway.serve, "STARTUP_PROBE_WAIT", 0.2)
+    monkeypatch.setattr(gateway.ops.serve, "STARTUP_PROBE_WAIT", 0.2)
 
     async def body() -> None:
         slow = FakeNextHop(Script(delays={"GREETING": 30}))

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway import replies
-from gateway.sessiontable import (
+from gateway.core import replies
+from gateway.edge.sessiontable import (
     MAX_BUCKETS,
     MIN_BUCKETS,
     ListenerLimits,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import replies
-from gateway.replies import Reply
-from gateway.smtpcore import (
+from gateway.core import replies
+from gateway.core.replies import Reply
+from gateway.edge.smtpcore import (
     DATA_FAILURE_REPLIES,
     NEED_DATA,
     PAUSED,

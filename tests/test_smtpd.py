@@ -7,7 +7,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from gateway import replies
+from gateway.core import replies
 from tests.smtp_peers import (
     FakeNextHop,
     RawClient,

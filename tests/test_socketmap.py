@@ -35,13 +35,14 @@ from postfix_instance import (
     private_root,
 )
 
-from gateway import config as gateway_config
-from gateway import keystore, prvs, srs
-from gateway.cli_postfix import map_service
-from gateway.keyring import Key, Keyring, KeyState
-from gateway.policy import Policy, PolicySettings
-from gateway.relay import PolicyHolder
-from gateway.socketmap import (
+from gateway.cli.postfix import map_service
+from gateway.core import prvs, srs
+from gateway.core.keyring import Key, Keyring, KeyState
+from gateway.edge.relay import PolicyHolder
+from gateway.ops import config as gateway_config
+from gateway.ops import keystore
+from gateway.policy.policy import Policy, PolicySettings
+from gateway.postfix.socketmap import (
     DEFAULT_CACHE_SIZE,
     Answer,
     FastForward,

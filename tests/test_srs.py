@@ -13,10 +13,10 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from gateway import srs
-from gateway.addresses import Address, parse_address
-from gateway.errors import SrsError
-from gateway.srs import SrsOptions, SrsVerdict
+from gateway.core import srs
+from gateway.core.addresses import Address, parse_address
+from gateway.core.errors import SrsError
+from gateway.core.srs import SrsOptions, SrsVerdict
 
 SECRET = b"srs-secret-0123456789abcdef012345"
 OLD = b"srs-secret-old-56789abcdef0123456"
@@ -26,7 +26,7 @@ DEFAULT = SrsOptions()
 
 
 def reference_hash(secret: bytes, *fields: str, length: int = 4) -> str:
-    """The Mail::SRS/libsrs2 hash, computed independently of gateway.srs."""
+    """The Mail::SRS/libsrs2 hash, computed independently of gateway.core.srs."""
     message = b"".join(f.encode().lower() for f in fields)
     return base64.b64encode(hmac.digest(secret, message, "sha1")).decode()[:length]
 

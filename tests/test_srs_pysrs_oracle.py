@@ -25,9 +25,9 @@ import SRS.Base
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import srs
-from gateway.addresses import Address
-from gateway.srs import SrsOptions, SrsVerdict
+from gateway.core import srs
+from gateway.core.addresses import Address
+from gateway.core.srs import SrsOptions, SrsVerdict
 
 DEFAULT = SrsOptions()
 

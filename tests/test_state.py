@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config
-from gateway.guard import NO_PENALTY, Penalty
-from gateway.ledger import LedgerRecord
-from gateway.redisstore import RedisLedgerStore
-from gateway.state import make_stores, redact, state_path, url_problem, url_secrets
+from gateway.ops import config
+from gateway.ops.redisstore import RedisLedgerStore
+from gateway.ops.state import make_stores, redact, state_path, url_problem, url_secrets
+from gateway.policy.guard import NO_PENALTY, Penalty
+from gateway.policy.ledger import LedgerRecord
 from tests.redis_server import RedisServer
 from tests.smtp_peers import run
 

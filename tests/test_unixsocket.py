@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config, unixsocket
-from gateway.config import HostPort, UnixPath, parse_listen
-from gateway.errors import ConfigError
-from gateway.unixsocket import ListenError
+from gateway.core.errors import ConfigError
+from gateway.ops import config
+from gateway.ops.config import HostPort, UnixPath, parse_listen
+from gateway.postfix import unixsocket
+from gateway.postfix.unixsocket import ListenError
 
 NOGROUP = grp.getgrnam("nogroup").gr_gid
 DAEMON = grp.getgrnam("daemon").gr_gid

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from gateway import prvs, srs
-from gateway.errors import PrvsError, SrsError
-from gateway.keyring import Keyring
+from gateway.core import prvs, srs
+from gateway.core.errors import PrvsError, SrsError
+from gateway.core.keyring import Keyring
 
 VECTORS = Path(__file__).parent / "vectors"
 # The counts README.md gives; a truncated or swapped file must fail loudly, not shrink the suite.

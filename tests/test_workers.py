@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keystore, logs, workers
-from gateway.sdnotify import Notifier
+from gateway.core import logs
+from gateway.ops import keystore, workers
+from gateway.ops.sdnotify import Notifier
 from tests.postfix_instance import children, live_children
 from tests.smtp_peers import LOCALHOST, SmtpSink, free_port
 from tests.test_serve import ROOT, Serving, example_config, keyring_file  # noqa: F401  (a fixture)
@@ -454,8 +455,9 @@ def test_a_sigterm_while_the_workers_start_stops_them_all(
 
 EARLY_SIGTERM = """
 import os, signal, sys, time
-from gateway import logs, workers
-from gateway.sdnotify import Notifier
+from gateway.core import logs
+from gateway.ops import workers
+from gateway.ops.sdnotify import Notifier
 
 logs.setup()
 workers.remember_signals()
@@ -531,7 +533,7 @@ def test_a_sigterm_once_stopping_is_ignored_until_the_loop_is_closed() -> None:
     script = textwrap.dedent(
         """
         import asyncio, os, signal, sys
-        from gateway import workers
+        from gateway.ops import workers
 
         async def main() -> None:
             loop = asyncio.get_running_loop()

@@ -1,0 +1,1 @@
+"""The command line: `batv-gateway` and its sub-commands."""

@@ -1,0 +1,326 @@
+"""The ledger's embedded store: one SQLite file (WAL) shared by both roles and every worker on the host.
+
+Several processes open the same file: SQLite's own locks order them, WAL lets a lookup read while another
+process writes, and each call is one short transaction (`busy_timeout` bounds the wait for a writer's
+lock). The blocking calls run on one thread per store (so the connection is only ever used from it) and
+the event loop only awaits them: a lock wait or an fsync never stalls other sessions. docs/ledger.md has
+the measured costs.
+
+Expiry is lazy: a lookup leaves expired rows out, and each write transaction deletes at most
+`purge_batch` of them (bounded work per call; the index on `expires` finds them without a scan).
+
+Records are committed in groups: a record waits up to `COMMIT_DELAY` for others, and they go together
+in one transaction (at most `RECORD_BATCH`); each caller's `record` returns once its group is committed.
+A busy outbound role thus pays one transaction and one thread hop per group rather than per message: one
+per message cost about a third of its 1 KiB rate (bench/smtp.py --ledger). The relay does not hold the
+client's reply for it.
+
+Every failure is StoreUnavailable, which the decision turns into 451 4.3.0: a lock held past
+`busy_timeout`, a disk or format error, and the file removed or replaced under us. A file that is gone is
+not re-created (an empty ledger would refuse, with a 5xx, every answer to what we sent before); a file put
+back at the path (restored, replaced) is opened again on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from ..core.errors import ConfigError
+from ..policy.ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .config import Config
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT = 1.0  # seconds a call waits for another process's write lock
+PURGE_BATCH = 64  # expired rows deleted per record() at most
+MAX_LOOKUP = 64  # keys per lookup (the inbound scan yields at most 32)
+RECORD_BATCH = 250  # records committed in one transaction at most (under SQLite's 999 "?" marks)
+# Seconds a record waits for others to share its transaction. Each statement the store thread runs hands
+# the GIL back and forth with the event loop (measured: docs/ledger.md), so fewer, larger groups cost the
+# loop less; an answer to a message comes seconds after it at the soonest.
+COMMIT_DELAY = 0.1
+_INSERT_ROWS = 200  # rows per INSERT statement: 4 "?" marks a row, under SQLite's 999
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ledger ("
+    " key BLOB PRIMARY KEY,"  # LedgerKeys.message_key: HMAC-SHA256, never a Message-ID
+    " addresses BLOB NOT NULL,"  # the sorted LedgerKeys.address_key values, concatenated
+    " expires INTEGER NOT NULL,"  # unix seconds
+    " replies INTEGER NOT NULL DEFAULT 0"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS ledger_expires ON ledger (expires)",
+)
+
+
+def _pack(addresses: frozenset[bytes]) -> bytes:
+    return b"".join(sorted(addresses))
+
+
+def _unpack(blob: bytes) -> frozenset[bytes]:
+    size = ADDRESS_KEY_SIZE
+    return frozenset(blob[i : i + size] for i in range(0, len(blob) - size + 1, size))
+
+
+class SqliteLedgerStore:
+    """`LedgerStore` on a SQLite file. Create it with `open` (makes the file, mode 0600, and the schema)."""
+
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout: float = BUSY_TIMEOUT,
+        purge_batch: int = PURGE_BATCH,
+        clock: Callable[[], float] = time.time,
+        commit_delay: float = COMMIT_DELAY,
+    ) -> None:
+        self.path = Path(path)
+        self.commit_delay = commit_delay
+        self.busy_timeout = busy_timeout
+        self.purge_batch = purge_batch
+        self.clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._closed = False
+        # Records waiting for the next group commit, and the task that commits them.
+        self._waiting: list[tuple[bytes, LedgerRecord, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        busy_timeout: float = BUSY_TIMEOUT,
+        purge_batch: int = PURGE_BATCH,
+        clock: Callable[[], float] = time.time,
+        commit_delay: float = COMMIT_DELAY,
+    ) -> SqliteLedgerStore:
+        store = cls(path, busy_timeout, purge_batch, clock, commit_delay)
+        try:
+            await store._run(store._create)
+        except StoreUnavailable:
+            await store.close()
+            raise
+        return store
+
+    # --- the LedgerStore interface -------------------------------------------------------------------
+    async def record(self, key: bytes, record: LedgerRecord, ttl: int) -> None:
+        # SQLite keeps record.expires; `ttl` is for stores that expire keys themselves (Redis).
+        if self._closed:
+            raise StoreUnavailable(f"ledger store {self.path} is closed")
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, record, done))
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit_groups())
+        await done
+
+    async def _commit_groups(self) -> None:
+        try:
+            while self._waiting:
+                if len(self._waiting) < RECORD_BATCH and self.commit_delay > 0:
+                    await asyncio.sleep(self.commit_delay)
+                group, self._waiting = self._waiting[:RECORD_BATCH], self._waiting[RECORD_BATCH:]
+                failure: Exception | None = None
+                try:
+                    await self._run(self._record_group, [(key, record) for key, record, _ in group])
+                except Exception as error:  # every waiting caller hears of it, whatever it was
+                    failure = error
+                for _, _, done in group:
+                    if done.done():
+                        continue
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(StoreUnavailable(str(failure)))
+        finally:
+            self._committer = None
+
+    async def lookup(self, keys: Sequence[bytes]) -> Mapping[bytes, LedgerEntry]:
+        if not keys:
+            return {}
+        return await self._run(self._lookup, tuple(keys[:MAX_LOOKUP]))
+
+    async def take_reply(self, key: bytes) -> int:
+        return await self._run(self._take_reply, key)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        while self._committer is not None:  # what was asked for before the close is written
+            await asyncio.shield(self._committer)
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # --- on the store's thread -----------------------------------------------------------------------
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._closed:
+            raise StoreUnavailable(f"ledger store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guarded, fn, args)
+
+    def _guarded(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+        try:
+            if fn != self._create:
+                self._check_file()
+            return fn(*args)
+        except StoreUnavailable:
+            raise
+        except (sqlite3.Error, OSError) as error:
+            # A connection that failed mid-transaction may be left inside it: start afresh next time.
+            self._close()
+            raise StoreUnavailable(f"ledger store {self.path}: {error}") from None
+
+    def _create(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._connect()
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _connect(self) -> None:
+        self._close()
+        stat = os.stat(self.path)
+        uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=rw"
+        db = sqlite3.connect(
+            uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            # WAL: readers never wait for the writer; NORMAL: a crash of the host may lose the last
+            # records (an answer to them is then refused), never corrupt the file.
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
+            if not mode or str(mode[0]).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def _check_file(self) -> None:
+        """SQLite keeps writing to a file that was removed: notice it, and a file put in its place."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self._close()
+            raise StoreUnavailable(f"ledger store {self.path} is gone") from None
+        if self._db is None or self._identity != (stat.st_dev, stat.st_ino):
+            self._connect()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreUnavailable(f"ledger store {self.path} is not open")
+        return self._db
+
+    def _close(self) -> None:
+        db, self._db, self._identity = self._db, None, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    def _record_group(self, group: list[tuple[bytes, LedgerRecord]]) -> None:
+        db = self._conn()
+        now = int(self.clock())
+        merged: dict[bytes, LedgerRecord] = {}
+        for key, record in group:  # the same Message-ID twice in one group (a resend): one row
+            merged[key] = merged[key].merge(record) if key in merged else record
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # A new Message-ID is the rule: those rows are written in one statement; a key already there
+            # (another transaction of the same message) is merged with what it holds.
+            marks = ",".join("?" * len(merged))
+            found = {
+                row[0]: row[1:]
+                for row in db.execute(
+                    f"SELECT key, addresses, expires, replies FROM ledger WHERE key IN ({marks})",  # noqa: S608 (only "?" marks)
+                    tuple(merged),
+                )
+            }
+            rows = []
+            for key, record in merged.items():
+                replies = 0
+                old = found.get(key)
+                if old is not None and old[1] > now:
+                    record = record.merge(LedgerRecord(_unpack(old[0]), old[1]))
+                    replies = old[2]
+                rows.append((key, _pack(record.addresses), record.expires, replies))
+            # One statement for many rows, not executemany: each step releases and retakes the GIL.
+            for start in range(0, len(rows), _INSERT_ROWS):
+                part = rows[start : start + _INSERT_ROWS]
+                db.execute(
+                    "INSERT OR REPLACE INTO ledger (key, addresses, expires, replies) VALUES "  # noqa: S608 (only "?" marks)
+                    + ",".join(("(?,?,?,?)",) * len(part)),
+                    tuple(value for row in part for value in row),
+                )
+            db.execute(
+                "DELETE FROM ledger WHERE key IN "
+                "(SELECT key FROM ledger WHERE expires <= ? ORDER BY expires LIMIT ?)",
+                (now, self.purge_batch),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _lookup(self, keys: tuple[bytes, ...]) -> dict[bytes, LedgerEntry]:
+        marks = ",".join("?" * len(keys))
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT key, addresses, expires, replies FROM ledger WHERE key IN ({marks}) AND expires > ?",  # noqa: S608 (only "?" marks)
+                (*keys, int(self.clock())),
+            )
+            .fetchall()
+        )
+        return {row[0]: LedgerEntry(LedgerRecord(_unpack(row[1]), row[2]), row[3]) for row in rows}
+
+    def _take_reply(self, key: bytes) -> int:
+        row = (
+            self._conn()
+            .execute(
+                "UPDATE ledger SET replies = replies + 1 WHERE key = ? AND expires > ? RETURNING replies",
+                (key, int(self.clock())),
+            )
+            .fetchone()
+        )
+        return int(row[0]) if row else 0
+
+
+def _is_a_ledger_store(store: SqliteLedgerStore) -> LedgerStore:
+    return store  # mypy checks here that the class keeps to the protocol
+
+
+async def open_store(config: Config) -> LedgerStore:
+    """The ledger's store for `config`: the one place serve picks one (the SQLite file by default, at
+    `config.ledger_path`). A store that cannot be opened stops start-up with a line naming the file."""
+    path = config.ledger_path
+    try:
+        return await SqliteLedgerStore.open(path)
+    except StoreUnavailable as error:
+        raise ConfigError(
+            f"[ledger] path: cannot open the ledger at {path} ({error}); the gateway's user must be able to "
+            "write that folder (the systemd unit's StateDirectory=), or set [ledger] enabled = false"
+        ) from None

@@ -1,0 +1,1 @@
+"""The Postfix-native front ends: socketmap and tcp_table, the policy service, the milter."""
