@@ -228,6 +228,24 @@ class PolicyCounters:
         self._answers[answer.verb].inc()
 
 
+LINGER_SECONDS = 1.0  # how long a refused client's unread input is drained before the close
+LINGER_OCTETS = 1 << 20
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A lingering close, as Postfix and Apache do: closing with the client's input unread makes the kernel
+    send a reset, which can destroy the answer before the client reads it (a request over the line limit
+    always leaves input unread). So: end our side, then read and drop what is left, bounded in time and
+    octets, and only then close."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    dropped = 0
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while dropped < LINGER_OCTETS and (data := await reader.read(65536)):
+                dropped += len(data)
+
+
 class PolicyService:
     """What every connection shares: the policy source, the guess limiter, the clock and the mode."""
 
@@ -333,6 +351,7 @@ class PolicyService:
                         counters.answered(bad)
                     writer.write(bad.wire())
                     await writer.drain()
+                    await _linger(reader, writer)
                     return
                 if attrs is None:
                     data = await asyncio.wait_for(reader.read(65536), self.idle_timeout or None)
