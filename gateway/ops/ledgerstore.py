@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from ..core.errors import ConfigError
+from ..policy.guessbudget import sqlite_setup
 from ..policy.ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -186,15 +187,7 @@ class SqliteLedgerStore:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         self._connect()
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        sqlite_setup(self._conn(), _SCHEMA)
 
     def _connect(self) -> None:
         self._close()
@@ -206,7 +199,8 @@ class SqliteLedgerStore:
         try:
             # WAL: readers never wait for the writer; NORMAL: a crash of the host may lose the last
             # records (an answer to them is then refused), never corrupt the file.
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()
+            sqlite_setup(db, ("PRAGMA journal_mode=WAL",))
+            mode = db.execute("PRAGMA journal_mode").fetchone()
             if not mode or str(mode[0]).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
             db.execute("PRAGMA synchronous=NORMAL")

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +186,31 @@ class LocalBudget:
         return None
 
 
+SETUP_RETRY_SECONDS = 10.0  # how long opening a shared SQLite file may retry a lock (see `sqlite_setup`)
+
+
+def sqlite_setup(
+    db: sqlite3.Connection, statements: Sequence[str], deadline: float = SETUP_RETRY_SECONDS
+) -> None:
+    """Run a connection's set-up statements (PRAGMA journal_mode=WAL, the schema) on a file that other
+    processes open at the same moment: every worker of a host starts at once on the one [state] file. The
+    switch to WAL and the first schema write can answer "database is locked" at once, without waiting in
+    the busy handler, while another process does the same; so the set-up is retried, briefly and bounded,
+    before it counts as the store being unavailable. Each statement is idempotent."""
+    give_up = time.monotonic() + deadline
+    pause = 0.01
+    while True:
+        try:
+            for statement in statements:
+                db.execute(statement)
+            return
+        except sqlite3.OperationalError as error:
+            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() > give_up:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS budget ("
     " key TEXT PRIMARY KEY,"  # "<check>:ip:<address or /64>" or "<check>:net:<the /24 or /48>"
@@ -245,11 +271,8 @@ class SqliteBudget:
                 uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             try:
-                db.execute("PRAGMA journal_mode=WAL")
                 # A budget lost in a host crash only forgives some guesses: no fsync per charge.
-                db.execute("PRAGMA synchronous=NORMAL")
-                for statement in _SCHEMA:
-                    db.execute(statement)
+                sqlite_setup(db, ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", *_SCHEMA))
             except BaseException:
                 db.close()
                 raise
