@@ -188,7 +188,7 @@ class PendingReply:
         self._waiter = waiter
 
     def __await__(self) -> Generator[Any, None, NextHopReply]:
-        return self._conn._reply_for(self._waiter).__await__()
+        return self._conn._reply_for(self._waiter)
 
 
 class NextHopConnection(asyncio.Protocol):
@@ -260,7 +260,7 @@ class NextHopConnection(asyncio.Protocol):
         return conn
 
     async def _greet(self, helo_name: str) -> None:
-        greeting = await self._reply_for(self._greeting)
+        greeting = await PendingReply(self, self._greeting)
         if greeting.code != 220:
             raise NextHopError(NextHopErrorKind.REFUSED, f"{self.peer} greeted with {greeting}")
         ehlo = await self.command(f"EHLO {helo_name}", self.timeouts.command)
@@ -479,12 +479,14 @@ class NextHopConnection(asyncio.Protocol):
                 self._reply_deadline.set(self._waiting[0].timeout)
             self._owed = len(self._waiting)
 
-    async def _reply_for(self, waiter: _Waiter) -> NextHopReply:
+    def _reply_for(self, waiter: _Waiter) -> Generator[Any, None, NextHopReply]:
+        # A generator, not a coroutine: awaiting a reply is done several times per message, and the
+        # future's own __await__ is all the waiting there is.
         future = waiter.future
         if not future.done():
             self._push_out()
             try:
-                return await future
+                return (yield from future)
             except asyncio.CancelledError:
                 # Our client went away mid-wait: the reply, when it comes, is nobody's, and the replies
                 # after it would be out of step. Never reuse this connection.
