@@ -26,7 +26,7 @@ import enum
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..core import replies
 from ..core.errors import GatewayError
@@ -178,7 +178,8 @@ class _Waiter:
 
 
 class PendingReply:
-    """The reply to a command already written; awaiting it reads replies in order (RFC 2920)."""
+    """The reply to a command already written; awaiting it sends what is held and waits for the reply,
+    which arrives in order (RFC 2920) whoever awaits it."""
 
     __slots__ = ("_conn", "_waiter")
 
@@ -187,41 +188,46 @@ class PendingReply:
         self._waiter = waiter
 
     def __await__(self) -> Generator[Any, None, NextHopReply]:
-        return self._conn._reply_for(self._waiter).__await__()
+        return self._conn._reply_for(self._waiter)
 
 
-class NextHopConnection:
-    """One SMTP connection to the next hop. Use `NextHopPool` (or `connect`) to get one."""
+class NextHopConnection(asyncio.Protocol):
+    """One SMTP connection to the next hop. Use `NextHopPool` (or `connect`) to get one.
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        timeouts: NextHopTimeouts,
-        peer: str,
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
+    It is its own asyncio Protocol: replies are parsed as their bytes arrive (`data_received`), and each
+    complete one is handed to the oldest waiter owed a reply. No reader task, no stream, no lock: the
+    replies come in the order of the commands, and so do the waiters."""
+
+    def __init__(self, timeouts: NextHopTimeouts, peer: str) -> None:
         self.timeouts = timeouts
         self.peer = peer
         self.capabilities = BASELINE
-        self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        # The greeting is owed from the start: it may arrive before `connect` gets to wait for it.
+        self._greeting = _Waiter(self._loop.create_future(), timeouts.greeting, "greeting")
+        self._waiting: collections.deque[_Waiter] = collections.deque((self._greeting,))
         # Replies owed for what has been written (the greeting included); the rest of _waiting is held.
-        self._owed = 0
+        self._owed = 1
         self._out: list[bytes] = []  # written at the next wait for a reply (see send)
         self._out_size = 0
         self.in_body = False  # between the first piece of a message and its final dot
-        self._read_lock = asyncio.Lock()
+        # Received and not part of a complete reply: the start of one while a reply is owed; while none
+        # is, bytes no command asked for (see _unasked).
+        self._unread = b""
+        self._code = 0  # of the reply being received, and its lines so far
+        self._lines: list[str] = []
         self._failure: NextHopError | None = None
+        self._closed = False  # the next hop ended the stream, or the connection is gone
+        self._lost_reason: Exception | None = None
+        self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None  # the body waits on it while writing is paused
         self.transactions = 0  # completed on this connection; for pool policy and tests
         self.on_reply: Callable[[str, float], None] | None = None  # (command, seconds): the metrics
         self.idle_since = time.monotonic()
-        self._loop = asyncio.get_running_loop()
-        # Past a reply's deadline the connection is cut: a late reply would be out of step, so nothing
-        # more can be read from it anyway. The reader then sees the end of the stream, and _read_reply
-        # reports TIMEOUT because of _expired.
+        # Armed while a reply is owed, with the oldest owed reply's timeout. Past it the connection is cut:
+        # a late reply would be out of step, so nothing more can be read from it anyway.
         self._reply_deadline = Deadline(self._loop, self._expire)
-        self._expired = False
 
     # ------------------------------------------------------------------ setup
 
@@ -230,14 +236,14 @@ class NextHopConnection:
         cls, host: str, port: int, helo_name: str, timeouts: NextHopTimeouts
     ) -> NextHopConnection:
         peer = f"[{host}]:{port}"
+        conn = cls(timeouts, peer)
         try:
             async with asyncio.timeout(timeouts.connect):
-                reader, writer = await asyncio.open_connection(host, port, limit=_REPLY_LINE_LIMIT)
+                await conn._loop.create_connection(lambda: conn, host, port)
         except TimeoutError:
             raise NextHopError(NextHopErrorKind.TIMEOUT, f"connect to {peer} timed out") from None
         except OSError as error:
             raise NextHopError(NextHopErrorKind.REFUSED, f"connect to {peer}: {error.strerror}") from None
-        conn = cls(reader, writer, timeouts, peer)
         try:
             # The greeting and EHLO together within `greeting`: the client waiting on our answer to its
             # RCPT must not wait for a connect, a slow greeting AND a slow EHLO in a row.
@@ -254,7 +260,7 @@ class NextHopConnection:
         return conn
 
     async def _greet(self, helo_name: str) -> None:
-        greeting = await self._expect(self.timeouts.greeting, "greeting")
+        greeting = await PendingReply(self, self._greeting)
         if greeting.code != 220:
             raise NextHopError(NextHopErrorKind.REFUSED, f"{self.peer} greeted with {greeting}")
         ehlo = await self.command(f"EHLO {helo_name}", self.timeouts.command)
@@ -267,12 +273,141 @@ class NextHopConnection:
             raise NextHopError(NextHopErrorKind.REFUSED, f"{self.peer} refused HELO: {helo}")
         self.capabilities = Capabilities(frozenset(), None, esmtp=False)
 
+    # ------------------------------------------------------------------ the protocol (asyncio calls these)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # cast, not isinstance: uvloop's transports do not derive from asyncio's classes.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        # pause_writing past this much unsent: a body is held back only when the next hop is slower than
+        # our client, and memory stays bounded.
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self._reply_deadline.set(self._greeting.timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        if self._unread:
+            data = self._unread + data
+        start = 0
+        while self._owed:
+            end = data.find(b"\n", start) + 1
+            if not end:
+                break
+            if end - start > _REPLY_LINE_LIMIT + 1:
+                self._fail(self._too_long())
+                return
+            if not self._reply_line(data[start:end], end < len(data)):
+                return
+            start = end
+        rest = data[start:] if start else data
+        if self._owed and len(rest) > _REPLY_LINE_LIMIT:
+            self._fail(self._too_long())
+            return
+        # Bytes nobody asked for are never read as a reply, so their start is all that needs keeping.
+        self._unread = rest if self._owed else rest[:_REPLY_LINE_LIMIT]
+
+    def eof_received(self) -> bool:
+        self._lost(None)
+        return False  # close: the next hop can send no more replies
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+        self._reply_deadline.cancel()
+        self._wake_body()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_body()
+
+    def _wake_body(self) -> None:
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The stream ended: every reply owed fails, TIMEOUT if its deadline cut the connection."""
+        self._closed = True
+        if exc is not None:
+            self._lost_reason = exc
+        if self._failure is None and self._owed:
+            what = self._waiting[0].what
+            if exc is not None:
+                self._fail(_broken(f"awaiting reply to {what}: {exc}"))
+            else:
+                self._fail(_broken(f"connection closed awaiting reply to {what}"))
+
+    def _too_long(self) -> NextHopError:
+        return NextHopError(NextHopErrorKind.PROTOCOL, f"reply line to {self._waiting[0].what} too long")
+
+    def _reply_line(self, raw: bytes, more: bool) -> bool:
+        """One line of the reply owed first; False if the connection failed on it. `more`: bytes follow."""
+        head = self._waiting[0]
+        if len(raw) < 4 or not raw[:3].isdigit() or raw[3:4] not in (b" ", b"-", b"\r", b"\n"):
+            self._fail(NextHopError(NextHopErrorKind.PROTOCOL, f"garbled reply to {head.what}: {raw[:80]!r}"))
+            return False
+        code = int(raw[:3])
+        lines = self._lines
+        if lines and code != self._code:
+            self._fail(NextHopError(NextHopErrorKind.PROTOCOL, f"mixed codes in reply to {head.what}"))
+            return False
+        self._code = code
+        lines.append(raw[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
+        if raw[3:4] == b"-":
+            if len(lines) > _MAX_REPLY_LINES:
+                self._fail(NextHopError(NextHopErrorKind.PROTOCOL, f"reply to {head.what} too long"))
+                return False
+            return True
+        self._lines = []
+        if not 200 <= code <= 599:
+            detail = f"reply code {code} to {head.what} out of range"
+            self._fail(NextHopError(NextHopErrorKind.PROTOCOL, detail))
+            return False
+        if more and self._owed == 1 and head.what != _END_OF_DATA:
+            # More than the commands written asked for (say "354" and "250" in one write): this reply and
+            # the next are out of step with ours; none of them can be trusted. (After the final dot, in
+            # step until then, the reply is the verdict: the extra bytes only keep the connection from
+            # being used again; see `usable`.)
+            self._out_of_step(f"reply received before its command was sent (after {head.what})")
+            return False
+        self._waiting.popleft()
+        self._owed -= 1
+        if self._owed:
+            self._reply_deadline.set(self._waiting[0].timeout)
+        else:
+            self._reply_deadline.clear()
+        if not head.future.done():  # cancelled: its waiter went away, and abort() follows
+            head.future.set_result(NextHopReply(code, tuple(lines)))
+        if self.on_reply is not None:
+            self.on_reply(head.what, time.monotonic() - head.sent)
+        return True
+
+    def _expire(self) -> None:
+        if self._failure is None and self._owed:
+            head = self._waiting[0]
+            detail = f"no reply to {head.what} in {head.timeout:g}s"
+            self._fail(NextHopError(NextHopErrorKind.TIMEOUT, detail))
+
+    def _fail(self, error: NextHopError) -> None:
+        """The connection is done for: every reply owed or held fails with `error`, nothing more is sent."""
+        self._failure = error
+        self._out.clear()  # held data (a body without its dot above all) must never go out now
+        self._fail_waiters(error)
+        self._reply_deadline.cancel()
+        self._wake_body()
+        if self._transport is not None:
+            self._transport.abort()
+
     # ------------------------------------------------------------------ state
 
     @property
     def alive(self) -> bool:
         """No error seen, not closed by either side (replies may still be owed)."""
-        return self._failure is None and not self._writer.is_closing() and not self._reader.at_eof()
+        transport = self._transport
+        open_ = transport is not None and not transport.is_closing()
+        return self._failure is None and not self._closed and open_
 
     @property
     def usable(self) -> bool:
@@ -282,23 +417,12 @@ class NextHopConnection:
 
     def _unasked(self) -> bool:
         """Bytes received that no written command asked for."""
-        # The StreamReader keeps what arrived and was not read yet in _buffer (smtpd.py looks too).
-        return self._owed == 0 and bool(self._reader._buffer)  # type: ignore[attr-defined]
+        return self._owed == 0 and bool(self._unread)
 
     def abort(self) -> None:
         """Drop the connection at once. Mid-DATA this is how a transaction is abandoned: without the
         final dot the next hop must not deliver (RFC 5321 §4.1.1.4)."""
-        if self._failure is None:
-            self._failure = _broken("connection closed by us")
-        self._out.clear()  # held data (a body without its dot above all) must never go out now
-        self._fail_waiters(self._failure)
-        self._reply_deadline.cancel()
-        transport = self._writer.transport
-        transport.abort()
-
-    def _expire(self) -> None:
-        self._expired = True
-        self._writer.transport.abort()
+        self._fail(self._failure or _broken("connection closed by us"))
 
     async def quit(self) -> None:
         """Polite close; errors are of no interest any more."""
@@ -328,19 +452,9 @@ class NextHopConnection:
     async def command(self, line: str, timeout: float) -> NextHopReply:
         return await self.send(line, timeout)
 
-    async def _expect(self, timeout: float, what: str) -> NextHopReply:
-        """A reply owed without a command: the greeting."""
-        waiter = _Waiter(self._loop.create_future(), timeout, what)
-        self._waiting.append(waiter)
-        self._owed += 1
-        return await self._reply_for(waiter)
-
     def _out_of_step(self, detail: str) -> NextHopError:
         error = NextHopError(NextHopErrorKind.PROTOCOL, f"{self.peer}: {detail}")
-        self._failure = error
-        self._fail_waiters(error)
-        self._out.clear()
-        self._writer.transport.abort()
+        self._fail(error)
         return error
 
     def _push_out(self) -> None:
@@ -352,51 +466,43 @@ class NextHopConnection:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out.clear()
             self._out_size = 0
-            if self._writer.transport.is_closing():
-                # The next hop closed (or we aborted). stdlib asyncio drops a write to a closed transport
-                # and the read then fails; uvloop raises RuntimeError at once. Either way it is BROKEN,
-                # which the relay answers with 451 (or replays a stale pooled connection on a fresh one).
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                # The next hop closed (or we aborted). stdlib asyncio drops a write to a closed transport,
+                # uvloop raises RuntimeError. Either way it is BROKEN, which the relay answers with 451 (or
+                # replays a stale pooled connection on a fresh one).
                 error = _broken("the connection closed")
-                self._failure = error
-                self._fail_waiters(error)
-                self._writer.transport.abort()
+                self._fail(error)
                 raise error
-            self._writer.write(data)
+            transport.write(data)
+            if not self._owed and len(self._waiting):
+                self._reply_deadline.set(self._waiting[0].timeout)
             self._owed = len(self._waiting)
 
-    async def _reply_for(self, waiter: _Waiter) -> NextHopReply:
-        # Whoever awaits first reads for everyone ahead of it; replies come back strictly in order.
-        if not waiter.future.done():
+    def _reply_for(self, waiter: _Waiter) -> Generator[Any, None, NextHopReply]:
+        # A generator, not a coroutine: awaiting a reply is done several times per message, and the
+        # future's own __await__ is all the waiting there is.
+        future = waiter.future
+        if not future.done():
             self._push_out()
-            async with self._read_lock:
-                while not waiter.future.done():
-                    head = self._waiting[0]
-                    try:
-                        reply = await self._read_reply(head.timeout, head.what)
-                    except NextHopError as error:
-                        self._failure = error
-                        self._fail_waiters(error)
-                        self._writer.transport.abort()
-                        break
-                    except asyncio.CancelledError:
-                        # Our client went away mid-read: part of a reply may have been consumed, so
-                        # this connection is out of step for good. Never reuse it.
-                        self.abort()
-                        raise
-                    self._waiting.popleft()
-                    self._owed -= 1
-                    if self._unasked() and head.what != _END_OF_DATA:
-                        # More than the commands written asked for (say "354" and "250" in one write):
-                        # this reply and the next are out of step with ours; none of them can be trusted.
-                        # (After the final dot, in step until then, the reply is the verdict: the extra
-                        # bytes only keep the connection from being used again; see `usable`.)
-                        self._waiting.appendleft(head)
-                        self._out_of_step(f"reply received before its command was sent (after {head.what})")
-                        break
-                    head.future.set_result(reply)
-                    if self.on_reply is not None:
-                        self.on_reply(head.what, time.monotonic() - head.sent)
-        return waiter.future.result()
+            try:
+                return (yield from future)
+            except asyncio.CancelledError:
+                # Our client went away mid-wait: the reply, when it comes, is nobody's, and the replies
+                # after it would be out of step. Never reuse this connection.
+                self.abort()
+                if future.cancelled():
+                    # Awaiting the reply again gives the connection's failure, as for every other waiter.
+                    waiter.future = self._failed_future()
+                raise
+        return future.result()
+
+    def _failed_future(self) -> asyncio.Future[NextHopReply]:
+        future: asyncio.Future[NextHopReply] = self._loop.create_future()
+        assert self._failure is not None
+        future.set_exception(self._failure)
+        future.exception()
+        return future
 
     def _fail_waiters(self, error: NextHopError) -> None:
         while self._waiting:
@@ -405,39 +511,8 @@ class NextHopConnection:
                 waiter.future.set_exception(error)
                 # Mark retrieved: a pipelined reply nobody awaits any more must not warn at GC.
                 waiter.future.exception()
-
-    async def _read_reply(self, timeout: float, what: str) -> NextHopReply:
-        lines: list[str] = []
-        code = 0
-        self._reply_deadline.set(timeout)
-        try:
-            while True:
-                raw = await self._reader.readuntil(b"\n")
-                if len(raw) < 4 or not raw[:3].isdigit() or raw[3:4] not in (b" ", b"-", b"\r", b"\n"):
-                    detail = f"garbled reply to {what}: {raw[:80]!r}"
-                    raise NextHopError(NextHopErrorKind.PROTOCOL, detail)
-                this = int(raw[:3])
-                if lines and this != code:
-                    raise NextHopError(NextHopErrorKind.PROTOCOL, f"mixed codes in reply to {what}")
-                code = this
-                lines.append(raw[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
-                if raw[3:4] != b"-":
-                    break
-                if len(lines) > _MAX_REPLY_LINES:
-                    raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply to {what} too long")
-        except (asyncio.IncompleteReadError, OSError) as error:
-            if self._expired:
-                raise NextHopError(NextHopErrorKind.TIMEOUT, f"no reply to {what} in {timeout:g}s") from None
-            if isinstance(error, OSError):
-                raise _broken(f"awaiting reply to {what}: {error}") from None
-            raise _broken(f"connection closed awaiting reply to {what}") from None
-        except asyncio.LimitOverrunError:
-            raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply line to {what} too long") from None
-        finally:
-            self._reply_deadline.clear()
-        if not 200 <= code <= 599:
-            raise NextHopError(NextHopErrorKind.PROTOCOL, f"reply code {code} to {what} out of range")
-        return NextHopReply(code, tuple(lines))
+        self._owed = 0
+        self._lines = []
 
     # ------------------------------------------------------------------ the body
 
@@ -453,19 +528,23 @@ class NextHopConnection:
         if self._out_size < _COALESCE:
             return
         self._push_out()
-        writer = self._writer
-        if writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+        if self._writing_paused and not self._closed:
+            drained = self._drained = self._loop.create_future()
             try:
                 async with asyncio.timeout(self.timeouts.data_block):
-                    await writer.drain()
+                    await drained
             except TimeoutError:
-                self._failure = NextHopError(NextHopErrorKind.TIMEOUT, "data block not taken in time")
-                self.abort()
-                raise self._failure from None
-            except OSError as error:
-                self._failure = _broken(f"writing data: {error}")
-                self.abort()
-                raise self._failure from None
+                error = NextHopError(NextHopErrorKind.TIMEOUT, "data block not taken in time")
+                self._fail(error)
+                raise error from None
+            finally:
+                self._drained = None
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            error = _broken(f"writing data: {self._lost_reason or 'the connection closed'}")
+            self._fail(error)
+            raise error
 
     def end_data(self) -> PendingReply:
         """The final dot: after this the next hop's reply is its verdict on the message."""
