@@ -34,7 +34,7 @@ from ..policy import ledger
 from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome
 from ..policy.messageids import FoundReferences, InboundReferences, OutboundHeaders
 from ..policy.policy import Action, Policy, Reason
-from ..policy.recorder import LedgerRecorder
+from ..policy.recorder import LedgerRecorder, Sent
 from .nexthop import (
     BASELINE,
     Capabilities,
@@ -409,16 +409,15 @@ class Relay:
     recorder: LedgerRecorder = field(init=False)
 
     def __post_init__(self) -> None:
-        self.recorder = LedgerRecorder(lambda: self.rules.ledger.store, "sessions", self._records_written)
+        self.recorder = LedgerRecorder(lambda: self.rules.ledger.store, "sessions", self._ledger_outcome)
 
     async def records_written(self) -> None:
         """Until every ledger record asked for so far is written (or has failed): before the store closes."""
         await self.recorder.written()
 
-    def _records_written(self, count: int, recorded: bool) -> None:
+    def _ledger_outcome(self, outcome: RecordOutcome, sessions: tuple[str, ...]) -> None:
         if self.watch is not None:
-            outcome = RecordOutcome.RECORDED if recorded else RecordOutcome.STORE_UNAVAILABLE
-            self.watch.ledger_record(outcome.value, count)
+            self.watch.ledger_record(outcome.value, len(sessions))
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -875,8 +874,8 @@ class RelaySession:
         )
 
     def _record(self) -> None:
-        """Record the message the next hop took, without holding up the client's reply: the recorder writes
-        what the sessions ask for in groups (gateway/policy/recorder.py). An outage is logged and counted;
+        """Record the message the next hop took, without holding up the client's reply: the recorder makes
+        and writes the records in groups (gateway/policy/recorder.py). An outage is logged and counted;
         the client's message is never failed for it (an answer to it would be refused later, nothing
         worse)."""
         headers, self._headers = self._headers, None
@@ -884,13 +883,10 @@ class RelaySession:
         settings = self.relay.rules.ledger
         mail = self._mail
         sender = None if mail is None or mail.sender is None else str(mail.sender)
-        recording = ledger.make_record(
-            self._rules.ledger_keys, headers.result(), sender, int(settings.clock()), settings.days
+        now = int(settings.clock())
+        self.relay.recorder.add(
+            Sent(self._rules.ledger_keys, headers, sender, now, settings.days, self.info.session)
         )
-        if recording.outcome is RecordOutcome.RECORDED and recording.key and recording.record:
-            self.relay.recorder.add(recording.key, recording.record, recording.ttl, self.info.session)
-        elif self.relay.watch is not None:
-            self.relay.watch.ledger_record(recording.outcome.value, 1)
 
     # ------------------------------------------------------------------ the end of a transaction
 

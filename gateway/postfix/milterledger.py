@@ -30,7 +30,7 @@ from ..policy import ledger
 from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome
 from ..policy.messageids import HEADER_LIMIT, SCAN_LIMIT, InboundReferences, OutboundHeaders
 from ..policy.policy import Action, Policy, RcptVerdict, Reason
-from ..policy.recorder import LedgerRecorder
+from ..policy.recorder import LedgerRecorder, Sent
 from .milterd import Direction, FinishedMessage
 from .socketmap import PolicySource
 
@@ -67,7 +67,7 @@ class LedgerHook:
         self.days = days
         self.max_replies = max_replies
         self.clock = clock
-        self.recorder = LedgerRecorder(lambda: self.store, "queue ids")
+        self.recorder = LedgerRecorder(lambda: self.store, "queue ids", self._not_ledgered)
 
     def reads(self, policy: Policy) -> bool:
         return policy.ledger_keys is not None
@@ -112,18 +112,16 @@ class LedgerHook:
         headers = OutboundHeaders()
         headers.feed(wire_stream(message.headers, b"", HEADER_LIMIT + 1))
         sender = None if message.sender is None else str(message.sender)
-        recording = ledger.make_record(keys, headers.result(), sender, int(self.clock()), self.days)
-        if recording.outcome is not RecordOutcome.RECORDED or not recording.key or not recording.record:
+        now = int(self.clock())
+        self.recorder.add(Sent(keys, headers, sender, now, self.days, message.queue_id or "-"))
+
+    def _not_ledgered(self, outcome: RecordOutcome, queue_ids: tuple[str, ...]) -> None:
+        if outcome in (RecordOutcome.RECORDED, RecordOutcome.STORE_UNAVAILABLE):
+            return  # the recorder logs a group the store could not take
+        for queue_id in queue_ids:
             log_fields(
-                log,
-                logging.INFO,
-                "not ledgered",
-                event="ledger",
-                queue_id=message.queue_id,
-                outcome=recording.outcome.value,
+                log, logging.INFO, "not ledgered", event="ledger", queue_id=queue_id, outcome=outcome.value
             )
-            return
-        self.recorder.add(recording.key, recording.record, recording.ttl, message.queue_id or "-")
 
     async def records_written(self) -> None:
         """Until every record asked for so far is written (or has failed): before the store closes."""
