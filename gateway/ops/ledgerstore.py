@@ -43,8 +43,10 @@ T = TypeVar("T")
 BUSY_TIMEOUT = 1.0  # seconds a call waits for another process's write lock
 PURGE_BATCH = 64  # expired rows deleted per record() at most
 MAX_LOOKUP = 64  # keys per lookup (the inbound scan yields at most 32)
-RECORD_BATCH = 250  # records committed in one transaction at most (under SQLite's 999 "?" marks)
-_INSERT_ROWS = 200  # rows per INSERT statement: 4 "?" marks a row, under SQLite's 999
+RECORD_BATCH = 1000  # records committed in one transaction at most
+# Statements stay under SQLite's oldest limit of 999 "?" marks (SQLITE_MAX_VARIABLE_NUMBER before 3.32).
+_INSERT_ROWS = 200  # rows per INSERT statement: 4 "?" marks a row
+_SELECT_KEYS = 500  # keys per SELECT
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger ("
@@ -209,14 +211,16 @@ class SqliteLedgerStore:
         try:
             # A new Message-ID is the rule: those rows are written in one statement; a key already there
             # (another transaction of the same message) is merged with what it holds.
-            marks = ",".join("?" * len(merged))
-            found = {
-                row[0]: row[1:]
+            keys = tuple(merged)
+            found = {}
+            for start in range(0, len(keys), _SELECT_KEYS):
+                asked = keys[start : start + _SELECT_KEYS]
+                marks = ",".join("?" * len(asked))
                 for row in db.execute(
                     f"SELECT key, addresses, expires, replies FROM ledger WHERE key IN ({marks})",  # noqa: S608 (only "?" marks)
-                    tuple(merged),
-                )
-            }
+                    asked,
+                ):
+                    found[row[0]] = row[1:]
             rows = []
             for key, record in merged.items():
                 replies = 0

@@ -29,13 +29,13 @@ from .messageids import OutboundHeaders
 
 log = logging.getLogger("gateway.ledger")
 
-COMMIT_DELAY = 0.1  # seconds a message waits for others to share its group
-RECORD_BATCH = 250  # messages in one group at most (one SQLite transaction: under its 999 "?" marks)
+COMMIT_DELAY = 0.25  # seconds a message waits for others to share its group
+RECORD_BATCH = 1000  # messages in one group at most (one SQLite transaction)
 
 NAMES_SHOWN = 10  # sessions or queue ids named in the line for a group the store could not take
 # Messages queued at most: a store that stalls (its lock held, Redis away) must not make the queue, and
 # the header blocks it holds, grow without bound. Past it a message is not recorded (counted, logged).
-MAX_QUEUED = 8 * RECORD_BATCH
+MAX_QUEUED = 2 * RECORD_BATCH
 
 
 class Sent(NamedTuple):
