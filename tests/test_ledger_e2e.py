@@ -112,7 +112,7 @@ async def both_roles(folder: Path) -> AsyncIterator[tuple[Served, Served, FakeNe
 
 async def ledgered(folder: Path, count: int, timeout: float = 5.0) -> None:
     """Until the ledger holds `count` records: the outbound role writes them in groups, after its 250
-    (gateway/ops/ledgerstore.py, within COMMIT_DELAY), so a test that answers at once waits for it here."""
+    (gateway/policy/recorder.py, within COMMIT_DELAY), so a test that answers at once waits for it here."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.closing(sqlite3.connect(folder / "keys" / "ledger.sqlite")) as db:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ops.ledgerstore import SqliteLedgerStore
+from gateway.ops.ledgerstore import RECORD_BATCH, SqliteLedgerStore
 from gateway.policy.ledger import LedgerEntry, LedgerRecord, StoreUnavailable
 from tests.smtp_peers import run
 
@@ -293,7 +293,7 @@ def test_a_closed_store_is_store_unavailable_and_closes_once(path: Path) -> None
     run(body())
 
 
-def test_records_asked_for_together_share_one_transaction_and_close_writes_them(path: Path) -> None:
+def test_a_record_group_is_one_transaction_and_close_writes_what_was_handed_over(path: Path) -> None:
     async def body() -> None:
         store = await SqliteLedgerStore.open(path, clock=lambda: float(NOW))
         transactions: list[int] = []
@@ -304,13 +304,18 @@ def test_records_asked_for_together_share_one_transaction_and_close_writes_them(
             write_group(group)
 
         store._record_group = counted  # type: ignore[method-assign]
-        records = [store.record(key(n), LedgerRecord(frozenset({A}), NOW + 100), 100) for n in range(40)]
+        items = [(key(n), LedgerRecord(frozenset({A}), NOW + 100), 100) for n in range(40)]
         # The same Message-ID twice in one group (a resend): one row, both addresses.
-        records.append(store.record(key(0), LedgerRecord(frozenset({B}), NOW + 100), 100))
-        await asyncio.gather(*records)
+        items.append((key(0), LedgerRecord(frozenset({B}), NOW + 100), 100))
+        await store.record_group(items)
         assert transactions == [41]
         assert (await store.lookup([key(0)]))[key(0)].record.addresses == {A, B}
-        # A record still waiting for its group when the store closes is written before it closes.
+        # Past RECORD_BATCH a group is split: SQLite takes at most 999 "?" marks in one statement.
+        record = LedgerRecord(frozenset({C}), NOW + 100)
+        many = [(key(1000 + n), record, 100) for n in range(RECORD_BATCH + 10)]
+        await store.record_group(many)
+        assert transactions == [41, RECORD_BATCH, 10]
+        # A group already handed to the store's thread when it closes is written before it closes.
         waiting = asyncio.ensure_future(store.record(key(99), LedgerRecord(frozenset({C}), NOW + 100), 100))
         await asyncio.sleep(0)
         await store.close()
@@ -319,4 +324,4 @@ def test_records_asked_for_together_share_one_transaction_and_close_writes_them(
             await store.record(key(100), LedgerRecord(frozenset({C}), NOW + 100), 100)
 
     run(body())
-    assert rows(path) == 41
+    assert rows(path) == 41 + RECORD_BATCH + 10

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gateway.policy.messageids import (
     ADDRESS_FIELD_LIMIT,
     HEADER_LIMIT,
+    MAX_ADDRESSES,
     MAX_REFERENCES,
     FoundReferences,
     HeaderStatus,
@@ -214,6 +215,75 @@ def test_header_fields_unfolds_and_keeps_only_the_named_fields() -> None:
         "from": [" a@x", " c@z (comment) folded"],
         "reply-to": [],
     }
+
+
+def line_by_line_fields(block: bytes, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """header_fields as it was (a split on lines and a lookup per line): the oracle for the faster one."""
+    wanted: dict[str, list[str]] = {name: [] for name in names}
+    current: list[str] | None = None
+    for line in block.decode("utf-8", "surrogateescape").split("\n"):
+        line = line.removesuffix("\r")
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                current[-1] += line
+            continue
+        name, colon, value = line.partition(":")
+        values = wanted.get(name.rstrip(" \t").lower()) if colon else None
+        if values is not None and len(values) < MAX_ADDRESSES:
+            values.append(value)
+            current = values
+        else:
+            current = None
+    return wanted
+
+
+FIELD_NAME = st.sampled_from(
+    [
+        "From",
+        "FROM",
+        "from",
+        "Reply-To",
+        "rEPLY-tO",
+        "Message-ID",
+        "Disposition-Notification-To",
+        "To",
+        "Received",
+        "Fromage",
+        "X-From",
+        "\u017fubject",
+        "Reply-To-Not",
+        "Re\u017fent-From",
+        "Di\u017fpo\u017fition-Notification-To",
+    ]
+)
+HEADER_LINE = st.one_of(
+    st.builds(
+        lambda name, gap, value, end: f"{name}{gap}:{value}{end}",
+        FIELD_NAME,
+        st.sampled_from(["", " ", "\t", " \t "]),
+        st.text(alphabet="ab@<>., \t\r\u00e9", max_size=12),
+        st.sampled_from(["\r\n", "\n", "\r\r\n", ""]),
+    ),
+    st.builds(  # a continuation line, or a stray one
+        lambda lead, value, end: f"{lead}{value}{end}",
+        st.sampled_from([" ", "\t", "", ":"]),
+        st.text(alphabet="cd@ \r", max_size=8),
+        st.sampled_from(["\r\n", "\n", ""]),
+    ),
+)
+
+
+@given(st.lists(HEADER_LINE, max_size=40), st.binary(max_size=3))
+def test_header_fields_takes_what_a_line_by_line_reading_takes(lines: list[str], tail: bytes) -> None:
+    block = "".join(lines).encode("utf-8") + tail
+    names = ("message-id", "from", "reply-to", "disposition-notification-to")
+    assert header_fields(block, names) == line_by_line_fields(block, names)
+
+
+def test_header_fields_keeps_at_most_max_addresses_values_of_a_field() -> None:
+    block = b"".join(b"From: a%d@x\r\n continued\r\n" % n for n in range(MAX_ADDRESSES + 3))
+    got = header_fields(block, ("from",))["from"]
+    assert got == [f" a{n}@x continued" for n in range(MAX_ADDRESSES)]
 
 
 ATOM = st.text(

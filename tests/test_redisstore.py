@@ -91,6 +91,29 @@ def test_record_lookup_take_reply_and_merge(open_store: Opener) -> None:
     run(body())
 
 
+def test_a_record_group_is_each_record_merged_as_record_would(open_store: Opener) -> None:
+    async def body() -> None:
+        async with open_store(lambda: float(NOW)) as store:
+            await store.record(key(1), LedgerRecord(frozenset({A}), NOW + 100), 100)
+            await store.take_reply(key(1))
+            await store.record_group(
+                [
+                    (key(1), LedgerRecord(frozenset({B}), NOW + 50), 50),  # merged, count and expiry kept
+                    (key(2), LedgerRecord(frozenset({A}), NOW + 100), 100),
+                    (key(2), LedgerRecord(frozenset({C}), NOW + 200), 200),  # twice in one group
+                    (key(3), LedgerRecord(frozenset({C}), NOW + 100), 100),
+                ]
+            )
+            await store.record_group([])
+            assert await store.lookup([key(1), key(2), key(3)]) == {
+                key(1): LedgerEntry(LedgerRecord(frozenset({A, B}), NOW + 100), 1),
+                key(2): LedgerEntry(LedgerRecord(frozenset({A, C}), NOW + 200), 0),
+                key(3): LedgerEntry(LedgerRecord(frozenset({C}), NOW + 100), 0),
+            }
+
+    run(body())
+
+
 def test_a_merged_record_keeps_the_addresses_the_pure_merge_keeps(open_store: Opener) -> None:
     # Octets above 0x7f sort after the others only when compared as octets (not by a locale).
     first = frozenset(bytes([n * 7 % 256]) * 16 for n in range(30))
@@ -201,6 +224,7 @@ def test_an_outage_is_store_unavailable_and_the_same_client_recovers(redis_serve
             redis_server.stop()
             for operation in (
                 store.record(key(1), record, TTL),
+                store.record_group([(key(1), record, TTL), (key(2), record, TTL)]),
                 store.lookup([key(1)]),
                 store.take_reply(key(1)),
             ):

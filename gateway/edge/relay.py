@@ -31,9 +31,10 @@ from ..core import replies
 from ..core.logs import TransactionLog
 from ..core.replies import Reply
 from ..policy import ledger
-from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome, StoreUnavailable
+from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome
 from ..policy.messageids import FoundReferences, InboundReferences, OutboundHeaders
 from ..policy.policy import Action, Policy, Reason
+from ..policy.recorder import LedgerRecorder, Sent
 from .nexthop import (
     BASELINE,
     Capabilities,
@@ -117,7 +118,7 @@ class RelayWatch(Protocol):
 
     def transaction_done(self, role: object, seconds: float) -> None: ...
 
-    def ledger_record(self, outcome: str) -> None: ...
+    def ledger_record(self, outcome: str, count: int) -> None: ...
 
 
 @dataclass
@@ -404,13 +405,19 @@ class Relay:
     watch: RelayWatch | None = None
     # Told how each message ended (the next hop's reply to the final dot): one log line per message.
     on_transaction: Callable[[TransactionEvent], None] = field(default_factory=TransactionLog)
-    # The ledger records on their way to the store (RelaySession._record).
-    recording: set[asyncio.Task[None]] = field(default_factory=set)
+    # The ledger records on their way to the store (RelaySession._record), written behind the mail.
+    recorder: LedgerRecorder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recorder = LedgerRecorder(lambda: self.rules.ledger.store, "sessions", self._ledger_outcome)
 
     async def records_written(self) -> None:
         """Until every ledger record asked for so far is written (or has failed): before the store closes."""
-        while self.recording:
-            await asyncio.wait(tuple(self.recording))
+        await self.recorder.written()
+
+    def _ledger_outcome(self, outcome: RecordOutcome, sessions: tuple[str, ...]) -> None:
+        if self.watch is not None:
+            self.watch.ledger_record(outcome.value, len(sessions))
 
     def on_decision(self, observer: DecisionObserver) -> None:
         """Subscribe to every recipient decision (the log line and the metrics do)."""
@@ -867,39 +874,19 @@ class RelaySession:
         )
 
     def _record(self) -> None:
-        """Record the message the next hop took, without holding up the client's reply: the store commits
-        what the sessions ask for in groups (ledgerstore.py). An outage is logged and counted; the client's
-        message is never failed for it (an answer to it would be refused later, nothing worse)."""
+        """Record the message the next hop took, without holding up the client's reply: the recorder makes
+        and writes the records in groups (gateway/policy/recorder.py). An outage is logged and counted;
+        the client's message is never failed for it (an answer to it would be refused later, nothing
+        worse)."""
         headers, self._headers = self._headers, None
         assert headers is not None and self._rules is not None and self._rules.ledger_keys is not None
         settings = self.relay.rules.ledger
         mail = self._mail
         sender = None if mail is None or mail.sender is None else str(mail.sender)
-        recording = ledger.make_record(
-            self._rules.ledger_keys, headers.result(), sender, int(settings.clock()), settings.days
+        now = int(settings.clock())
+        self.relay.recorder.add(
+            Sent(self._rules.ledger_keys, headers, sender, now, settings.days, self.info.session)
         )
-        if recording.outcome is RecordOutcome.RECORDED and recording.key and recording.record:
-            task = asyncio.get_running_loop().create_task(
-                self._store_record(settings.store, recording.key, recording.record, recording.ttl)
-            )
-            self.relay.recording.add(task)  # a strong reference until it is done
-            task.add_done_callback(self.relay.recording.discard)
-        elif self.relay.watch is not None:
-            self.relay.watch.ledger_record(recording.outcome.value)
-
-    async def _store_record(
-        self, store: LedgerStore | None, key: bytes, record: ledger.LedgerRecord, ttl: int
-    ) -> None:
-        outcome = RecordOutcome.RECORDED
-        try:
-            if store is None:
-                raise StoreUnavailable("the ledger store is closed")
-            await store.record(key, record, ttl)
-        except StoreUnavailable as error:
-            outcome = RecordOutcome.STORE_UNAVAILABLE
-            log.warning("session %s: message not recorded in the ledger: %s", self.info.session, error)
-        if self.relay.watch is not None:
-            self.relay.watch.ledger_record(outcome.value)
 
     # ------------------------------------------------------------------ the end of a transaction
 

@@ -9,11 +9,9 @@ the measured costs.
 Expiry is lazy: a lookup leaves expired rows out, and each write transaction deletes at most
 `purge_batch` of them (bounded work per call; the index on `expires` finds them without a scan).
 
-Records are committed in groups: a record waits up to `COMMIT_DELAY` for others, and they go together
-in one transaction (at most `RECORD_BATCH`); each caller's `record` returns once its group is committed.
-A busy outbound role thus pays one transaction and one thread hop per group rather than per message: one
-per message cost about a third of its 1 KiB rate (bench/smtp.py --ledger). The relay does not hold the
-client's reply for it.
+Records come in groups (`record_group`: gateway/policy/recorder.py gathers them behind the mail), and a
+group is one transaction and one thread hop: one per message cost about a third of the outbound role's
+1 KiB rate (bench/smtp.py --ledger).
 
 Every failure is StoreUnavailable, which the decision turns into 451 4.3.0: a lock held past
 `busy_timeout`, a disk or format error, and the file removed or replaced under us. A file that is gone is
@@ -45,12 +43,10 @@ T = TypeVar("T")
 BUSY_TIMEOUT = 1.0  # seconds a call waits for another process's write lock
 PURGE_BATCH = 64  # expired rows deleted per record() at most
 MAX_LOOKUP = 64  # keys per lookup (the inbound scan yields at most 32)
-RECORD_BATCH = 250  # records committed in one transaction at most (under SQLite's 999 "?" marks)
-# Seconds a record waits for others to share its transaction. Each statement the store thread runs hands
-# the GIL back and forth with the event loop (measured: docs/ledger.md), so fewer, larger groups cost the
-# loop less; an answer to a message comes seconds after it at the soonest.
-COMMIT_DELAY = 0.1
-_INSERT_ROWS = 200  # rows per INSERT statement: 4 "?" marks a row, under SQLite's 999
+RECORD_BATCH = 1000  # records committed in one transaction at most
+# Statements stay under SQLite's oldest limit of 999 "?" marks (SQLITE_MAX_VARIABLE_NUMBER before 3.32).
+_INSERT_ROWS = 200  # rows per INSERT statement: 4 "?" marks a row
+_SELECT_KEYS = 500  # keys per SELECT
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger ("
@@ -81,10 +77,8 @@ class SqliteLedgerStore:
         busy_timeout: float = BUSY_TIMEOUT,
         purge_batch: int = PURGE_BATCH,
         clock: Callable[[], float] = time.time,
-        commit_delay: float = COMMIT_DELAY,
     ) -> None:
         self.path = Path(path)
-        self.commit_delay = commit_delay
         self.busy_timeout = busy_timeout
         self.purge_batch = purge_batch
         self.clock = clock
@@ -92,9 +86,6 @@ class SqliteLedgerStore:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._closed = False
-        # Records waiting for the next group commit, and the task that commits them.
-        self._waiting: list[tuple[bytes, LedgerRecord, asyncio.Future[None]]] = []
-        self._committer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -103,9 +94,8 @@ class SqliteLedgerStore:
         busy_timeout: float = BUSY_TIMEOUT,
         purge_batch: int = PURGE_BATCH,
         clock: Callable[[], float] = time.time,
-        commit_delay: float = COMMIT_DELAY,
     ) -> SqliteLedgerStore:
-        store = cls(path, busy_timeout, purge_batch, clock, commit_delay)
+        store = cls(path, busy_timeout, purge_batch, clock)
         try:
             await store._run(store._create)
         except StoreUnavailable:
@@ -115,35 +105,13 @@ class SqliteLedgerStore:
 
     # --- the LedgerStore interface -------------------------------------------------------------------
     async def record(self, key: bytes, record: LedgerRecord, ttl: int) -> None:
-        # SQLite keeps record.expires; `ttl` is for stores that expire keys themselves (Redis).
-        if self._closed:
-            raise StoreUnavailable(f"ledger store {self.path} is closed")
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append((key, record, done))
-        if self._committer is None:
-            self._committer = asyncio.get_running_loop().create_task(self._commit_groups())
-        await done
+        await self.record_group(((key, record, ttl),))
 
-    async def _commit_groups(self) -> None:
-        try:
-            while self._waiting:
-                if len(self._waiting) < RECORD_BATCH and self.commit_delay > 0:
-                    await asyncio.sleep(self.commit_delay)
-                group, self._waiting = self._waiting[:RECORD_BATCH], self._waiting[RECORD_BATCH:]
-                failure: Exception | None = None
-                try:
-                    await self._run(self._record_group, [(key, record) for key, record, _ in group])
-                except Exception as error:  # every waiting caller hears of it, whatever it was
-                    failure = error
-                for _, _, done in group:
-                    if done.done():
-                        continue
-                    if failure is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(StoreUnavailable(str(failure)))
-        finally:
-            self._committer = None
+    async def record_group(self, items: Sequence[tuple[bytes, LedgerRecord, int]]) -> None:
+        # SQLite keeps record.expires; the ttl is for stores that expire keys themselves (Redis).
+        for start in range(0, len(items), RECORD_BATCH):
+            part = [(key, record) for key, record, _ in items[start : start + RECORD_BATCH]]
+            await self._run(self._record_group, part)
 
     async def lookup(self, keys: Sequence[bytes]) -> Mapping[bytes, LedgerEntry]:
         if not keys:
@@ -156,10 +124,9 @@ class SqliteLedgerStore:
     async def close(self) -> None:
         if self._closed:
             return
-        while self._committer is not None:  # what was asked for before the close is written
-            await asyncio.shield(self._committer)
         self._closed = True
         try:
+            # One thread, first in first out: a write already handed to it is committed before this.
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         finally:
             self._executor.shutdown(wait=True)
@@ -244,14 +211,16 @@ class SqliteLedgerStore:
         try:
             # A new Message-ID is the rule: those rows are written in one statement; a key already there
             # (another transaction of the same message) is merged with what it holds.
-            marks = ",".join("?" * len(merged))
-            found = {
-                row[0]: row[1:]
+            keys = tuple(merged)
+            found = {}
+            for start in range(0, len(keys), _SELECT_KEYS):
+                asked = keys[start : start + _SELECT_KEYS]
+                marks = ",".join("?" * len(asked))
                 for row in db.execute(
                     f"SELECT key, addresses, expires, replies FROM ledger WHERE key IN ({marks})",  # noqa: S608 (only "?" marks)
-                    tuple(merged),
-                )
-            }
+                    asked,
+                ):
+                    found[row[0]] = row[1:]
             rows = []
             for key, record in merged.items():
                 replies = 0

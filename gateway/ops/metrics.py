@@ -375,8 +375,8 @@ class Metrics:
     def transaction_done(self, role: object, seconds: float) -> None:
         self.transaction_seconds.observe(_label(role), seconds)
 
-    def ledger_record(self, outcome: str) -> None:
-        self._child(self.ledger_records, outcome).inc()
+    def ledger_record(self, outcome: str, count: int = 1) -> None:
+        self._child(self.ledger_records, outcome).inc(count)
 
     def srs_rewrite(self, direction: str) -> None:
         self.srs.labels(direction).inc()

@@ -187,10 +187,29 @@ class RedisLedgerStore:
     def key(self, key: bytes) -> str:
         return f"{self.state.key_prefix}ledger:{key.hex()}"
 
+    def _record_args(self, record: LedgerRecord, ttl: int, now: int) -> list[bytes | int]:
+        addresses = _pack(record.addresses)
+        return [addresses, record.expires, max(1, ttl), now, MAX_RECORD_ADDRESSES, ADDRESS_KEY_SIZE]
+
     async def record(self, key: bytes, record: LedgerRecord, ttl: int) -> None:
-        args: list[bytes | int] = [_pack(record.addresses), record.expires, max(1, ttl), int(self.clock())]
-        args += [MAX_RECORD_ADDRESSES, ADDRESS_KEY_SIZE]
+        args = self._record_args(record, ttl, int(self.clock()))
         await self.state.call(lambda: self._record(keys=[self.key(key)], args=args))
+
+    async def record_group(self, items: Sequence[tuple[bytes, LedgerRecord, int]]) -> None:
+        if not items:
+            return
+        now = int(self.clock())
+
+        async def write() -> None:
+            # One round trip for the group; not a transaction (in a Cluster the keys are on many nodes).
+            pipe = self.state.client.pipeline(transaction=False)
+            for key, record, ttl in items:
+                # With a pipeline the script call only queues (EVALSHA, loaded at execute if missing).
+                args = self._record_args(record, ttl, now)
+                await self._record(keys=[self.key(key)], args=args, client=pipe)
+            await pipe.execute()
+
+        await self.state.call(write)
 
     async def lookup(self, keys: Sequence[bytes]) -> Mapping[bytes, LedgerEntry]:
         wanted = tuple(keys[:MAX_LOOKUP])

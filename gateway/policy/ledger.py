@@ -8,7 +8,8 @@ to a recorded Message-ID and its recipient is one of the addresses recorded for 
 
 This module is the pure part (keys, records, the decision, their replies) and the store's interface
 (`LedgerStore`); `check` strings them together over any store and does no IO of its own. The SQLite store
-is `ledgerstore.py`. What is stored, for how long and at what cost: docs/ledger.md.
+is `ledgerstore.py`; `recorder.py` writes records behind the mail. What is stored, for how long and at
+what cost: docs/ledger.md.
 
 Keys are HMAC-SHA256 under the ledger secret, so the store never holds a Message-ID in clear. The
 recipient addresses are stored as HMACs too (truncated to 16 octets), though the issue only asks it of
@@ -144,6 +145,11 @@ class LedgerStore(Protocol):
 
     async def record(self, key: bytes, record: LedgerRecord, ttl: int) -> None:
         """Store `record` under `key` for `ttl` seconds, merged with one already there."""
+
+    async def record_group(self, items: Sequence[tuple[bytes, LedgerRecord, int]]) -> None:
+        """`record` for each (key, record, ttl), in as few round trips as the store allows (the relay
+        writes its records behind the mail in groups: recorder.py). After StoreUnavailable some of them
+        may be written; the caller counts none."""
 
     async def lookup(self, keys: Sequence[bytes]) -> Mapping[bytes, LedgerEntry]:
         """The live entries among `keys` (missing and expired ones are left out)."""

@@ -27,9 +27,10 @@ from collections.abc import Callable
 from ..core.logs import log_fields
 from ..core.replies import Reply, ledger_unavailable
 from ..policy import ledger
-from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome, StoreUnavailable
+from ..policy.ledger import LedgerKeys, LedgerStore, LedgerVerdict, RecordOutcome
 from ..policy.messageids import HEADER_LIMIT, SCAN_LIMIT, InboundReferences, OutboundHeaders
 from ..policy.policy import Action, Policy, RcptVerdict, Reason
+from ..policy.recorder import LedgerRecorder, Sent
 from .milterd import Direction, FinishedMessage
 from .socketmap import PolicySource
 
@@ -66,7 +67,7 @@ class LedgerHook:
         self.days = days
         self.max_replies = max_replies
         self.clock = clock
-        self.recording: set[asyncio.Task[None]] = set()
+        self.recorder = LedgerRecorder(lambda: self.store, "queue ids", self._not_ledgered)
 
     def reads(self, policy: Policy) -> bool:
         return policy.ledger_keys is not None
@@ -111,33 +112,20 @@ class LedgerHook:
         headers = OutboundHeaders()
         headers.feed(wire_stream(message.headers, b"", HEADER_LIMIT + 1))
         sender = None if message.sender is None else str(message.sender)
-        recording = ledger.make_record(keys, headers.result(), sender, int(self.clock()), self.days)
-        if recording.outcome is not RecordOutcome.RECORDED or not recording.key or not recording.record:
-            log_fields(
-                log,
-                logging.INFO,
-                "not ledgered",
-                event="ledger",
-                queue_id=message.queue_id,
-                outcome=recording.outcome.value,
-            )
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._store_record(message.queue_id, recording.key, recording.record, recording.ttl)
-        )
-        self.recording.add(task)  # a strong reference until it is done
-        task.add_done_callback(self.recording.discard)
+        now = int(self.clock())
+        self.recorder.add(Sent(keys, headers, sender, now, self.days, message.queue_id or "-"))
 
-    async def _store_record(self, queue_id: str, key: bytes, record: ledger.LedgerRecord, ttl: int) -> None:
-        try:
-            await self.store.record(key, record, ttl)
-        except StoreUnavailable as error:
-            log.warning("queue id %s: message not recorded in the ledger: %s", queue_id or "-", error)
+    def _not_ledgered(self, outcome: RecordOutcome, queue_ids: tuple[str, ...]) -> None:
+        if outcome in (RecordOutcome.RECORDED, RecordOutcome.STORE_UNAVAILABLE):
+            return  # the recorder logs a group the store could not take
+        for queue_id in queue_ids:
+            log_fields(
+                log, logging.INFO, "not ledgered", event="ledger", queue_id=queue_id, outcome=outcome.value
+            )
 
     async def records_written(self) -> None:
         """Until every record asked for so far is written (or has failed): before the store closes."""
-        if self.recording:
-            await asyncio.wait(list(self.recording))
+        await self.recorder.written()
 
     def _log(self, message: FinishedMessage, address: str, verdict: LedgerVerdict) -> None:
         reply = verdict.reply or verdict.would_reject
