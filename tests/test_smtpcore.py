@@ -750,3 +750,22 @@ def test_the_long_line_check_agrees_with_splitting(lengths: list[int], limit: in
     lines = b"".join(b"x" * n + b"\r\n" for n in lengths)
     expected = max(lengths) + 2 > limit
     assert DataDecoder(None, limit)._has_long_line(lines) is expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\x00", b"\r\n", b"\r\n."]), max_size=60),
+    st.booleans(),
+)
+def test_the_fast_path_takes_only_what_the_line_by_line_path_leaves_unchanged(
+    parts: list[bytes], after_crlf: bool
+) -> None:
+    # The line-by-line path changes every line that is not clean (a bare CR or LF, a NUL, a "." line
+    # after a bare LF): so the two agree on every input only if the fast path passes clean input alone.
+    lines = b"".join(parts) + b"\n"
+    if b"\r\n.\r\n" in lines or (after_crlf and lines.startswith(b".\r\n")):
+        return  # an end of DATA: found before the lines are looked at
+    fast, slow = DataDecoder(None, 1000), DataDecoder(None, 1000)
+    fast._after_crlf = slow._after_crlf = after_crlf
+    assert fast._lines(lines) == slow._slow_lines(lines)
+    assert fast._after_crlf == slow._after_crlf

@@ -65,6 +65,9 @@ DATA_FAILURE_REPLIES: dict[DataFailure, Reply] = {
 }
 
 _STRAY = re.compile(rb"[\r\x00]")
+# bytes.translate tables: 1 where the octet is CR (LF), 0 elsewhere (DataDecoder._lines).
+_CR_PLACES = bytes(int(octet == 0x0D) for octet in range(256))
+_LF_PLACES = bytes(int(octet == 0x0A) for octet in range(256))
 
 
 class DataDecoder:
@@ -162,10 +165,14 @@ class DataDecoder:
         return found + 2 if found >= 0 else -1
 
     def _lines(self, lines: bytes) -> bytes:
-        crlf = lines.count(b"\r\n")
+        # `lines` starts at a line start and ends with LF. Every CR is followed by LF and every LF
+        # preceded by CR exactly when the CRs' places, shifted on by one, are the LFs' places: two
+        # table lookups per octet and a memcmp, about half the cost of counting CRLF, CR and LF (three
+        # scans, CRLF's the slowest), which at 10 MiB was most of the gateway's CPU per message.
         if (
-            crlf == lines.count(b"\n") == lines.count(b"\r")
+            lines[:1] != b"\n"
             and b"\x00" not in lines
+            and _crlf_only(lines)
             and (self._after_crlf or not lines.startswith(b".\r\n"))
         ):
             # The fast path: only CRLF line ends, no NUL. Check line lengths only when a line could be long.
@@ -218,6 +225,21 @@ class DataDecoder:
         self._after_crlf = after_crlf
         out.append(b"")
         return b"\r\n".join(out)
+
+
+def _crlf_only(lines: bytes) -> bool:
+    """Whether every CR in `lines` is followed by LF and every LF after its first octet preceded by CR:
+    the CRs' places, shifted on by one, are the LFs' places. Compared a window at a time, so that no
+    copy is large enough to be a fresh mmap (whose page faults cost more than the scan saves)."""
+    end = len(lines) - 1
+    for start in range(0, end, _WINDOW):
+        stop = min(start + _WINDOW, end)
+        if lines[start:stop].translate(_CR_PLACES) != lines[start + 1 : stop + 1].translate(_LF_PLACES):
+            return False
+    return True
+
+
+_WINDOW = 32 * 1024
 
 
 # ------------------------------------------------------------------------------------------------ commands
