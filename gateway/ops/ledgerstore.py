@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError
-from ..policy.ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+from ..policy.ledger import LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+from ..policy.ledger import pack_address_keys as _pack
+from ..policy.ledger import unpack_address_keys as _unpack
 from ..policy.sqlitefile import SqliteFile, sqlite_setup
 
 if TYPE_CHECKING:
@@ -51,15 +53,6 @@ _SCHEMA = (
     ") WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS ledger_expires ON ledger (expires)",
 )
-
-
-def _pack(addresses: frozenset[bytes]) -> bytes:
-    return b"".join(sorted(addresses))
-
-
-def _unpack(blob: bytes) -> frozenset[bytes]:
-    size = ADDRESS_KEY_SIZE
-    return frozenset(blob[i : i + size] for i in range(0, len(blob) - size + 1, size))
 
 
 class SqliteLedgerStore(SqliteFile):
