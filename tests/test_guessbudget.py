@@ -304,26 +304,3 @@ def test_processes_charging_at_once_lose_no_charge(
         assert proc.returncode == 0, err.decode()
         delays += [float(line) for line in out.split()]
     assert sorted(delays) == [0.0, 0.0] + [float(n) for n in range(2 * count - 2)]
-
-
-def test_set_up_waits_out_a_lock_that_answers_at_once(tmp_path: Path) -> None:
-    """Every worker opens the one [state] file at once; a set-up statement can meet "database is locked"
-    without the busy handler waiting (timeout 0 here makes every lock answer at once): it is retried."""
-    import sqlite3
-    import threading
-
-    from gateway.policy.guessbudget import sqlite_setup
-
-    path = tmp_path / "state.sqlite"
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN EXCLUSIVE")
-    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
-    db = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            db.execute("CREATE TABLE first (x)")  # what set-up met before it retried
-        sqlite_setup(db, ("CREATE TABLE IF NOT EXISTS t (x)",), deadline=5)
-        assert db.execute("SELECT count(*) FROM t").fetchone() == (0,)
-    finally:
-        db.close()
-        holder.close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import AddressError
+from .errors import AddressError, GatewayError
 
 MAX_LOCAL = 64  # octets, RFC 5321 section 4.5.3.1.1
 MAX_DOMAIN = 255  # octets, section 4.5.3.1.2
@@ -235,6 +235,17 @@ def _check_domain(domain: str, text: str) -> None:
             )
         if len(label.encode("utf-8")) > MAX_LABEL:
             raise AddressError(f"{_show(text)}: domain label {label[:20]!r}... is over {MAX_LABEL} octets")
+
+
+def within_path_limit(address: Address, given: str, what: str, error: type[GatewayError]) -> str:
+    """`address`, which a signer or forwarder made from `given` by adding to it, as text; `error` if it
+    would be over the path limit (section 4.5.3.1.3): no next hop would take it."""
+    text = str(address)
+    if len(text.encode()) > MAX_ADDRESS:
+        raise error(
+            f"{_show(given)}: the {what} address would be over RFC 5321's {MAX_PATH}-octet path limit"
+        )
+    return text
 
 
 def _show(text: str) -> str:

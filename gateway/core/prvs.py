@@ -30,6 +30,7 @@ from .addresses import (
     parse_path,
     plain_lengths_ok,
     quote_local,
+    within_path_limit,
 )
 from .errors import AddressError, KeyringError, PrvsError
 from .keyring import Keyring
@@ -148,13 +149,7 @@ def sign(address: str, keyring: Keyring, today: int, lifetime: int = DEFAULT_LIF
     tagged_local = f"prvs={stamp}{digest[:3].hex()}={local}"
     if fast:
         return f"{tagged_local}@{domain}"
-    tagged = str(Address(tagged_local, domain))
-    if len(tagged.encode()) > MAX_ADDRESS:
-        raise PrvsError(
-            f"{_short(address)}: the signed address would be over RFC 5321's "
-            f"{MAX_ADDRESS + 2}-octet path limit"
-        )
-    return tagged
+    return within_path_limit(Address(tagged_local, domain), address, "signed", PrvsError)
 
 
 class PlainSigner:

@@ -33,7 +33,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .addresses import MAX_ADDRESS, MAX_LABEL, PLAIN_DOMAIN, Address, parse_domain, parse_path
+from .addresses import (
+    MAX_ADDRESS,
+    MAX_LABEL,
+    PLAIN_DOMAIN,
+    Address,
+    parse_domain,
+    parse_path,
+    within_path_limit,
+)
 from .errors import AddressError, SrsError
 from .keyring import _pads as keyring_pads
 
@@ -226,13 +234,7 @@ def forward_address(
         new_local = (
             f"SRS0{options.separator}{_hash(secrets[0], options, stamp, host, local)}={stamp}={host}={local}"
         )
-    rewritten = str(Address(new_local, alias_host))
-    if len(rewritten.encode()) > MAX_ADDRESS:
-        raise SrsError(
-            f"{_short(given or str(parsed))}: the SRS address would be over RFC 5321's "
-            f"{MAX_ADDRESS + 2}-octet path limit"
-        )
-    return rewritten
+    return within_path_limit(Address(new_local, alias_host), given or str(parsed), "SRS", SrsError)
 
 
 class PlainForwarder:

@@ -21,24 +21,20 @@ back at the path (restored, replaced) is opened again on the next call.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError
-from ..policy.guessbudget import sqlite_setup
-from ..policy.ledger import ADDRESS_KEY_SIZE, LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+from ..policy.ledger import LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
+from ..policy.ledger import pack_address_keys as _pack
+from ..policy.ledger import unpack_address_keys as _unpack
+from ..policy.sqlitefile import SqliteFile, sqlite_setup
 
 if TYPE_CHECKING:
     from .config import Config
-
-T = TypeVar("T")
 
 BUSY_TIMEOUT = 1.0  # seconds a call waits for another process's write lock
 PURGE_BATCH = 64  # expired rows deleted per record() at most
@@ -59,17 +55,11 @@ _SCHEMA = (
 )
 
 
-def _pack(addresses: frozenset[bytes]) -> bytes:
-    return b"".join(sorted(addresses))
-
-
-def _unpack(blob: bytes) -> frozenset[bytes]:
-    size = ADDRESS_KEY_SIZE
-    return frozenset(blob[i : i + size] for i in range(0, len(blob) - size + 1, size))
-
-
-class SqliteLedgerStore:
+class SqliteLedgerStore(SqliteFile):
     """`LedgerStore` on a SQLite file. Create it with `open` (makes the file, mode 0600, and the schema)."""
+
+    store_name = "ledger store"
+    thread_name = "ledger-sqlite"
 
     def __init__(
         self,
@@ -78,14 +68,9 @@ class SqliteLedgerStore:
         purge_batch: int = PURGE_BATCH,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
-        self.busy_timeout = busy_timeout
+        super().__init__(path, busy_timeout)
         self.purge_batch = purge_batch
         self.clock = clock
-        self._db: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
-        self._closed = False
 
     @classmethod
     async def open(
@@ -121,85 +106,24 @@ class SqliteLedgerStore:
     async def take_reply(self, key: bytes) -> int:
         return await self._run(self._take_reply, key)
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            # One thread, first in first out: a write already handed to it is committed before this.
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        finally:
-            self._executor.shutdown(wait=True)
-
     # --- on the store's thread -----------------------------------------------------------------------
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreUnavailable(f"ledger store {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guarded, fn, args)
-
-    def _guarded(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
-        try:
-            if fn != self._create:
-                self._check_file()
-            return fn(*args)
-        except StoreUnavailable:
-            raise
-        except (sqlite3.Error, OSError) as error:
-            # A connection that failed mid-transaction may be left inside it: start afresh next time.
-            self._close()
-            raise StoreUnavailable(f"ledger store {self.path}: {error}") from None
+    def _before_call(self, fn: Callable[..., object]) -> None:
+        if fn != self._create:
+            self._check_file()
 
     def _create(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        self._connect()
+        self._connect(create=True)
         sqlite_setup(self._conn(), _SCHEMA)
 
-    def _connect(self) -> None:
-        self._close()
-        stat = os.stat(self.path)
-        uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=rw"
-        db = sqlite3.connect(
-            uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            # WAL: readers never wait for the writer; NORMAL: a crash of the host may lose the last
-            # records (an answer to them is then refused), never corrupt the file.
-            sqlite_setup(db, ("PRAGMA journal_mode=WAL",))
-            mode = db.execute("PRAGMA journal_mode").fetchone()
-            if not mode or str(mode[0]).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        except BaseException:
-            db.close()
-            raise
-        self._db = db
-        self._identity = (stat.st_dev, stat.st_ino)
-
-    def _check_file(self) -> None:
-        """SQLite keeps writing to a file that was removed: notice it, and a file put in its place."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            self._close()
-            raise StoreUnavailable(f"ledger store {self.path} is gone") from None
-        if self._db is None or self._identity != (stat.st_dev, stat.st_ino):
-            self._connect()
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise StoreUnavailable(f"ledger store {self.path} is not open")
-        return self._db
-
-    def _close(self) -> None:
-        db, self._db, self._identity = self._db, None, None
-        if db is not None:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+    def _setup(self, db: sqlite3.Connection) -> None:
+        # WAL: readers never wait for the writer; NORMAL: a crash of the host may lose the last
+        # records (an answer to them is then refused), never corrupt the file.
+        sqlite_setup(db, ("PRAGMA journal_mode=WAL",))
+        mode = db.execute("PRAGMA journal_mode").fetchone()
+        if not mode or str(mode[0]).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot use WAL (journal_mode is {mode})")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
 
     def _record_group(self, group: list[tuple[bytes, LedgerRecord]]) -> None:
         db = self._conn()

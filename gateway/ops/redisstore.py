@@ -48,6 +48,8 @@ from ..policy.ledger import (
     LedgerRecord,
     LedgerStore,
     StoreUnavailable,
+    pack_address_keys,
+    unpack_address_keys,
 )
 from .state import redact
 
@@ -166,15 +168,6 @@ return {0, string.format('%.17g', delay)}
 """
 
 
-def _pack(addresses: frozenset[bytes]) -> bytes:
-    return b"".join(sorted(addresses))
-
-
-def _unpack(blob: bytes) -> frozenset[bytes]:
-    size = ADDRESS_KEY_SIZE
-    return frozenset(blob[i : i + size] for i in range(0, len(blob) - size + 1, size))
-
-
 class RedisLedgerStore:
     """`LedgerStore` on Redis: a hash per Message-ID key, with the record's TTL. `clock` is wall time."""
 
@@ -188,7 +181,7 @@ class RedisLedgerStore:
         return f"{self.state.key_prefix}ledger:{key.hex()}"
 
     def _record_args(self, record: LedgerRecord, ttl: int, now: int) -> list[bytes | int]:
-        addresses = _pack(record.addresses)
+        addresses = pack_address_keys(record.addresses)
         return [addresses, record.expires, max(1, ttl), now, MAX_RECORD_ADDRESSES, ADDRESS_KEY_SIZE]
 
     async def record(self, key: bytes, record: LedgerRecord, ttl: int) -> None:
@@ -228,7 +221,7 @@ class RedisLedgerStore:
         found = {}
         for key, (addresses, expires, replies) in zip(wanted, rows, strict=True):
             if expires is not None and int(expires) > now:
-                record = LedgerRecord(_unpack(addresses or b""), int(expires))
+                record = LedgerRecord(unpack_address_keys(addresses or b""), int(expires))
                 found[key] = LedgerEntry(record, int(replies or 0))
         return found
 

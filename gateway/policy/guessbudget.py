@@ -25,25 +25,20 @@ one when the store is back, every charge answered locally counted) and asks the 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
-import os
 import sqlite3
-import time
-import urllib.parse
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from ..core import logs
 from .guard import NO_PENALTY, GuardSettings, GuessLimiter, Penalty, client_network
 from .ledger import StoreUnavailable
+from .sqlitefile import SqliteFile, sqlite_setup
 
-T = TypeVar("T")
 log = logging.getLogger("gateway.state")
 
 NETWORK_FACTOR = 4  # [state] guess_network_factor: a /24 or /48 gets 4 times one client's budget
@@ -186,31 +181,6 @@ class LocalBudget:
         return None
 
 
-SETUP_RETRY_SECONDS = 10.0  # how long opening a shared SQLite file may retry a lock (see `sqlite_setup`)
-
-
-def sqlite_setup(
-    db: sqlite3.Connection, statements: Sequence[str], deadline: float = SETUP_RETRY_SECONDS
-) -> None:
-    """Run a connection's set-up statements (PRAGMA journal_mode=WAL, the schema) on a file that other
-    processes open at the same moment: every worker of a host starts at once on the one [state] file. The
-    switch to WAL and the first schema write can answer "database is locked" at once, without waiting in
-    the busy handler, while another process does the same; so the set-up is retried, briefly and bounded,
-    before it counts as the store being unavailable. Each statement is idempotent."""
-    give_up = time.monotonic() + deadline
-    pause = 0.01
-    while True:
-        try:
-            for statement in statements:
-                db.execute(statement)
-            return
-        except sqlite3.OperationalError as error:
-            if ("locked" not in str(error) and "busy" not in str(error)) or time.monotonic() > give_up:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.2)
-
-
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS budget ("
     " key TEXT PRIMARY KEY,"  # "<check>:ip:<address or /64>" or "<check>:net:<the /24 or /48>"
@@ -220,72 +190,33 @@ _SCHEMA = (
 )
 
 
-class SqliteBudget:
+class SqliteBudget(SqliteFile):
     """A `RateBudget` in an SQLite file shared by every worker of one host (the [state] file, beside the
     ledger's table). One short write transaction per charge; a thread per budget, as ledgerstore.py.
     Run-out buckets are deleted `purge_batch` at a time by the charges themselves."""
 
+    store_name = "budget store"
+    thread_name = "budget-sqlite"
+
     def __init__(
         self, rule: BudgetRule, path: Path, busy_timeout: float = BUSY_TIMEOUT, purge_batch: int = PURGE_BATCH
     ) -> None:
+        super().__init__(path, busy_timeout)
         self.rule = rule
-        self.path = Path(path)
-        self.busy_timeout = busy_timeout
         self.purge_batch = purge_batch
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="budget-sqlite")
-        self._closed = False
 
     async def charge(self, client_ip: str, now: float) -> Penalty:
         if not self.rule.enabled:
             return NO_PENALTY
         return await self._run(self._charge, self.rule.buckets(client_ip), now)
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        finally:
-            self._executor.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._closed:
-            raise StoreUnavailable(f"budget store {self.path} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._guarded, fn, args)
-
-    def _guarded(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
-        try:
-            return fn(*args)
-        except (sqlite3.Error, OSError) as error:
-            self._close()  # a connection that failed mid-transaction starts afresh next time
-            raise StoreUnavailable(f"budget store {self.path}: {error}") from None
-
-    def _conn(self) -> sqlite3.Connection:
+    def _before_call(self, fn: Callable[..., object]) -> None:
         if self._db is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            uri = "file:" + urllib.parse.quote(str(self.path.absolute())) + "?mode=rw"
-            db = sqlite3.connect(
-                uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            try:
-                # A budget lost in a host crash only forgives some guesses: no fsync per charge.
-                sqlite_setup(db, ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", *_SCHEMA))
-            except BaseException:
-                db.close()
-                raise
-            self._db = db
-        return self._db
+            self._connect(create=True)
 
-    def _close(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+    def _setup(self, db: sqlite3.Connection) -> None:
+        # A budget lost in a host crash only forgives some guesses: no fsync per charge.
+        sqlite_setup(db, ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", *_SCHEMA))
 
     def _charge(self, buckets: tuple[Bucket, ...], now: float) -> Penalty:
         db = self._conn()

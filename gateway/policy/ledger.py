@@ -92,6 +92,16 @@ class LedgerRecord:
         return LedgerRecord(addresses, max(self.expires, other.expires))
 
 
+def pack_address_keys(addresses: frozenset[bytes]) -> bytes:
+    """A record's address keys as the stores keep them: sorted, one after another (ADDRESS_KEY_SIZE each)."""
+    return b"".join(sorted(addresses))
+
+
+def unpack_address_keys(blob: bytes) -> frozenset[bytes]:
+    size = ADDRESS_KEY_SIZE
+    return frozenset(blob[i : i + size] for i in range(0, len(blob) - size + 1, size))
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     """What the store answers for one key: the record, and how many messages it has vouched for."""

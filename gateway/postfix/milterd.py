@@ -321,15 +321,8 @@ class MilterSession:
         return out
 
     def _log_rcpt(self, t: _Transaction, verdict: RcptVerdict) -> None:
-        log_fields(
-            log,
-            logging.INFO,
-            "decision",
-            event="decision",
-            queue_id=self._macros().get("i", ""),
-            client=self.client,
-            role=t.direction.value,
-            sender=str(t.sender or ""),
+        self._log_decision(
+            t,
             recipient=verdict.address,
             verdict=verdict.action.value,
             reason=verdict.reason.value,
@@ -337,6 +330,9 @@ class MilterSession:
         )
 
     def _log_sender(self, t: _Transaction, action: str, reason: str, address: str) -> None:
+        self._log_decision(t, rewritten=address, verdict=action, reason=reason)
+
+    def _log_decision(self, t: _Transaction, **fields: object) -> None:
         log_fields(
             log,
             logging.INFO,
@@ -346,9 +342,7 @@ class MilterSession:
             client=self.client,
             role=t.direction.value,
             sender=str(t.sender or ""),
-            rewritten=address,
-            verdict=action,
-            reason=reason,
+            **fields,
         )
 
 
