@@ -730,3 +730,20 @@ def test_a_failure_of_ours_costs_one_connection_not_the_service(caplog: pytest.L
     with caplog.at_level(logging.ERROR, logger="gateway.milter"):
         assert run(serving(body, hook=BrokenHook())) == (b"", ("6",))
     assert "milter session failed; connection closed" in caplog.text
+
+
+def test_every_decision_line_names_the_queue_id_client_role_and_sender(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.milter"):
+        outbound_eom("user@example.org", ["friend@remote.test"])
+    lines = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.name == "gateway.milter"]
+    assert lines, "no decision line"
+    for fields in lines:
+        assert fields["event"] == "decision"
+        assert {"queue_id", "client", "role", "sender", "verdict", "reason"} <= set(fields)
+        assert (fields["client"], fields["role"], fields["sender"]) == (
+            "127.0.0.1",
+            "outbound",
+            "user@example.org",
+        )
