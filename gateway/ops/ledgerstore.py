@@ -28,9 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError
-from ..policy.ledger import LedgerEntry, LedgerRecord, LedgerStore, StoreUnavailable
-from ..policy.ledger import pack_address_keys as _pack
-from ..policy.ledger import unpack_address_keys as _unpack
+from ..policy.ledger import (
+    LedgerEntry,
+    LedgerRecord,
+    LedgerStore,
+    StoreUnavailable,
+    pack_address_keys,
+    unpack_address_keys,
+)
 from ..policy.sqlitefile import SqliteFile, sqlite_setup
 
 if TYPE_CHECKING:
@@ -150,9 +155,9 @@ class SqliteLedgerStore(SqliteFile):
                 replies = 0
                 old = found.get(key)
                 if old is not None and old[1] > now:
-                    record = record.merge(LedgerRecord(_unpack(old[0]), old[1]))
+                    record = record.merge(LedgerRecord(unpack_address_keys(old[0]), old[1]))
                     replies = old[2]
-                rows.append((key, _pack(record.addresses), record.expires, replies))
+                rows.append((key, pack_address_keys(record.addresses), record.expires, replies))
             # One statement for many rows, not executemany: each step releases and retakes the GIL.
             for start in range(0, len(rows), _INSERT_ROWS):
                 part = rows[start : start + _INSERT_ROWS]
@@ -182,7 +187,9 @@ class SqliteLedgerStore(SqliteFile):
             )
             .fetchall()
         )
-        return {row[0]: LedgerEntry(LedgerRecord(_unpack(row[1]), row[2]), row[3]) for row in rows}
+        return {
+            row[0]: LedgerEntry(LedgerRecord(unpack_address_keys(row[1]), row[2]), row[3]) for row in rows
+        }
 
     def _take_reply(self, key: bytes) -> int:
         row = (
