@@ -31,11 +31,15 @@ from tests.smtp_peers import FakeNextHop, RawClient
 
 NOW = datetime.now(UTC)
 
+# workers = 1: serve.run here runs in the test's own process, one process with its own budgets and no
+# [state] file; and the `serve` command's one process speaks to systemd itself, naming its listeners in
+# STATUS (several workers' main process says "serving: N workers": tests/test_workers.py).
 CONFIG = """
 [gateway]
 hostname = "mx.test"
 keyring = "{keyring}"
 local_domains = ["example.com"]
+workers = 1
 
 [policy]
 observe_domains = {observe}
@@ -376,9 +380,6 @@ def test_batv_gateway_serve_speaks_sd_notify_and_serves_metrics(tmp_path: Path) 
         CONFIG.format(keyring=tmp_path / "keyring.toml", observe="[]", next_hop=1)
         + '\n[log]\nformat = "json"\n'
     )
-    # One process, which speaks to systemd itself and names its listeners in STATUS (several workers' main
-    # process says "serving: N workers": tests/test_workers.py).
-    config.write_text(config.read_text().replace("[gateway]\n", "[gateway]\nworkers = 1\n", 1))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(20)
