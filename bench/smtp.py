@@ -12,7 +12,7 @@ that system's delivered count:
     naive        smtp-source -> bench/naive_relay.py -> smtp-sink
     outbound     smtp-source -> batv-gateway serve --role outbound (signs every sender) -> smtp-sink
     inbound      smtp-source -f '' -t <a prvs-signed recipient> -> serve --role inbound (strips it) -> sink
-    outbound-w2  the same with `[gateway] workers = 2` (outbound and inbound run the default, 1)
+    outbound-w2  the same with `[gateway] workers = 2` (outbound and inbound run the default, "auto")
     inbound-w2
     postfix      smtp-source -> a private Postfix with postsrsd as sender_canonical_maps -> smtp-sink
     flood        smtp-source -A -f '' -t <a forged tag> -> serve --role inbound: every RCPT refused
@@ -97,9 +97,10 @@ SMOKE_CASES = (
     Case("forged-bounce flood, 20 sessions", 100, 20, 100, flood=True),
 )
 
+AUTO = "auto"  # --workers: the gateway's default, [gateway] workers = "auto" (one per CPU)
 RELAY_SYSTEMS = ("limit", "naive", "outbound", "inbound", "outbound-w2", "inbound-w2", "postfix")
 FLOOD_SYSTEMS = ("limit", "inbound", "inbound-w2")
-# A gateway system's role, and whether it runs `--workers` (the default 1) or two workers.
+# A gateway system's role, and whether it runs `--workers` (the gateway's default, "auto") or two workers.
 GATEWAY_ROLES = {
     "outbound": "outbound",
     "inbound": "inbound",
@@ -437,7 +438,7 @@ class PostfixRelay:
 class Bench:
     workdir: Path
     gateway_args: list[str]
-    workers: int
+    workers: int | str  # a number, or AUTO: no workers line, the gateway's own default
     config_extra: str = ""  # TOML appended to every gateway config (lever experiments)
     keyring_path: Path = field(init=False)
 
@@ -472,7 +473,7 @@ class Bench:
         bad = hashpart[:4] + ("000000" if hashpart[4:] != "000000" else "111111")
         return f"{head}={bad}={local}@{rest}"
 
-    def config(self, name: str, flood: bool, workers: int) -> Path:
+    def config(self, name: str, flood: bool, workers: int | str) -> Path:
         limits = [
             f"message_size_limit = {SIZE_LIMIT}",
             # smtp-source opens every session from 127.0.0.1: the per-client limit would refuse the
@@ -489,7 +490,7 @@ class Bench:
                 'hostname = "gateway.bench.example"',
                 f'keyring = "{self.keyring_path}"',
                 f'local_domains = ["{SIGNED_DOMAIN}"]',
-                f"workers = {workers}",
+                *([] if workers == AUTO else [f"workers = {workers}"]),
                 "[limits]",
                 *limits,
                 self.config_extra,
@@ -501,7 +502,7 @@ class Bench:
         return path
 
     def gateway(self, name: str, system: str, next_hop: int, flood: bool = False) -> Server:
-        """A gateway system: its role, and `workers` (the default 1, or --workers) or 2 for the -w2 ones."""
+        """A gateway system: its role, and `workers` (--workers; default the gateway's) or 2 for -w2 ones."""
         role = GATEWAY_ROLES[system]
         workers = 2 if system.endswith("-w2") else self.workers
         port = free_port()
@@ -1258,7 +1259,7 @@ def header_lines(args: argparse.Namespace, started: float) -> list[str]:
         "× naive and × limit are medians of the per-round ratios. Gateway CPU is user+sys of its "
         "whole process tree from /proc ('of it sys': the kernel's part, its socket calls); peak RSS is "
         "the largest VmHWM of any one process of it. "
-        f"Gateway workers: {args.workers} for outbound and inbound, 2 for the -w2 systems; "
+        f"Gateway workers: {workers_text(args.workers)} for outbound and inbound, 2 for the -w2 systems; "
         f"extra serve flags: {' '.join(args.gateway_arg) or 'none'}; "
         f"extra config: {args.config_extra or 'none'}. "
         "Postfix (a private instance, postsrsd as sender_canonical_maps) queues: its time runs until its "
@@ -1341,10 +1342,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         type=workers_arg,
-        default=1,
+        default=AUTO,
         # The default config, as a README install gets it; the -w2 systems run two in the same rounds.
-        help="[gateway] workers of the outbound and inbound systems (default 1, the gateway's own; "
-        "'cpus': one per CPU, as a dedicated host would run it)",
+        help="[gateway] workers of the outbound and inbound systems (default auto, the gateway's own: "
+        "one per CPU; 'cpus' is the same count written as a number)",
     )
     parser.add_argument(
         "--latency-seconds", type=float, help="length of one paced latency run (default 5; 1 with --smoke)"
@@ -1427,10 +1428,19 @@ def render(args: argparse.Namespace) -> int:
     return 0
 
 
-def workers_arg(text: str) -> int:
+def workers_arg(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
     if text == "cpus":
         return len(os.sched_getaffinity(0))
     return int(text)
+
+
+def workers_text(workers: int | str) -> str:
+    """--workers as the results say it: "auto" with the count it gives on this machine."""
+    if workers == AUTO:
+        return f'"auto" ({min(64, len(os.sched_getaffinity(0)))} here)'
+    return str(workers)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -1467,7 +1477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if uses_gateway or args.ledger:
             bench.make_keyring()
         if args.ledger:
-            log(f"{LEDGER_CASE.name}: {args.rounds} rounds, {args.workers} workers")
+            log(f"{LEDGER_CASE.name}: {args.rounds} rounds, {workers_text(args.workers)} workers")
             ratio, problems = ledger_comparison(bench, args.rounds, args.scale, log)
             for p in problems:
                 log(f"PROBLEM: {p}")

@@ -79,6 +79,19 @@ def test_the_ledger_line_says_where_it_is_and_never_the_secret(
     assert "ledger off ([ledger] enabled = false)" in capsys.readouterr().out
 
 
+def test_the_workers_line_says_how_many_and_whether_auto_chose(
+    setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = setup
+    assert main(["check-config", "--config", str(config)]) == 0
+    count = min(config_mod.MAX_WORKERS, config_mod.cpus())
+    auto = f'workers: {count} ("auto": one per CPU this process may run on; 1 if the [state] file'
+    assert auto in capsys.readouterr().out  # no workers line in the config: the default
+    config.write_text(config.read_text().replace("[gateway]\n", "[gateway]\nworkers = 3\n"))
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "\nworkers: 3\n" in capsys.readouterr().out
+
+
 def test_quiet(setup: tuple[Path, keystore.KeyringFile], capsys: pytest.CaptureFixture[str]) -> None:
     config, _ = setup
     assert main(["check-config", "--config", str(config), "--quiet"]) == 0

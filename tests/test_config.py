@@ -309,10 +309,12 @@ def test_the_ledger_table_is_strict(table: dict[str, object], message: str) -> N
 
 
 def test_workers_auto_is_one_per_cpu_this_process_may_use(tmp_path: Path) -> None:
-    assert config.default().workers == 1
-    auto = config.load(write(tmp_path, '[gateway]\nworkers = "auto"\n')).workers
-    assert auto == min(config.MAX_WORKERS, len(os.sched_getaffinity(0))) >= 1
-    assert config.load(write(tmp_path, "[gateway]\nworkers = 3\n")).workers == 3
+    auto = config.load(write(tmp_path, '[gateway]\nworkers = "auto"\n'))
+    assert auto.workers == min(config.MAX_WORKERS, len(os.sched_getaffinity(0))) >= 1 and auto.workers_auto
+    # "auto" is the default (issue 14: fast by default).
+    assert (config.default().workers, config.default().workers_auto) == (auto.workers, True)
+    three = config.load(write(tmp_path, "[gateway]\nworkers = 3\n"))
+    assert (three.workers, three.workers_auto) == (3, False)
     for wrong in ['"all"', "0", "65"]:
         with pytest.raises(ConfigError, match=r"\[gateway\] workers: expected a whole number from 1 to 64"):
             config.load(write(tmp_path, f"[gateway]\nworkers = {wrong}\n"))

@@ -477,6 +477,8 @@ def test_kubernetes_deployment_shape() -> None:
     # The grace period covers the preStop pause and the drain deadline.
     pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     cfg = configmap_config()
+    # One process per pod: "auto" would count the node's CPUs, and the [state] file has no writable folder.
+    assert (cfg.workers, cfg.workers_auto) == (1, False)
     assert pod["terminationGracePeriodSeconds"] > pause + cfg.limits.shutdown_deadline
     # The probes and the Prometheus Service reach the port the config's metrics endpoint listens on.
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}

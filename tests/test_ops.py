@@ -31,11 +31,15 @@ from tests.smtp_peers import FakeNextHop, RawClient
 
 NOW = datetime.now(UTC)
 
+# workers = 1: serve.run here runs in the test's own process, one process with its own budgets and no
+# [state] file; and the `serve` command's one process speaks to systemd itself, naming its listeners in
+# STATUS (several workers' main process says "serving: N workers": tests/test_workers.py).
 CONFIG = """
 [gateway]
 hostname = "mx.test"
 keyring = "{keyring}"
 local_domains = ["example.com"]
+workers = 1
 
 [policy]
 observe_domains = {observe}

@@ -207,7 +207,9 @@ def test_restart_needed_names_the_settings() -> None:
         }
     )
     (mx,) = base.listeners
-    moved = replace(base, listeners=(replace(mx, listen=config_mod.HostPort("127.0.0.1", 26)),), workers=2)
+    moved = replace(
+        base, listeners=(replace(mx, listen=config_mod.HostPort("127.0.0.1", 26)),), workers=base.workers + 1
+    )
     assert restart_needed(base, moved) == ("listener mx listen", "workers")
     limited = replace(base, limits=replace(base.limits, max_sessions=1))
     assert restart_needed(base, limited) == ("limits",)

@@ -3,14 +3,17 @@ and the redaction of a Redis URL's secrets."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
+from gateway.core.errors import ConfigError
 from gateway.ops import config
 from gateway.ops.redisstore import RedisLedgerStore
-from gateway.ops.state import make_stores, redact, state_path, url_problem, url_secrets
+from gateway.ops.state import make_stores, redact, state_path, url_problem, url_secrets, workers_that_start
 from gateway.policy.guard import NO_PENALTY, Penalty
 from gateway.policy.ledger import LedgerRecord
 from tests.redis_server import RedisServer
@@ -98,5 +101,66 @@ def test_redact_leaves_the_password_out(url: str, shown: str) -> None:
 
 
 def test_url_problem_accepts_the_three_schemes() -> None:
-    for url in ("redis://10.0.0.5:6379/0", "rediss://:pw@redis.example.com/0", "unix:///run/redis/redis.sock"):
+    for url in (
+        "redis://10.0.0.5:6379/0",
+        "rediss://:pw@redis.example.com/0",
+        "unix:///run/redis/redis.sock",
+    ):
         assert url_problem(url) is None
+
+
+def workers_config(
+    folder: Path, workers: object = None, state: dict[str, object] | None = None
+) -> config.Config:
+    gateway: dict[str, object] = {"keyring": str(folder / "keys" / "keyring.toml")}
+    if workers is not None:
+        gateway["workers"] = workers
+    path = folder / "gateway.toml"
+    return config.parse({"gateway": gateway, "state": state or {}}, str(path), path)
+
+
+def test_several_workers_get_their_state_file_made_before_they_start(
+    tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    (tmp_path / "keys").mkdir()
+    cfg = workers_config(tmp_path, 2)
+    assert workers_that_start(cfg) is cfg
+    assert (tmp_path / "keys" / "state.sqlite").is_file()
+    # One process needs no file (state.budgets_shared), and Redis none on this host: nothing is made.
+    (tmp_path / "keys" / "state.sqlite").unlink()
+    for alone in (
+        workers_config(tmp_path, 1),
+        workers_config(tmp_path, 2, {"backend": "redis", "url": "redis://h"}),
+    ):
+        assert workers_that_start(alone) is alone
+    assert not (tmp_path / "keys" / "state.sqlite").exists()
+    assert log_stream.getvalue() == ""
+
+
+def test_auto_workers_fall_back_to_one_where_the_state_file_cannot_be_made(
+    tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    """As beside a keyring in a read-only folder: one process ran there before "auto" became the default."""
+    cfg = workers_config(tmp_path)  # no keys/ folder: state.sqlite beside the keyring cannot be made
+    assert cfg.workers_auto
+    cfg = dataclasses.replace(cfg, workers=4)  # "auto" on 4 CPUs, whatever this machine has
+    started = workers_that_start(cfg)
+    assert (started.workers, started.workers_auto) == (1, True)
+    (line,) = log_stream.getvalue().splitlines()
+    assert line.startswith("ts=") and "level=warning logger=gateway.state" in line
+    said = f'msg="{tmp_path / "gateway.toml"}: [gateway] workers = \\"auto\\" would run 4 workers'
+    assert said in line, line
+    assert (
+        f"{tmp_path / 'keys' / 'state.sqlite'} (not set: state.sqlite beside the keyring), cannot be made"
+        in line
+    )
+    assert "serving with 1 worker; set [state] path to a file" in line
+
+
+def test_a_number_of_workers_where_the_state_file_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "state.sqlite"
+    with pytest.raises(ConfigError) as caught:
+        workers_that_start(workers_config(tmp_path, 3, {"path": str(missing)}))
+    assert str(caught.value).startswith(f"{tmp_path / 'gateway.toml'}: [state] path: cannot make {missing} (")
+    assert "[gateway] workers = 3 share; set [state] path to a file" in str(caught.value)
+    assert str(caught.value).endswith("or set [gateway] workers = 1")

@@ -40,7 +40,7 @@ def workers_config(folder: Path, count: int, next_hop: int, metrics: bool = Fals
     path = example_config(folder, 0, 0, next_hop)
     text = path.read_text()
     for old, new in [
-        ("workers = 1\n", f"workers = {count}\n"),
+        ('workers = "auto"\n', f"workers = {count}\n"),
         ("guess_rate = 1.0 ", "guess_rate = 0.0 "),
     ]:
         assert old in text, f"the example config changed: {old!r} is gone; update this test"
@@ -55,13 +55,17 @@ class Supervised:
     """`serve` with several workers as a child process; its log goes to a file read while it runs, and
     TMPDIR is the test's own (the workers' shared metrics folder is made there)."""
 
-    def __init__(self, folder: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, config: Path, env: dict[str, str] | None = None, cpus: str | None = None
+    ) -> None:
         self.tmp = folder / "tmp"
         self.tmp.mkdir()
         self.log_file = folder / "serve.log"
+        # `cpus`: the CPUs serve may run on (taskset -c), which "auto" counts.
+        pinned = ["taskset", "-c", cpus] if cpus is not None else []
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                [*pinned, sys.executable, "-m", "gateway", "serve", "--config", str(config)],
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -165,7 +169,7 @@ def test_serve_with_two_workers_relays_reloads_each_on_sighup_and_stops_all(
     inbound, outbound, metrics = free_port(), free_port(), free_port()
     with SmtpSink(dumps) as sink:
         config = example_config(tmp_path, inbound, outbound, sink.port)
-        text = config.read_text().replace("workers = 1\n", "workers = 2\n")
+        text = config.read_text().replace('workers = "auto"\n', "workers = 2\n")
         metrics_listen = f'[metrics]\nlisten = "{LOCALHOST}:{metrics}"'
         config.write_text(text.replace('[metrics]\nlisten = ""', metrics_listen))
         assert "workers = 2\n" in config.read_text() and f":{metrics}" in config.read_text()
@@ -653,3 +657,90 @@ def test_a_clients_session_limit_holds_across_the_workers_and_a_killed_workers_s
         for sock in survivors + again:
             sock.close()
         assert serving.stop() == 0, serving.log
+
+
+def default_workers_config(folder: Path, next_hop: int) -> Path:
+    """The example config as workers_config makes it, with no `workers` line: the default."""
+    path = workers_config(folder, 1, next_hop)
+    text = path.read_text()
+    assert "workers = 1\n" in text
+    path.write_text(text.replace("workers = 1\n", ""))
+    return path
+
+
+@pytest.mark.parametrize(("cpus", "processes"), [("0", 1), ("0,1", 2)])
+def test_without_a_workers_setting_serve_runs_one_process_per_cpu(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+    cpus: str,
+    processes: int,
+) -> None:
+    """`workers = "auto"` is the default (issue 14): one worker per CPU serve may run on; on one CPU, one
+    process that serves itself, as `workers = 1`."""
+    with Supervised(tmp_path, default_workers_config(tmp_path, free_port()), cpus=cpus) as serving:
+        if processes == 1:
+            serving.wait_for_log(r"msg=ready event=start")
+            assert serving.workers() == [], "one process, no main process apart"
+        else:
+            serving.wait_ready()
+            assert f'msg="workers ready" event=start workers={processes}' in serving.log
+            assert len(serving.workers()) == processes
+        session(serving.port("mx"))
+        assert serving.stop() == 0, serving.log
+    assert "level=warning" not in serving.log and "Traceback" not in serving.log, serving.log
+
+
+def unmakeable_state(folder: Path, workers: str) -> Path:
+    """A config that one process runs: the ledger off and the [state] file where it cannot be made (as
+    beside a keyring in a read-only /etc)."""
+    path = default_workers_config(folder, free_port())
+    text = path.read_text()
+    state = f'path = "{folder}/state.sqlite"'
+    for old, new in [
+        ("enabled = true ", "enabled = false "),
+        (state, f'path = "{folder}/missing/state.sqlite"'),
+        ("[gateway]\n", f"[gateway]\n{workers}"),
+    ]:
+        assert old in text, f"the example config changed: {old!r} is gone; update this test"
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def test_auto_workers_without_a_state_file_fall_back_to_one_process_with_one_warning(
+    tmp_path: Path,
+    keyring_file: keystore.KeyringFile,  # noqa: F811
+) -> None:
+    with Supervised(tmp_path, unmakeable_state(tmp_path, ""), cpus="0,1") as serving:
+        serving.wait_for_log(r"msg=ready event=start")
+        assert serving.workers() == [], "one process"
+        session(serving.port("mx"))
+        os.kill(serving.process.pid, signal.SIGHUP)
+        # The files are as they were: a reload says so, not that "workers" changed (2 wanted, 1 running).
+        serving.wait_for_log(r'msg="reload: nothing changed"')
+        assert serving.stop() == 0, serving.log
+    warnings = [line for line in serving.log.splitlines() if "level=warning" in line]
+    missing = tmp_path / "missing" / "state.sqlite"
+    (warning,) = warnings
+    assert '[gateway] workers = \\"auto\\" would run 2 workers' in warning, warning
+    assert f"{missing}" in warning and "serving with 1 worker" in warning and "[state] path" in warning
+    assert "Traceback" not in serving.log
+
+
+def test_a_number_of_workers_without_a_state_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    keystore.save(tmp_path / "keyring.toml", keystore.new_keyring(datetime.now(UTC)))
+    config = unmakeable_state(tmp_path, "workers = 2\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert run.returncode == 2, run.stderr
+    (error,) = [line for line in run.stderr.splitlines() if "error" in line]
+    missing = tmp_path / "missing" / "state.sqlite"
+    assert error.startswith(f"batv-gateway: error: {config}: [state] path: cannot make {missing} "), error
+    assert "[gateway] workers = 2" in error and "or set [gateway] workers = 1" in error, error
+    assert "Traceback" not in run.stderr and "worker died" not in run.stderr, run.stderr

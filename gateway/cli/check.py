@@ -89,6 +89,16 @@ def ledger_line(enabled: bool, has_secret: bool, path: Path) -> str:
     return f"ledger on: {path} (it must be writable by the gateway's user)"
 
 
+def workers_line(workers: int, auto: bool) -> str:
+    """What check-config says of [gateway] workers ("auto" counted on the host check-config runs on)."""
+    if not auto:
+        return f"workers: {workers}"
+    return (
+        f'workers: {workers} ("auto": one per CPU this process may run on; 1 if the [state] file '
+        "they share cannot be made)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     config, kf = check(args.config, args.keyring)
     for warning in config.warnings:
@@ -109,5 +119,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{keyring_path}: grace window off ([policy] bounce_grace = false)")
         print(ledger_line(config.ledger.enabled, kf.keyring.ledger_secret is not None, config.ledger_path))
+        print(workers_line(config.workers, config.workers_auto))
         sys.stdout.flush()
     return 0

@@ -136,7 +136,9 @@ def _run(args: argparse.Namespace, config: Config, kf: keystore.KeyringFile) -> 
     from ..ops import metrics, workers
     from ..ops import operations as ops
     from ..ops.serve import bind_failure
+    from ..ops.state import workers_that_start
 
+    config = workers_that_start(config)
     if config.workers == 1:
         return workers.run(_serve(args, config, kf))
     # Several processes on the same ports: reserved here, once, so that a port 0 listener is one port;
@@ -223,7 +225,7 @@ async def _serve(
     ops = Operations(
         config,
         kf,
-        load_config=lambda: load_config(args),
+        load_config=lambda: _as_running(load_config(args), config),
         notifier=Notifier(socket_name="") if in_worker else None,
         shared_metrics=shared_metrics,
         metrics_socket=metrics_socket,
@@ -251,6 +253,14 @@ async def _serve(
         )
     finally:
         await ops.close()
+
+
+def _as_running(new: Config, running: Config) -> Config:
+    """A reloaded config: "auto" workers then and now is no change to report, even where the running
+    count fell back to 1 (state.workers_that_start)."""
+    if new.workers_auto and running.workers_auto:
+        return replace(new, workers=running.workers)
+    return new
 
 
 def _create_development_keyring(path: Path) -> None:

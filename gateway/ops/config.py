@@ -237,6 +237,9 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     limits: Limits = field(default_factory=Limits)
     workers: int = 1
+    # [gateway] workers = "auto", given or by default: the gateway's choice, not the operator's, so serve may
+    # run fewer when more cannot start (state.workers_that_start).
+    workers_auto: bool = False
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     socketmap: SocketmapConfig = field(default_factory=SocketmapConfig)
@@ -505,13 +508,14 @@ def cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _workers(gw: _Table) -> int:
-    if gw.has("workers") and isinstance(gw.data["workers"], str):
-        if gw.string("workers", "") != "auto":
+def _workers(gw: _Table) -> tuple[int, bool]:
+    """The number of workers, and whether it is "auto" (the default: one per CPU, issue 14)."""
+    if not gw.has("workers") or isinstance(gw.data["workers"], str):
+        if gw.string("workers", "auto") != "auto":
             expected = f'a whole number from 1 to {MAX_WORKERS} or "auto"'
             raise gw.error("workers", f"expected {expected}, got {gw.data['workers']!r}")
-        return min(MAX_WORKERS, cpus())
-    return gw.integer("workers", 1, 1, MAX_WORKERS)
+        return min(MAX_WORKERS, cpus()), True
+    return gw.integer("workers", 1, 1, MAX_WORKERS), False
 
 
 def qualified(hostname: str) -> bool:
@@ -547,7 +551,7 @@ def parse(
     keyring_path = gw.path("keyring", DEFAULT_KEYRING) or DEFAULT_KEYRING
     local = gw.strings("local_domains")
     signed = gw.strings("signed_domains", local) if gw.has("signed_domains") else local
-    workers = _workers(gw)
+    workers, workers_auto = _workers(gw)
     gw.done()
 
     batv = root.table("batv")
@@ -703,6 +707,7 @@ def parse(
         listeners=tuple(listeners),
         limits=limits,
         workers=workers,
+        workers_auto=workers_auto,
         log=LogConfig(fmt, level),
         metrics=metrics,
         socketmap=socketmap,

@@ -11,13 +11,15 @@ and to every error text before either reaches a log line or an error message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core.errors import ConfigError
 from ..policy.guard import GuardSettings
 from ..policy.guessbudget import BudgetRule, FallbackBudget, SqliteBudget
 from ..policy.ledger import LedgerStore, StoreUnavailable
@@ -141,6 +143,52 @@ def budgets_shared(config: Config, processes: int) -> bool:
     in its own budget (guessbudget.LocalBudget), with no file to write (a read-only /etc under systemd's
     ProtectSystem=strict) and no write per failed guess."""
     return config.state.backend.value == "redis" or processes > 1
+
+
+def workers_that_start(config: Config) -> Config:
+    """`config` as serve can run it: several workers on SQLite share the [state] file, made here by the main
+    process before it forks them (a worker that cannot make it would die, be replaced and die again).
+
+    One process needs no such file (budgets_shared), so a config that ran before on one process, beside a
+    keyring in a read-only folder with the ledger off or elsewhere, must not stop because `workers = "auto"`
+    became the default: "auto" (the gateway's choice) falls back to one worker with one warning line. A
+    number of workers is the operator's: a file that cannot be made stops start-up with one line naming it.
+    """
+    if config.workers == 1 or config.state.backend.value != "sqlite":
+        return config
+    path = state_path(config)
+    try:
+        asyncio.run(_make_state_file(path))
+    except StoreUnavailable as error:
+        reason = str(error).removeprefix(f"ledger store {path}: ")
+    else:
+        return config
+    where = "" if config.state.path else " (not set: state.sqlite beside the keyring)"
+    fix = (
+        "set [state] path to a file in a folder the gateway's user may write (the systemd unit's "
+        "StateDirectory=: /var/lib/batv-gateway/state.sqlite)"
+    )
+    if not config.workers_auto:
+        raise ConfigError(
+            f"{config.path or '<config>'}: [state] path{where}: cannot make {path} ({reason}), the file "
+            f"that [gateway] workers = {config.workers} share; {fix}, or set [gateway] workers = 1"
+        )
+    log.warning(
+        '%s: [gateway] workers = "auto" would run %d workers, but the [state] file they share, %s%s, cannot '
+        "be made (%s): serving with 1 worker; %s, or set [gateway] workers = 1",
+        config.path or "<config>",
+        config.workers,
+        path,
+        where,
+        reason,
+        fix,
+    )
+    return replace(config, workers=1)
+
+
+async def _make_state_file(path: Path) -> None:
+    store = await SqliteLedgerStore.open(path)
+    await store.close()
 
 
 async def make_stores(config: Config) -> Stores:
