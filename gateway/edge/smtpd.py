@@ -368,7 +368,10 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _handle_now(self, event: Event) -> bool:
         """Handle `event` if that needs no waiting; False if it must run as a task."""
-        if self._pending and not isinstance(event, Rcpt):
+        kind = type(event)
+        if kind is Rcpt or kind is DataChunk or kind is EndOfData or kind is Data:
+            return False  # RCPT, DATA and the message: the relay waits on the next hop
+        if self._pending:
             return False  # the RCPT replies owed come first
         relay = self.relay
         assert relay is not None
@@ -402,7 +405,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._close()
             return True
         else:
-            return False  # RCPT, DATA and the message: the relay waits on the next hop
+            return False
         self._answer_soon(reply)
         return True
 
