@@ -423,6 +423,20 @@ def test_a_failed_data_start_ends_the_transaction() -> None:
     assert edge.core.mail is None
 
 
+def test_rset_and_the_end_of_a_message_each_end_the_transaction() -> None:
+    # A second MAIL is taken after either (not refused as nested), and RCPT and DATA need it again.
+    edge = Edge(connect()).feed(
+        b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRSET\r\nRCPT TO:<b@example.com>\r\n"
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nhi\r\n.\r\n"
+        b"DATA\r\nMAIL FROM:<a@example.org>\r\n"
+    )
+    assert [type(event) for event in edge.events] == [
+        Ehlo, Mail, Rset, Refused, Mail, Rcpt, Data, DataChunk, EndOfData, Refused, Mail
+    ]
+    assert edge.events[3] == Refused(replies.NEED_MAIL) and edge.events[9] == Refused(replies.NEED_MAIL)
+    assert codes(edge.wire) == [250, 250, 250, 503, 250, 250, 354, 250, 503, 250]
+
+
 def test_too_many_unknown_commands_close_the_session() -> None:
     edge = Edge(connect(Limits(unknown_commands=3))).feed(b"A\r\nB\r\nC\r\nNOOP\r\n")
     assert edge.events == [Refused(replies.UNKNOWN_COMMAND)] * 3 + [

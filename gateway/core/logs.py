@@ -74,7 +74,11 @@ def _clip(text: str) -> str:
 
 def render_value(value: object) -> str:
     """One logfmt value: bare when it is plain, otherwise double-quoted with escapes. Never spans a line."""
-    text = _clip(value if type(value) is str else to_text(value))
+    if type(value) is int:  # a count or a key id: digits only (bool and IntEnum are other types)
+        return _clip(str(value))
+    text = value if type(value) is str else to_text(value)
+    if len(text) > MAX_VALUE_CHARS:
+        text = _clip(text)
     # The same test as `all(_is_plain(ch) ...)`, in C: str.isprintable() is per character too (and False
     # for U+2028 and the other separators); every decision line takes this path once per value.
     if (
@@ -116,8 +120,23 @@ def _key(name: str) -> str:
     return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-.") else "_" for ch in name) or "_"
 
 
+# "key=" for each field name seen: a dict lookup per field of a line, cheaper than the lru_cache's call.
+_prefixes: dict[str, str] = {}
+
+
 def format_logfmt(fields: Mapping[str, object]) -> str:
-    return " ".join(f"{_key(k)}={render_value(v)}" for k, v in fields.items() if v is not None)
+    parts = []
+    prefixes = _prefixes
+    for name, value in fields.items():
+        if value is not None:
+            prefix = prefixes.get(name)
+            if prefix is None:
+                if len(prefixes) < 256:  # bounded as _key's cache is
+                    prefixes[name] = prefix = _key(name) + "="
+                else:
+                    prefix = _key(name) + "="
+            parts.append(prefix + render_value(value))
+    return " ".join(parts)
 
 
 def format_json(fields: Mapping[str, object]) -> str:

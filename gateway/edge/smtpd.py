@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..core import replies
 from ..core.replies import Reply
-from ..policy.guard import ErrorTally, GuardSettings, Penalty
+from ..policy.guard import NO_PENALTY, ErrorTally, GuardSettings, Penalty
 from ..policy.guessbudget import RateBudget
 from .deadlines import Deadline
 from .nexthop import NextHopReply
@@ -169,9 +169,14 @@ class EdgeContext:
     # The budgets' clock: wall-clock seconds, which every host of a fleet can compare.
     clock: Callable[[], float] = time.time
     core_limits: Limits = field(init=False)
+    # Made once per listener rather than once per session: a 1 KiB message is a session of its own.
+    greeting: Reply = field(init=False)
+    helo_reply: Reply = field(init=False)
 
     def __post_init__(self) -> None:
         self.core_limits = self.limits.core()
+        self.greeting = replies.greeting(self.hostname)
+        self.helo_reply = replies.helo_ok(self.hostname)
 
 
 class EdgeProtocol(asyncio.Protocol):
@@ -214,7 +219,7 @@ class EdgeProtocol(asyncio.Protocol):
             ctx.sessions.add(self)
         self.relay = relay = ctx.new_relay(self.client_ip, self.client_port)
         self.core.xforward = relay.offers_xforward
-        self._write(self.core.send(replies.greeting(ctx.hostname)))
+        self._write(self.core.send(ctx.greeting))
         self._idle.set(ctx.limits.command_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -363,7 +368,10 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _handle_now(self, event: Event) -> bool:
         """Handle `event` if that needs no waiting; False if it must run as a task."""
-        if self._pending and not isinstance(event, Rcpt):
+        kind = type(event)
+        if kind is Rcpt or kind is DataChunk or kind is EndOfData or kind is Data:
+            return False  # RCPT, DATA and the message: the relay waits on the next hop
+        if self._pending:
             return False  # the RCPT replies owed come first
         relay = self.relay
         assert relay is not None
@@ -381,7 +389,7 @@ class EdgeProtocol(asyncio.Protocol):
             esmtp = isinstance(event, Ehlo)
             relay.reset()
             relay.greeted(event.name, esmtp=esmtp, tls=self.core.tls_active)
-            reply = self.ctx.offer() if esmtp else replies.helo_ok(self.ctx.hostname)
+            reply = self.ctx.offer() if esmtp else self.ctx.helo_reply
         elif isinstance(event, Rset | Quit):
             relay.reset()
             reply = replies.OK if isinstance(event, Rset) else replies.BYE
@@ -397,7 +405,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._close()
             return True
         else:
-            return False  # RCPT, DATA and the message: the relay waits on the next hop
+            return False
         self._answer_soon(reply)
         return True
 
@@ -453,13 +461,15 @@ class EdgeProtocol(asyncio.Protocol):
     def _judge(self, reply: ReplyLike | Offer, guess: Penalty | None = None) -> tuple[Penalty, bool]:
         """The guard's penalty for this reply, and whether it is never to be sent (a guess too many).
         `guess`: what the guess budget said, when the reply answers a failed tag check."""
-        penalty = Penalty()
+        penalty = NO_PENALTY
         if guess is not None:
             penalty = guess
             if penalty.disconnect:
                 return penalty, True
         if isinstance(reply, Reply | NextHopReply):
-            penalty = penalty.then(self.errors.reply(reply))
+            counted = self.errors.reply(reply)
+            if counted is not NO_PENALTY:  # most replies: no new Penalty to add up
+                penalty = penalty.then(counted)
         return penalty, False
 
     def _deliver(self, reply: ReplyLike | Offer, penalty: Penalty, withheld: bool) -> None:
